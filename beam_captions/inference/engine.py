@@ -1,0 +1,115 @@
+"""Building a vLLM engine: the settings it gets, and a thread-safe wrapper around it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from beam_captions.inference.variants import canonical_variant
+
+__all__ = ["EngineSettings", "Engine", "llm_kwargs", "load_engine", "processor_pixel_bounds"]
+
+log = logging.getLogger(__name__)
+
+# Per-frame pixel bounds of the real processors (patch 14 x merge 2 = 28 for Qwen2.5-VL, 32 for Qwen3-VL).
+DEFAULT_PIXEL_BOUNDS = {
+    "qwen2.5": (128 * 28 * 28, 768 * 28 * 28),
+    "qwen3": (128 * 32 * 32, 768 * 32 * 32),
+}
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """What ``vllm.LLM`` is built with; ``extra`` (``--vllm-kwargs``) overrides the rest."""
+
+    model_dir: str
+    fp8: bool = False
+    disable_mmcache: bool = True
+    dtype: str = "auto"
+    max_model_len: int = 32768
+    gpu_memory_utilization: float = 0.85
+    multimodal: bool = True
+    trust_remote_code: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def llm_kwargs(settings: EngineSettings) -> dict[str, Any]:
+    """Keyword arguments for ``vllm.LLM`` (the reference's settings, then the user's overrides)."""
+    kwargs: dict[str, Any] = {
+        "model": settings.model_dir,
+        "dtype": settings.dtype,
+        "max_model_len": settings.max_model_len,
+        "max_num_batched_tokens": settings.max_model_len,
+        "gpu_memory_utilization": settings.gpu_memory_utilization,
+        "trust_remote_code": settings.trust_remote_code,
+    }
+    if settings.multimodal:
+        kwargs["limit_mm_per_prompt"] = {"image": 0, "video": 1}
+        if settings.disable_mmcache:
+            kwargs["mm_processor_cache_gb"] = 0
+    if settings.fp8:
+        kwargs["quantization"] = "fp8"
+    kwargs.update(settings.extra)
+    return kwargs
+
+
+class Engine:
+    """A loaded ``vllm.LLM`` plus its tokenizer; ``generate`` is safe to call from several threads."""
+
+    def __init__(self, llm: Any, name: str):
+        self.llm = llm
+        self.name = name
+        self.tokenizer = llm.get_tokenizer()
+        self._lock = threading.Lock()
+
+    def generate(self, inputs: Sequence[dict], sampling_params: Any) -> list:
+        with self._lock:
+            return self.llm.generate(list(inputs), sampling_params, use_tqdm=False)
+
+    def render_chat(self, messages: list[dict], **template_kwargs: Any) -> str:
+        """``messages`` rendered with the model directory's chat template, ready for generation."""
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **template_kwargs
+        )
+
+
+_engines: dict[str, Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def load_engine(settings: EngineSettings) -> Engine:
+    """Start vLLM with ``settings``, once per process: later calls with equal settings share the engine."""
+    kwargs = llm_kwargs(settings)
+    key = json.dumps(kwargs, sort_keys=True, default=str)
+    with _engines_lock:
+        if key not in _engines:
+            from vllm import LLM
+
+            log.info("starting vLLM: %s", key)
+            _engines[key] = Engine(LLM(**kwargs), os.path.basename(os.path.normpath(settings.model_dir)))
+        return _engines[key]
+
+
+def _bounds_from(config: dict) -> Optional[tuple[int, int]]:
+    size = config.get("size") or {}
+    low = config.get("min_pixels") or size.get("shortest_edge")
+    high = config.get("max_pixels") or size.get("longest_edge")
+    if low and high:
+        return int(low), int(high)
+    return None
+
+
+def processor_pixel_bounds(model_dir: Optional[str], algorithm: str = "qwen2.5") -> tuple[int, int]:
+    """Per-frame (min, max) pixels of the model's video processor, from its config files or the defaults."""
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        path = os.path.join(model_dir or "", name)
+        if model_dir and os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                bounds = _bounds_from(json.load(handle))
+            if bounds:
+                return bounds
+    return DEFAULT_PIXEL_BOUNDS[canonical_variant(algorithm)]

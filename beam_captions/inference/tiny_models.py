@@ -1,0 +1,410 @@
+"""Tiny random-weight Qwen checkpoints, built offline in seconds.
+
+Each builder writes an ordinary Hugging Face model directory (config, bf16
+safetensors, tokenizer, processor, chat template, generation config) that
+loads in transformers and in vLLM like the real checkpoint, so the captioning
+pipeline can run end to end without the Hugging Face hub. The weights are
+random: outputs are word-like gibberish, not captions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "MARKER_FILE",
+    "build_tiny_models",
+    "build_tiny_qwen25_vl",
+    "build_tiny_qwen2_text",
+    "build_tiny_qwen3_text",
+    "build_tiny_qwen3_vl",
+]
+
+MARKER_FILE = ".tiny-model-complete"
+"""Written last into a finished model directory; its presence skips a rebuild."""
+
+VOCAB_SIZE = 384
+TEXT_HIDDEN = 128
+TEXT_HEADS = 2
+TEXT_LAYERS = 2
+VISION_HIDDEN = 64
+MAX_POSITIONS = 4096
+MIN_FRAME_TOKENS = 4
+MAX_FRAME_TOKENS = 32
+
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+THINK_TOKENS = ("<think>", "</think>")
+_WORDLIKE = re.compile(r"[A-Za-z ,.']+")
+
+CORPUS = """\
+The video shows a red car driving down a busy city street at night. Bright lights
+shine from the shop windows, and people walk along the wide sidewalk. A yellow taxi
+stops at the corner while a blue bus waits at the traffic light.
+
+A small brown dog runs across a green field in the morning sun. The camera follows
+the dog as it jumps over the tall grass and chases a white ball. Two children laugh
+and call the dog back to the wooden fence near the old house.
+
+In this clip, a woman in a black jacket rides a bicycle past a row of parked cars.
+The road is wet after the rain, and the sky is grey with heavy clouds. Trees with
+orange and golden leaves line both sides of the quiet street.
+
+A man stands on a bridge over a river and points at the boats below. The water is
+dark blue and calm. Birds fly above the bridge, and a train crosses in the distance
+while the camera slowly pans from left to right.
+
+The scene shows a kitchen with a white table, a silver pot on the stove, and a cat
+sleeping on a chair. Warm light comes through the window. Someone pours water into
+a glass and places a plate of green and red vegetables on the table.
+
+Cars, trucks and motorbikes move along the highway under a clear sky. The camera is
+mounted on the dashboard of a grey car. Signs pass by, the lane markings are white,
+and the sun sets behind the hills in shades of pink, purple and gold.
+"""
+
+_TEMPLATE_HEAD = """\
+{%- for message in messages %}
+{{- '<|im_start|>' + message['role'] + '\\n' }}
+{%- if message['content'] is string %}
+{{- message['content'] }}
+{%- else %}
+{%- for item in message['content'] %}
+{%- if item['type'] == 'image' or 'image' in item %}
+{{- '<|vision_start|><|image_pad|><|vision_end|>' }}
+{%- elif item['type'] == 'video' or 'video' in item %}
+{{- '<|vision_start|><|video_pad|><|vision_end|>' }}
+{%- elif item['type'] == 'text' %}
+{{- item['text'] }}
+{%- endif %}
+{%- endfor %}
+{%- endif %}
+{{- '<|im_end|>\\n' }}
+{%- endfor %}
+{%- if add_generation_prompt %}
+{{- '<|im_start|>assistant\\n' }}
+"""
+_TEMPLATE_NO_THINKING = """\
+{%- if enable_thinking is defined and enable_thinking is false %}
+{{- '<think>\\n\\n</think>\\n\\n' }}
+{%- endif %}
+"""
+_TEMPLATE_TAIL = "{%- endif %}\n"
+
+
+def chat_template(thinking: bool) -> str:
+    """Return a Qwen-style ChatML template; ``thinking`` adds ``enable_thinking``."""
+    middle = _TEMPLATE_NO_THINKING if thinking else ""
+    return _TEMPLATE_HEAD + middle + _TEMPLATE_TAIL
+
+
+def _train_bpe(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Train a deterministic byte-level BPE (Qwen pre-tokenizer) on ``CORPUS``."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(CORPUS.splitlines(keepends=True), trainer=trainer)
+    merges = json.loads(bpe.to_str())["model"]["merges"]
+    return bpe.get_vocab(), [tuple(m.split(" ") if isinstance(m, str) else m) for m in merges]
+
+
+def _build_tokenizer(thinking: bool) -> Any:
+    """Build a ``Qwen2Tokenizer`` with Qwen's special tokens and chat template."""
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = _train_bpe(VOCAB_SIZE - len(SPECIAL_TOKENS) - len(THINK_TOKENS))
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        model_max_length=MAX_POSITIONS,
+    )
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
+    if thinking:
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
+    tokenizer.chat_template = chat_template(thinking)
+    return tokenizer
+
+
+def _token_id(tokenizer: Any, token: str) -> int:
+    """Look up the id of a token that must exist in ``tokenizer``."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(token_id, int) or tokenizer.convert_ids_to_tokens(token_id) != token:
+        raise KeyError(f"token {token!r} missing from tiny tokenizer")
+    return token_id
+
+
+def _vision_token_ids(tokenizer: Any) -> dict[str, int]:
+    """Top-level VL config fields holding the vision placeholder token ids."""
+    return {
+        "image_token_id": _token_id(tokenizer, "<|image_pad|>"),
+        "video_token_id": _token_id(tokenizer, "<|video_pad|>"),
+        "vision_start_token_id": _token_id(tokenizer, "<|vision_start|>"),
+        "vision_end_token_id": _token_id(tokenizer, "<|vision_end|>"),
+    }
+
+
+def _text_kwargs(tokenizer: Any) -> dict[str, Any]:
+    """Shared decoder sizes and special-token ids for every tiny model."""
+    return {
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": TEXT_HIDDEN,
+        "intermediate_size": 2 * TEXT_HIDDEN,
+        "num_hidden_layers": TEXT_LAYERS,
+        "num_attention_heads": TEXT_HEADS,
+        "num_key_value_heads": TEXT_HEADS,
+        "max_position_embeddings": MAX_POSITIONS,
+        "tie_word_embeddings": False,
+        "bos_token_id": _token_id(tokenizer, "<|endoftext|>"),
+        "eos_token_id": _token_id(tokenizer, "<|im_end|>"),
+        "pad_token_id": _token_id(tokenizer, "<|endoftext|>"),
+    }
+
+
+def _generation_config(tokenizer: Any) -> Any:
+    """Generation config stopping at ``<|im_end|>`` or ``<|endoftext|>``."""
+    from transformers import GenerationConfig
+
+    end_of_text = _token_id(tokenizer, "<|endoftext|>")
+    return GenerationConfig(
+        bos_token_id=end_of_text,
+        eos_token_id=[_token_id(tokenizer, "<|im_end|>"), end_of_text],
+        pad_token_id=end_of_text,
+    )
+
+
+def _pixel_bounds(patch_size: int, merge_size: int = 2) -> dict[str, int]:
+    """Per-frame pixel bounds as Qwen processors store them (``size`` edges)."""
+    unit = (patch_size * merge_size) ** 2
+    return {"shortest_edge": MIN_FRAME_TOKENS * unit, "longest_edge": MAX_FRAME_TOKENS * unit}
+
+
+def _non_word_ids(tokenizer: Any) -> list[int]:
+    """Ids of added tokens and of tokens that decode to anything but letters, spaces, ``,.'``."""
+    added = set(tokenizer.get_added_vocab().values())
+    return [i for i in range(len(tokenizer)) if i in added or not _WORDLIKE.fullmatch(tokenizer.decode([i]))]
+
+
+def _random_model(model_cls: type, config: Any, tokenizer: Any, seed: int) -> Any:
+    """Instantiate seeded random bf16 weights that only ever emit word pieces.
+
+    Zeroing the output rows of special and non-word tokens pins their logits
+    at 0 while word pieces get random ones, so near-greedy decoding always
+    yields visible word-like text (and runs to ``max_tokens``).
+    """
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_cls(config).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight[_non_word_ids(tokenizer)] = 0
+    model.generation_config = _generation_config(tokenizer)
+    return model
+
+
+def _save_processor(
+    path: Path, tokenizer: Any, image_processor: Any, video_processor: Any, processor_class: str, legacy: bool
+) -> None:
+    """Save tokenizer and preprocessor files in the layout of the real checkpoints.
+
+    Writes ``preprocessor_config.json`` and ``video_preprocessor_config.json``
+    (tagged with ``processor_class``); ``legacy`` also mirrors ``size`` as the
+    ``min_pixels``/``max_pixels`` keys that Qwen2.5-VL checkpoints carry.
+    """
+    tokenizer.save_pretrained(path)
+    for part, name in ((image_processor, "preprocessor_config.json"), (video_processor, "video_preprocessor_config.json")):
+        part.save_pretrained(path)
+        data = json.loads((path / name).read_text())
+        data["processor_class"] = processor_class
+        if legacy:
+            data["min_pixels"] = data["size"]["shortest_edge"]
+            data["max_pixels"] = data["size"]["longest_edge"]
+        (path / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _build_once(out_dir: str, write: Callable[[Path], None]) -> str:
+    """Run ``write`` into a temp dir and move it to ``out_dir`` unless already built."""
+    target = Path(out_dir)
+    if (target / MARKER_FILE).exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging.chmod(0o755)
+    try:
+        write(staging)
+        (staging / MARKER_FILE).write_text("complete\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return str(target)
+
+
+def _write_qwen25_vl(path: Path, seed: int) -> None:
+    """Write a tiny ``Qwen2_5_VLForConditionalGeneration`` checkpoint."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tokenizer = _build_tokenizer(thinking=False)
+    config = Qwen2_5_VLConfig(
+        text_config={
+            **_text_kwargs(tokenizer),
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [8, 12, 12]},
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": VISION_HIDDEN,
+            "intermediate_size": 2 * VISION_HIDDEN,
+            "num_heads": 2,
+            "out_hidden_size": TEXT_HIDDEN,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [1],
+            "tokens_per_second": 2,
+        },
+        tie_word_embeddings=False,
+        **_vision_token_ids(tokenizer),
+    )
+    _random_model(Qwen2_5_VLForConditionalGeneration, config, tokenizer, seed).save_pretrained(path)
+    bounds = _pixel_bounds(patch_size=14)
+    _save_processor(
+        path,
+        tokenizer,
+        Qwen2VLImageProcessor(size=bounds, patch_size=14),
+        Qwen2VLVideoProcessor(size=bounds, patch_size=14),
+        processor_class="Qwen2_5_VLProcessor",
+        legacy=True,
+    )
+
+
+def _write_qwen3_vl(path: Path, seed: int) -> None:
+    """Write a tiny ``Qwen3VLForConditionalGeneration`` checkpoint."""
+    from transformers import (
+        Qwen2VLImageProcessor,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLVideoProcessor,
+    )
+
+    tokenizer = _build_tokenizer(thinking=True)
+    config = Qwen3VLConfig(
+        text_config={
+            **_text_kwargs(tokenizer),
+            "head_dim": TEXT_HIDDEN // TEXT_HEADS,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 5e6,
+                "mrope_section": [12, 10, 10],
+                "mrope_interleaved": True,
+            },
+        },
+        vision_config={
+            "depth": 2,
+            "hidden_size": VISION_HIDDEN,
+            "intermediate_size": 2 * VISION_HIDDEN,
+            "num_heads": 2,
+            "out_hidden_size": TEXT_HIDDEN,
+            "patch_size": 16,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "num_position_embeddings": 64,
+            "deepstack_visual_indexes": [0],
+        },
+        tie_word_embeddings=False,
+        **_vision_token_ids(tokenizer),
+    )
+    _random_model(Qwen3VLForConditionalGeneration, config, tokenizer, seed).save_pretrained(path)
+    bounds = _pixel_bounds(patch_size=16)
+    half = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    _save_processor(
+        path,
+        tokenizer,
+        Qwen2VLImageProcessor(size=bounds, patch_size=16, **half),
+        Qwen3VLVideoProcessor(size=bounds, patch_size=16, **half),
+        processor_class="Qwen3VLProcessor",
+        legacy=False,
+    )
+
+
+def _write_text(path: Path, seed: int, qwen3: bool) -> None:
+    """Write a tiny ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM`` checkpoint."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = _build_tokenizer(thinking=qwen3)
+    if qwen3:
+        config = Qwen3Config(**_text_kwargs(tokenizer), head_dim=TEXT_HIDDEN // TEXT_HEADS)
+        model_cls = Qwen3ForCausalLM
+    else:
+        config = Qwen2Config(**_text_kwargs(tokenizer))
+        model_cls = Qwen2ForCausalLM
+    _random_model(model_cls, config, tokenizer, seed).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def build_tiny_qwen25_vl(out_dir: str, seed: int = 0) -> str:
+    """Build a tiny Qwen2.5-VL video captioner in ``out_dir``; return its path."""
+    return _build_once(out_dir, lambda path: _write_qwen25_vl(path, seed))
+
+
+def build_tiny_qwen3_vl(out_dir: str, seed: int = 0) -> str:
+    """Build a tiny Qwen3-VL video captioner in ``out_dir``; return its path."""
+    return _build_once(out_dir, lambda path: _write_qwen3_vl(path, seed))
+
+
+def build_tiny_qwen2_text(out_dir: str, seed: int = 0) -> str:
+    """Build a tiny text-only Qwen2 caption enhancer in ``out_dir``; return its path."""
+    return _build_once(out_dir, lambda path: _write_text(path, seed, qwen3=False))
+
+
+def build_tiny_qwen3_text(out_dir: str, seed: int = 0) -> str:
+    """Build a tiny Qwen3 enhancer (``enable_thinking`` template) in ``out_dir``."""
+    return _build_once(out_dir, lambda path: _write_text(path, seed, qwen3=True))
+
+
+BUILDERS: dict[str, Callable[[str, int], str]] = {
+    "captioner": build_tiny_qwen25_vl,
+    "captioner-qwen3": build_tiny_qwen3_vl,
+    "enhancer": build_tiny_qwen2_text,
+    "enhancer-qwen3": build_tiny_qwen3_text,
+}
+
+
+def build_tiny_models(root: str, seed: int = 0) -> dict[str, str]:
+    """Build every tiny model under ``root``; return ``{name: model_dir}``."""
+    return {name: build(os.path.join(root, name), seed) for name, build in BUILDERS.items()}

@@ -1,0 +1,52 @@
+"""The Parquet table of captions: one row per caption window, with a fixed schema."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import pyarrow as pa
+
+from beam_captions.records import WindowRecord
+
+__all__ = ["CAPTION_SCHEMA", "caption_row"]
+
+CAPTION_SCHEMA = pa.schema(
+    [
+        ("clip_id", pa.string()),
+        ("source", pa.string()),
+        ("window_index", pa.int32()),
+        ("start_frame", pa.int64()),
+        ("end_frame", pa.int64()),
+        ("start_s", pa.float64()),
+        ("end_s", pa.float64()),
+        ("num_sampled_frames", pa.int32()),
+        ("caption", pa.string()),
+        ("caption_stage2", pa.string()),
+        ("enhanced_caption", pa.string()),
+        ("caption_model", pa.string()),
+        ("enhance_model", pa.string()),
+        ("prompt_variant", pa.string()),
+        ("preview", pa.string()),
+    ]
+)
+
+
+def caption_row(record: WindowRecord, preview_uri: Optional[str]) -> dict[str, Any]:
+    """The Parquet row of a window."""
+    return {
+        "clip_id": record.clip_id,
+        "source": record.source,
+        "window_index": record.window_index,
+        "start_frame": record.start_frame,
+        "end_frame": record.end_frame,
+        "start_s": record.start_s,
+        "end_s": record.end_s,
+        "num_sampled_frames": record.num_sampled_frames,
+        "caption": record.caption,
+        "caption_stage2": record.caption_stage2,
+        "enhanced_caption": record.enhanced_caption,
+        "caption_model": record.caption_model,
+        "enhance_model": record.enhance_model,
+        "prompt_variant": record.prompt_variant,
+        "preview": preview_uri,
+    }

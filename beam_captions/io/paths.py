@@ -1,0 +1,36 @@
+"""Where every output lives under the output root (a local path or a gs:// prefix)."""
+
+from __future__ import annotations
+
+from apache_beam.io.filesystems import FileSystems
+
+__all__ = ["captions_dir", "previews_dir", "metas_dir", "failures_dir", "preview_path", "meta_path", "failure_path"]
+
+
+def captions_dir(output: str) -> str:
+    return FileSystems.join(output, "captions")
+
+
+def previews_dir(output: str) -> str:
+    """``OUT/previews``: one folder per clip id, one WebP per window."""
+    return FileSystems.join(output, "previews")
+
+
+def metas_dir(output: str) -> str:
+    return FileSystems.join(output, "metas")
+
+
+def failures_dir(output: str) -> str:
+    return FileSystems.join(output, "failures")
+
+
+def preview_path(output: str, clip_id: str, start_frame: int, end_frame: int) -> str:
+    return FileSystems.join(previews_dir(output), clip_id, f"{start_frame}_{end_frame}.webp")
+
+
+def meta_path(output: str, clip_id: str) -> str:
+    return FileSystems.join(metas_dir(output), f"{clip_id}.json")
+
+
+def failure_path(output: str, failure_name: str) -> str:
+    return FileSystems.join(failures_dir(output), f"{failure_name}.json")

@@ -1,0 +1,341 @@
+"""Decode a clip into caption windows with one decoding pass.
+
+A cheap demux-only pass counts the video packets, which fixes the windows and
+the set of wanted frames (model samples and preview frames). One decoding pass
+then converts only the wanted frames to RGB, resized in the same swscale call.
+When the decoded frame count differs from the packet count (corrupt or cut
+streams), the windows are recomputed from the decoded count and the clip is
+decoded a second time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO, Union
+
+import av
+import numpy as np
+
+from beam_captions.media.windowing import (
+    MIN_FRAMES,
+    FrameWindow,
+    compute_windows,
+    preview_frame_indices,
+    sample_frame_indices,
+)
+
+__all__ = [
+    "DEFAULT_MIN_PIXELS",
+    "DEFAULT_MAX_PIXELS",
+    "DecodeError",
+    "VideoInfo",
+    "PreviewSpec",
+    "DecodedWindow",
+    "resize_to_pixel_bound",
+    "preview_size",
+    "decode_windows",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MIN_PIXELS = 128 * 28 * 28
+DEFAULT_MAX_PIXELS = 768 * 28 * 28
+_INTERPOLATION = "AREA"
+
+Source = Union[str, os.PathLike, BinaryIO]
+Size = tuple[int, int]
+
+
+class DecodeError(Exception):
+    """The input cannot be turned into caption windows (not a video, corrupt, too short...)."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What decoding learnt about a clip; ``num_frames`` is the decoded frame count."""
+
+    width: int
+    height: int
+    fps: float
+    num_frames: int
+    codec: str
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class PreviewSpec:
+    """Frame rate and height of the per-window previews."""
+
+    target_fps: float = 1.0
+    target_height: int = 240
+
+    def __post_init__(self) -> None:
+        if not self.target_fps > 0:
+            raise ValueError(f"target_fps must be positive, got {self.target_fps}")
+        if self.target_height < 2:
+            raise ValueError(f"target_height must be >= 2, got {self.target_height}")
+
+
+@dataclass
+class DecodedWindow:
+    """Model frames (T,H,W,3) and optional preview frames (N,h,w,3), uint8 RGB."""
+
+    window: FrameWindow
+    frame_indices: list[int]
+    frames: np.ndarray
+    preview_frames: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Windows and the source frames each one wants."""
+
+    windows: list[FrameWindow]
+    model_indices: list[list[int]]
+    preview_indices: list[list[int]] | None
+
+
+def _floor_even(value: float) -> int:
+    return max(2, int(value) // 2 * 2)
+
+
+def _ceil_even(value: float) -> int:
+    return max(2, math.ceil(value / 2) * 2)
+
+
+def resize_to_pixel_bound(width: int, height: int, min_pixels: int, max_pixels: int) -> Size:
+    """Keep the aspect ratio and bring ``width * height`` into ``[min_pixels, max_pixels]``.
+
+    Both results are even and at least 2.
+    """
+    if width <= 0 or height <= 0:
+        raise ValueError(f"frame size must be positive, got {width}x{height}")
+    if not 0 <= min_pixels <= max_pixels:
+        raise ValueError(f"need 0 <= min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
+    pixels = width * height
+    scale = 1.0
+    if pixels > max_pixels:
+        scale = math.sqrt(max_pixels / pixels)
+    elif pixels < min_pixels:
+        scale = math.sqrt(min_pixels / pixels)
+    size = _floor_even(width * scale), _floor_even(height * scale)
+    if size[0] * size[1] < min_pixels:
+        size = _ceil_even(width * scale), _ceil_even(height * scale)
+    return size
+
+
+def preview_size(width: int, height: int, target_height: int) -> Size:
+    """Preview size at ``target_height``; the width keeps the aspect ratio, rounded to even."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"frame size must be positive, got {width}x{height}")
+    return max(2, round(width * target_height / height / 2) * 2), target_height
+
+
+def _describe(source: Source) -> str:
+    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<file object>"
+
+
+def _rewind(source: Source, start: int | None) -> None:
+    if start is not None:
+        source.seek(start)  # type: ignore[union-attr]
+
+
+def _check_not_empty(source: Source) -> int | None:
+    """Raise on an empty input; return the start offset of a file object."""
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            empty = os.path.getsize(source) == 0
+        except OSError as exc:
+            raise DecodeError(f"cannot read {_describe(source)}: {exc}") from exc
+        start = None
+    else:
+        if not source.seekable():
+            raise ValueError("decode_windows needs a seekable file object")
+        start = source.tell()
+        empty = source.seek(0, os.SEEK_END) == start
+        source.seek(start)
+    if empty:
+        raise DecodeError(f"{_describe(source)} is empty (0 bytes)")
+    return start
+
+
+def _open(source: Source, start: int | None) -> av.container.InputContainer:
+    _rewind(source, start)
+    try:
+        return av.open(source, "r", metadata_errors="replace")
+    except av.error.FFmpegError as exc:
+        raise DecodeError(f"{_describe(source)} is not a readable media file: {exc}") from exc
+
+
+def _video_stream(container: av.container.InputContainer, name: str) -> av.VideoStream:
+    """First video stream that is not embedded cover art."""
+    attached_pic = av.stream.Disposition.attached_pic
+    for stream in container.streams.video:
+        if not stream.disposition & attached_pic:
+            return stream
+    raise DecodeError(f"{name} has no video stream")
+
+
+def _packets(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.Packet]:
+    """Non-empty packets of ``stream``; a demux error ends the stream (cut files)."""
+    try:
+        for packet in container.demux(stream):
+            if packet.size:
+                yield packet
+    except av.error.FFmpegError as exc:
+        log.warning("stopped reading packets after a demux error: %s", exc)
+
+
+def _decoded_frames(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.VideoFrame]:
+    """Every frame the decoder produces; packets it rejects are skipped."""
+    errors = 0
+    for packet in _packets(container, stream):
+        try:
+            frames = packet.decode()
+        except av.error.FFmpegError as exc:
+            errors += 1
+            log.debug("skipping undecodable packet: %s", exc)
+            continue
+        yield from frames
+    try:
+        yield from stream.codec_context.decode(None)
+    except av.error.FFmpegError as exc:
+        errors += 1
+        log.debug("decoder flush failed: %s", exc)
+    if errors:
+        log.warning("%d video packets could not be decoded", errors)
+
+
+def _clip_fps(stream: av.VideoStream, container: av.container.InputContainer, num_frames: int) -> float:
+    """Average frame rate; else frames over the stream or container duration."""
+    if stream.average_rate and stream.average_rate > 0:
+        return float(stream.average_rate)
+    duration_s = 0.0
+    if stream.duration and stream.time_base:
+        duration_s = float(stream.duration * stream.time_base)
+    elif container.duration:
+        duration_s = container.duration / av.time_base
+    if duration_s > 0 and num_frames > 0:
+        return num_frames / duration_s
+    raise DecodeError("the video stream has no usable frame rate or duration")
+
+
+def _plan(
+    total: int, fps: float, window_size: int, remainder_threshold: int, sampling_fps: float, preview: PreviewSpec | None
+) -> _Plan:
+    windows = compute_windows(total, window_size, remainder_threshold)
+    model = [sample_frame_indices(w, fps, sampling_fps) for w in windows]
+    previews = None if preview is None else [preview_frame_indices(w, fps, preview.target_fps) for w in windows]
+    return _Plan(windows, model, previews)
+
+
+def _allocate(plan: _Plan, model_size: Size, preview: Size | None) -> list[DecodedWindow]:
+    """Empty output arrays for every window of ``plan``."""
+    out = []
+    for i, window in enumerate(plan.windows):
+        frames = np.empty((len(plan.model_indices[i]), model_size[1], model_size[0], 3), np.uint8)
+        previews = None
+        if plan.preview_indices is not None and preview is not None:
+            previews = np.empty((len(plan.preview_indices[i]), preview[1], preview[0], 3), np.uint8)
+        out.append(DecodedWindow(window, plan.model_indices[i], frames, previews))
+    return out
+
+
+def _targets(plan: _Plan, windows: list[DecodedWindow]) -> dict[int, list[tuple[np.ndarray, int]]]:
+    """Map a source frame index to the (array, slot) pairs it fills."""
+    targets: dict[int, list[tuple[np.ndarray, int]]] = {}
+    for i, decoded in enumerate(windows):
+        for slot, index in enumerate(plan.model_indices[i]):
+            targets.setdefault(index, []).append((decoded.frames, slot))
+        if decoded.preview_frames is not None and plan.preview_indices is not None:
+            for slot, index in enumerate(plan.preview_indices[i]):
+                targets.setdefault(index, []).append((decoded.preview_frames, slot))
+    return targets
+
+
+def _decode_pass(
+    source: Source, start: int | None, plan: _Plan, model_size: Size, preview: Size | None
+) -> tuple[int, list[DecodedWindow]]:
+    """Decode every frame, keep the planned ones; return the decoded count and windows."""
+    windows = _allocate(plan, model_size, preview)
+    targets = _targets(plan, windows)
+    count = 0
+    with _open(source, start) as container:
+        stream = _video_stream(container, _describe(source))
+        stream.thread_type = "AUTO"
+        for frame in _decoded_frames(container, stream):
+            for array, slot in targets.get(count, ()):
+                height, width = array.shape[1:3]
+                array[slot] = frame.to_ndarray(
+                    format="rgb24", width=width, height=height, interpolation=_INTERPOLATION
+                )
+            count += 1
+    return count, windows
+
+
+def _require_min_frames(num_frames: int) -> None:
+    if num_frames < MIN_FRAMES:
+        raise DecodeError(f"clip has {num_frames} frames; at least {MIN_FRAMES} are needed for a caption window")
+
+
+def _check_options(sampling_fps: float, max_pixels_per_frame_source: int | None) -> None:
+    if not sampling_fps > 0:
+        raise ValueError(f"sampling_fps must be positive, got {sampling_fps}")
+    if max_pixels_per_frame_source is not None and max_pixels_per_frame_source <= 0:
+        raise ValueError(f"max_pixels_per_frame_source must be positive, got {max_pixels_per_frame_source}")
+
+
+def _probe(source: Source, start: int | None, max_source_pixels: int | None) -> tuple[int, int, str, int, float]:
+    """Demux-only pass: width, height, codec name, packet count and clip fps."""
+    name = _describe(source)
+    with _open(source, start) as container:
+        stream = _video_stream(container, name)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width <= 0 or height <= 0:
+            raise DecodeError(f"{name}: the video stream has no frame size")
+        if max_source_pixels is not None and width * height > max_source_pixels:
+            raise DecodeError(f"{name}: {width}x{height} frames exceed the limit of {max_source_pixels} pixels")
+        count = sum(1 for _ in _packets(container, stream))
+        fps = _clip_fps(stream, container, count)
+        return width, height, stream.codec_context.name, count, fps
+
+
+def decode_windows(
+    source: Source,
+    *,
+    window_size: int = 256,
+    remainder_threshold: int = 128,
+    sampling_fps: float = 2.0,
+    min_pixels: int = DEFAULT_MIN_PIXELS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    preview: PreviewSpec | None = None,
+    max_pixels_per_frame_source: int | None = None,
+) -> tuple[VideoInfo, list[DecodedWindow]]:
+    """Cut a clip into caption windows and decode their model (and preview) frames.
+
+    ``source`` is a path or a seekable binary file object. Raises ``DecodeError``
+    for inputs that are not usable videos.
+    """
+    _check_options(sampling_fps, max_pixels_per_frame_source)
+    start = _check_not_empty(source)
+    width, height, codec, packet_count, fps = _probe(source, start, max_pixels_per_frame_source)
+    model_size = resize_to_pixel_bound(width, height, min_pixels, max_pixels)
+    small = None if preview is None else preview_size(width, height, preview.target_height)
+    options = (fps, window_size, remainder_threshold, sampling_fps, preview)
+    decoded, windows = _decode_pass(source, start, _plan(packet_count, *options), model_size, small)
+    if decoded != packet_count:
+        _require_min_frames(decoded)
+        log.warning(
+            "%s: decoded %d frames but demuxed %d packets; decoding again with corrected windows",
+            _describe(source), decoded, packet_count,
+        )
+        redecoded, windows = _decode_pass(source, start, _plan(decoded, *options), model_size, small)
+        if redecoded != decoded:
+            raise DecodeError(f"{_describe(source)}: decoding is not repeatable ({decoded} then {redecoded} frames)")
+    _require_min_frames(decoded)
+    info = VideoInfo(width, height, fps, decoded, codec, decoded / fps)
+    return info, windows

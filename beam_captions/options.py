@@ -1,0 +1,150 @@
+"""Command-line flags of a caption job (the reference's names and defaults) and their validation.
+
+Flags this parser does not know are Beam pipeline options (``--runner`` and so on) and pass through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+from beam_captions.prompts import CAPTION_PROMPTS
+
+__all__ = ["JobConfig", "build_parser", "parse_args", "ConfigError"]
+
+ALGORITHMS = ("qwen", "qwen2.5", "qwen3")
+ENGINE_DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+class ConfigError(ValueError):
+    """A flag value that cannot work; the message is one line."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything a caption job needs besides Beam's own options."""
+
+    input: str
+    output: str
+    generate_captions: bool = False
+    generate_previews: bool = False
+    model_dir: Optional[str] = None
+    captioning_algorithm: str = "qwen"
+    captioning_prompt_variant: str = "default"
+    captioning_prompt_text: Optional[str] = None
+    captioning_window_size: int = 256
+    captioning_remainder_threshold: int = 128
+    captioning_sampling_fps: float = 2.0
+    captioning_preprocess_dtype: str = "auto"
+    captioning_batch_size: int = 8
+    captioning_max_output_tokens: int = 512
+    captioning_use_fp8_weights: bool = False
+    captioning_use_vllm_mmcache: bool = False
+    captioning_stage2_caption: bool = False
+    captioning_stage2_prompt_text: Optional[str] = None
+    vllm_kwargs: dict[str, Any] = field(default_factory=dict)
+    preview_target_fps: float = 1.0
+    preview_target_height: int = 240
+    preview_compression_level: int = 6
+    preview_quality: int = 50
+    preview_num_cpus_per_worker: int = 4
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="beam-captions",
+        description="Caption video windows with Qwen-VL on vLLM and write WebP previews, as an Apache Beam job. "
+        "Unknown flags are Beam pipeline options (--runner, --project, ...). "
+        "`beam-captions tiny-models DIR` builds tiny offline test models.",
+    )
+    io = parser.add_argument_group("input and output")
+    io.add_argument("--input", required=True, help="a video file, a folder (all videos under it) or a glob; local or gs://")
+    io.add_argument("--output", required=True, help="output root, local or gs://")
+
+    cap = parser.add_argument_group("captions")
+    cap.add_argument("--generate-captions", action="store_true", help="caption every window")
+    cap.add_argument("--model-dir", help="Hugging Face model directory of the captioner")
+    cap.add_argument("--captioning-algorithm", choices=ALGORITHMS, default="qwen", help="qwen (= qwen2.5) or qwen3")
+    cap.add_argument("--captioning-prompt-variant", choices=tuple(CAPTION_PROMPTS), default="default")
+    cap.add_argument("--captioning-prompt-text", help="custom caption prompt; overrides the variant")
+    cap.add_argument("--captioning-window-size", type=int, default=256, help="frames per window (default 256)")
+    cap.add_argument("--captioning-remainder-threshold", type=int, default=128,
+                     help="a remainder this long becomes its own window (default 128)")
+    cap.add_argument("--captioning-sampling-fps", type=float, default=2.0, help="model frames per second (default 2)")
+    cap.add_argument("--captioning-preprocess-dtype", choices=ENGINE_DTYPES, default="auto",
+                     help="dtype vLLM computes in (frames are handed over as uint8)")
+    cap.add_argument("--captioning-batch-size", type=int, default=8, help="windows per vLLM call (default 8)")
+    cap.add_argument("--captioning-max-output-tokens", type=int, default=512)
+    cap.add_argument("--captioning-use-fp8-weights", action="store_true", help="fp8 weight quantization")
+    cap.add_argument("--captioning-use-vllm-mmcache", action="store_true", help="keep vLLM's multimodal processor cache on")
+    cap.add_argument("--captioning-stage2-caption", action="store_true", help="refine each caption in a second pass")
+    cap.add_argument("--captioning-stage2-prompt-text", help="custom stage-2 instruction (the stage-1 caption follows it)")
+    cap.add_argument("--vllm-kwargs", default="{}", help='JSON object passed to vllm.LLM(), e.g. \'{"max_model_len": 8192}\'')
+
+    pre = parser.add_argument_group("previews")
+    pre.add_argument("--generate-previews", action="store_true", help="an animated WebP per window")
+    pre.add_argument("--preview-target-fps", type=float, default=1.0)
+    pre.add_argument("--preview-target-height", type=int, default=240)
+    pre.add_argument("--preview-compression-level", type=int, default=6, help="0 (fast) to 6 (small)")
+    pre.add_argument("--preview-quality", type=int, default=50, help="0 to 100")
+    pre.add_argument("--preview-num-cpus-per-worker", type=int, default=4, help="WebP encoder threads")
+    return parser
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _vllm_kwargs(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"--vllm-kwargs is not valid JSON ({error.msg} at position {error.pos})") from None
+    _check(isinstance(value, dict), "--vllm-kwargs must be a JSON object")
+    return value
+
+
+def validate(config: JobConfig) -> None:
+    """Raise ``ConfigError`` for the first value that cannot work."""
+    _check(config.captioning_window_size >= 4, "--captioning-window-size must be at least 4")
+    _check(0 <= config.captioning_remainder_threshold <= config.captioning_window_size,
+           "--captioning-remainder-threshold must be between 0 and the window size")
+    _check(config.captioning_sampling_fps > 0, "--captioning-sampling-fps must be positive")
+    _check(config.captioning_batch_size >= 1, "--captioning-batch-size must be at least 1")
+    _check(config.captioning_max_output_tokens >= 1, "--captioning-max-output-tokens must be at least 1")
+    _check(config.preview_target_fps > 0, "--preview-target-fps must be positive")
+    _check(config.preview_target_height >= 2, "--preview-target-height must be at least 2")
+    _check(0 <= config.preview_compression_level <= 6, "--preview-compression-level must be between 0 and 6")
+    _check(0 <= config.preview_quality <= 100, "--preview-quality must be between 0 and 100")
+    _check(config.preview_num_cpus_per_worker >= 1, "--preview-num-cpus-per-worker must be at least 1")
+    if config.generate_captions:
+        _check(bool(config.model_dir), "--generate-captions needs --model-dir")
+        local = "://" not in config.model_dir
+        _check(not local or os.path.isfile(os.path.join(config.model_dir, "config.json")),
+               f"--model-dir {config.model_dir} is not a model directory (no config.json); "
+               "`beam-captions tiny-models DIR` builds a tiny one for smoke tests")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[JobConfig, list[str]]:
+    """The job's config and the remaining (Beam) arguments; exits with a one-line error on bad values."""
+    parser = build_parser()
+    known, beam_args = parser.parse_known_args(argv)
+    values = vars(known)
+    try:
+        values["vllm_kwargs"] = _vllm_kwargs(values["vllm_kwargs"])
+        config = JobConfig(**values)
+        validate(config)
+    except ConfigError as error:
+        parser.error(str(error))
+    return config, beam_args
+
+

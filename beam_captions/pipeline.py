@@ -1,0 +1,58 @@
+"""Wire the stages into a job: ReadClips | PrepareWindows | GeneratePreviews | CaptionWindows | WriteOutputs."""
+
+from __future__ import annotations
+
+import apache_beam as beam
+
+from beam_captions.media.decode import PreviewSpec
+from beam_captions.options import JobConfig
+from beam_captions.transforms.caption import CaptionWindows
+from beam_captions.transforms.prepare import PrepareWindows
+from beam_captions.transforms.previews import GeneratePreviews
+from beam_captions.transforms.read import ReadClips
+from beam_captions.transforms.write import WriteOutputs
+
+__all__ = ["build_pipeline"]
+
+
+def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
+    """Add the whole caption job described by ``config`` to ``pipeline``."""
+    preview = (
+        PreviewSpec(target_fps=config.preview_target_fps, target_height=config.preview_target_height)
+        if config.generate_previews
+        else None
+    )
+    elements = (
+        pipeline
+        | "ReadClips" >> ReadClips(config.input)
+        | "PrepareWindows" >> PrepareWindows(
+            window_size=config.captioning_window_size,
+            remainder_threshold=config.captioning_remainder_threshold,
+            sampling_fps=config.captioning_sampling_fps,
+            model_dir=config.model_dir,
+            model_variant=config.captioning_algorithm,
+            preview=preview,
+        )
+    )
+    if config.generate_previews:
+        elements = elements | "GeneratePreviews" >> GeneratePreviews(
+            quality=config.preview_quality,
+            compression_level=config.preview_compression_level,
+            num_cpus_per_worker=config.preview_num_cpus_per_worker,
+        )
+    if config.generate_captions:
+        elements = elements | "CaptionWindows" >> CaptionWindows(
+            model_dir=config.model_dir,
+            model_variant=config.captioning_algorithm,
+            prompt_variant=config.captioning_prompt_variant,
+            prompt_text=config.captioning_prompt_text,
+            caption_batch_size=config.captioning_batch_size,
+            max_output_tokens=config.captioning_max_output_tokens,
+            fp8=config.captioning_use_fp8_weights,
+            disable_mmcache=not config.captioning_use_vllm_mmcache,
+            generate_stage2_caption=config.captioning_stage2_caption,
+            stage2_prompt_text=config.captioning_stage2_prompt_text,
+            dtype=config.captioning_preprocess_dtype,
+            vllm_kwargs=config.vllm_kwargs,
+        )
+    elements | "WriteOutputs" >> WriteOutputs(config.output)

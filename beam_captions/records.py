@@ -1,0 +1,113 @@
+"""Plain, picklable records that flow between the pipeline's transforms.
+
+One PCollection carries three kinds of element: ``ClipInfo`` (one per decoded
+clip), ``WindowRecord`` (one per caption window, filled in stage by stage) and
+``Failure`` (one per failed clip or window). Each transform works on the kind it
+knows and passes the others through, so the stages chain with ``|``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+__all__ = ["ClipRef", "ClipInfo", "WindowRecord", "Failure", "clip_id_for", "failure_from_exception"]
+
+
+def clip_id_for(source: str) -> str:
+    """Stable id of a clip: a UUID5 of its source URI."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, source))
+
+
+@dataclass(frozen=True)
+class ClipRef:
+    """A clip to process: where it is and its id."""
+
+    source: str
+    clip_id: str
+
+    @classmethod
+    def from_source(cls, source: str) -> "ClipRef":
+        return cls(source=source, clip_id=clip_id_for(source))
+
+
+@dataclass(frozen=True)
+class ClipInfo:
+    """What the decode pass learnt about a clip."""
+
+    clip_id: str
+    source: str
+    width: int
+    height: int
+    fps: float
+    num_frames: int
+    codec: str
+    duration_s: float
+    num_windows: int
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class WindowRecord:
+    """One caption window; each stage fills its fields and drops the frames it consumed."""
+
+    clip_id: str
+    source: str
+    window_index: int
+    start_frame: int
+    end_frame: int
+    start_s: float
+    end_s: float
+    frame_indices: tuple[int, ...]
+    frames: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+    preview_frames: Optional[np.ndarray] = field(default=None, repr=False, compare=False)
+    preview_fps: Optional[float] = None
+    preview_webp: Optional[bytes] = field(default=None, repr=False)
+    preview_uri: Optional[str] = None
+    caption: Optional[str] = None
+    caption_stage2: Optional[str] = None
+    enhanced_caption: Optional[str] = None
+    caption_model: Optional[str] = None
+    enhance_model: Optional[str] = None
+    prompt_variant: Optional[str] = None
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.clip_id, self.window_index)
+
+    @property
+    def num_sampled_frames(self) -> int:
+        return len(self.frame_indices)
+
+    def replace(self, **changes) -> "WindowRecord":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A clip or window that did not make it through a stage, and why."""
+
+    source: str
+    clip_id: str
+    stage: str
+    error_type: str
+    message: str
+    window_index: Optional[int] = None
+
+    @property
+    def name(self) -> str:
+        """A file name derived from ids only."""
+        where = "clip" if self.window_index is None else f"w{self.window_index:05d}"
+        return f"{self.clip_id}_{where}_{self.stage}"
+
+
+def failure_from_exception(
+    error: BaseException, *, source: str, clip_id: str, stage: str, window_index: Optional[int] = None
+) -> Failure:
+    """A failure record for ``error``, with a one-line message."""
+    message = " ".join(str(error).split()) or repr(error)
+    return Failure(source, clip_id, stage, type(error).__name__, message[:2000], window_index)

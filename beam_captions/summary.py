@@ -1,0 +1,23 @@
+"""The short table printed at the end of a run."""
+
+from __future__ import annotations
+
+__all__ = ["format_summary"]
+
+
+def format_summary(counts: dict[str, int], output: str, seconds: float) -> str:
+    """Clips, windows, captions, previews and failures by stage, with the caption rate and output root."""
+    failures = {name[len("failures_"):]: n for name, n in sorted(counts.items()) if name.startswith("failures_")}
+    by_stage = ", ".join(f"{stage} {n}" for stage, n in failures.items())
+    captions = counts.get("captions", 0)
+    lines = [
+        f"beam-captions finished in {seconds:.1f} s",
+        f"  clips found      {counts.get('clips_found', 0)}",
+        f"  clips failed     {counts.get('clips_failed', 0)}",
+        f"  windows          {counts.get('windows', 0)}",
+        f"  captions         {captions} ({captions / seconds if seconds > 0 else 0:.2f}/s)",
+        f"  previews         {counts.get('previews', 0)}",
+        f"  failures         {sum(failures.values())}" + (f" ({by_stage})" if by_stage else ""),
+        f"  outputs          {output}  (captions/ previews/ metas/ failures/)",
+    ]
+    return "\n".join(lines)

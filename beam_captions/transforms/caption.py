@@ -1,0 +1,74 @@
+"""CaptionWindows: RunInference with the Qwen-VL handler over every window that carries frames."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import apache_beam as beam
+from apache_beam.ml.inference.base import RunInference
+
+from beam_captions.inference.caption_handler import QwenVLCaptionHandler
+from beam_captions.records import WindowRecord
+from beam_captions.transforms._split import OnlyKind
+
+__all__ = ["CaptionWindows"]
+
+
+def _unpack(outcome):
+    record, failure = outcome
+    yield record
+    if failure is not None:
+        yield failure
+
+
+class _Caption(beam.PTransform):
+    def __init__(self, handler: QwenVLCaptionHandler):
+        super().__init__()
+        self.handler = handler
+
+    def expand(self, windows):
+        return windows | "RunInference" >> RunInference(self.handler) | "Unpack" >> beam.FlatMap(_unpack)
+
+
+class CaptionWindows(beam.PTransform):
+    """Fill ``caption`` (and ``caption_stage2``) of every ``WindowRecord``; other elements pass through.
+
+    Example: ``windows | CaptionWindows(model_dir="models/captioner", caption_batch_size=8)``.
+    A window whose caption fails keeps its row without a caption and gains a ``Failure``.
+    """
+
+    def __init__(
+        self,
+        *,
+        model_dir: str,
+        model_variant: str = "qwen2.5",
+        prompt_variant: str = "default",
+        prompt_text: Optional[str] = None,
+        caption_batch_size: int = 8,
+        max_output_tokens: int = 512,
+        fp8: bool = False,
+        disable_mmcache: bool = True,
+        generate_stage2_caption: bool = False,
+        stage2_prompt_text: Optional[str] = None,
+        dtype: str = "auto",
+        vllm_kwargs: Optional[dict] = None,
+        handler: Optional[QwenVLCaptionHandler] = None,
+    ):
+        super().__init__()
+        self.handler = handler or QwenVLCaptionHandler(
+            model_dir,
+            model_variant=model_variant,
+            prompt_variant=prompt_variant,
+            prompt_text=prompt_text,
+            caption_batch_size=caption_batch_size,
+            max_output_tokens=max_output_tokens,
+            fp8=fp8,
+            disable_mmcache=disable_mmcache,
+            generate_stage2_caption=generate_stage2_caption,
+            stage2_prompt_text=stage2_prompt_text,
+            dtype=dtype,
+            vllm_kwargs=vllm_kwargs,
+        )
+
+    def expand(self, pcoll):
+        return pcoll | "CaptionOnlyWindows" >> OnlyKind(WindowRecord, _Caption(self.handler))

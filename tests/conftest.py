@@ -16,10 +16,15 @@ for _name, _value in {
 }.items():
     os.environ.setdefault(_name, _value)
 
+import logging  # noqa: E402
+
 import pytest  # noqa: E402
 
 from beam_captions.inference.tiny_models import build_tiny_models  # noqa: E402
 from beam_captions.samples import copy_sample_clips  # noqa: E402
+
+# vLLM logs from an atexit hook after pytest has closed its captured streams.
+logging.raiseExceptions = False
 
 VLLM_KWARGS = {"enforce_eager": True, "max_model_len": 4096, "max_num_batched_tokens": 4096}
 

@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 
 from beam_captions.inference.variants import canonical_variant
 
-__all__ = ["EngineSettings", "Engine", "llm_kwargs", "load_engine", "processor_pixel_bounds"]
+__all__ = ["EngineSettings", "Engine", "llm_kwargs", "load_engine", "release_engines", "processor_pixel_bounds"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,17 @@ def load_engine(settings: EngineSettings) -> Engine:
             log.info("starting vLLM: %s", key)
             _engines[key] = Engine(LLM(**kwargs), os.path.basename(os.path.normpath(settings.model_dir)))
         return _engines[key]
+
+
+def release_engines() -> None:
+    """Shut down every engine this process started (at the end of a local run)."""
+    with _engines_lock:
+        engines = list(_engines.values())
+        _engines.clear()
+    for engine in engines:
+        core = getattr(getattr(engine.llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
 
 
 def _bounds_from(config: dict) -> Optional[tuple[int, int]]:

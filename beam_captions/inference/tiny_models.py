@@ -30,7 +30,7 @@ __all__ = [
 MARKER_FILE = ".tiny-model-complete"
 """Written last into a finished model directory; its presence skips a rebuild."""
 
-VOCAB_SIZE = 384
+VOCAB_SIZE = 512
 TEXT_HIDDEN = 128
 TEXT_HEADS = 2
 TEXT_LAYERS = 2
@@ -49,7 +49,7 @@ SPECIAL_TOKENS = (
     "<|video_pad|>",
 )
 THINK_TOKENS = ("<think>", "</think>")
-_WORDLIKE = re.compile(r"[A-Za-z ,.']+")
+_WORD_PIECE = re.compile(r"[ A-Za-z]{2,}")
 
 CORPUS = """\
 The video shows a red car driving down a busy city street at night. Bright lights
@@ -209,9 +209,9 @@ def _pixel_bounds(patch_size: int, merge_size: int = 2) -> dict[str, int]:
 
 
 def _non_word_ids(tokenizer: Any) -> list[int]:
-    """Ids of added tokens and of tokens that decode to anything but letters, spaces, ``,.'``."""
+    """Ids of added tokens and of tokens that are not multi-letter word pieces."""
     added = set(tokenizer.get_added_vocab().values())
-    return [i for i in range(len(tokenizer)) if i in added or not _WORDLIKE.fullmatch(tokenizer.decode([i]))]
+    return [i for i in range(len(tokenizer)) if i in added or not _WORD_PIECE.fullmatch(tokenizer.decode([i]))]
 
 
 def _random_model(model_cls: type, config: Any, tokenizer: Any, seed: int) -> Any:

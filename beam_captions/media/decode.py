@@ -14,6 +14,7 @@ import logging
 import math
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO, Union
 
@@ -135,44 +136,49 @@ def preview_size(width: int, height: int, target_height: int) -> Size:
     return max(2, round(width * target_height / height / 2) * 2), target_height
 
 
+def _is_path(source: Source) -> bool:
+    return isinstance(source, (str, os.PathLike))
+
+
 def _describe(source: Source) -> str:
-    return os.fspath(source) if isinstance(source, (str, os.PathLike)) else "<file object>"
+    return os.fspath(source) if _is_path(source) else "<file object>"
 
 
-def _rewind(source: Source, start: int | None) -> None:
-    if start is not None:
-        source.seek(start)  # type: ignore[union-attr]
-
-
-def _check_not_empty(source: Source) -> int | None:
-    """Raise on an empty input; return the start offset of a file object."""
-    if isinstance(source, (str, os.PathLike)):
+def _check_not_empty(source: Source) -> None:
+    if _is_path(source):
         try:
             empty = os.path.getsize(source) == 0
         except OSError as exc:
             raise DecodeError(f"cannot read {_describe(source)}: {exc}") from exc
-        start = None
     else:
         if not source.seekable():
             raise ValueError("decode_windows needs a seekable file object")
-        start = source.tell()
-        empty = source.seek(0, os.SEEK_END) == start
-        source.seek(start)
+        empty = source.seek(0, os.SEEK_END) == 0
     if empty:
         raise DecodeError(f"{_describe(source)} is empty (0 bytes)")
-    return start
 
 
-def _open(source: Source, start: int | None) -> av.container.InputContainer:
-    _rewind(source, start)
+@contextmanager
+def _open(source: Source) -> Iterator[av.container.InputContainer]:
+    """Open ``source`` from its first byte; PyAV errors while reading become ``DecodeError``."""
+    name = _describe(source)
+    if not _is_path(source):
+        source.seek(0)
     try:
-        return av.open(source, "r", metadata_errors="replace")
+        container = av.open(source, "r", metadata_errors="replace")
     except av.error.FFmpegError as exc:
-        raise DecodeError(f"{_describe(source)} is not a readable media file: {exc}") from exc
+        raise DecodeError(f"{name} is not a readable media file: {exc}") from exc
+    try:
+        with container:
+            yield container
+    except av.error.FFmpegError as exc:
+        raise DecodeError(f"{name}: {exc}") from exc
 
 
 def _video_stream(container: av.container.InputContainer, name: str) -> av.VideoStream:
     """First video stream that is not embedded cover art."""
+    if not container.streams:
+        raise DecodeError(f"{name} has no readable streams (truncated, or not a video?)")
     attached_pic = av.stream.Disposition.attached_pic
     for stream in container.streams.video:
         if not stream.disposition & attached_pic:
@@ -258,21 +264,19 @@ def _targets(plan: _Plan, windows: list[DecodedWindow]) -> dict[int, list[tuple[
 
 
 def _decode_pass(
-    source: Source, start: int | None, plan: _Plan, model_size: Size, preview: Size | None
+    source: Source, plan: _Plan, model_size: Size, preview: Size | None
 ) -> tuple[int, list[DecodedWindow]]:
     """Decode every frame, keep the planned ones; return the decoded count and windows."""
     windows = _allocate(plan, model_size, preview)
     targets = _targets(plan, windows)
     count = 0
-    with _open(source, start) as container:
+    with _open(source) as container:
         stream = _video_stream(container, _describe(source))
         stream.thread_type = "AUTO"
         for frame in _decoded_frames(container, stream):
             for array, slot in targets.get(count, ()):
                 height, width = array.shape[1:3]
-                array[slot] = frame.to_ndarray(
-                    format="rgb24", width=width, height=height, interpolation=_INTERPOLATION
-                )
+                array[slot] = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation=_INTERPOLATION)
             count += 1
     return count, windows
 
@@ -289,10 +293,10 @@ def _check_options(sampling_fps: float, max_pixels_per_frame_source: int | None)
         raise ValueError(f"max_pixels_per_frame_source must be positive, got {max_pixels_per_frame_source}")
 
 
-def _probe(source: Source, start: int | None, max_source_pixels: int | None) -> tuple[int, int, str, int, float]:
+def _probe(source: Source, max_source_pixels: int | None) -> tuple[int, int, str, int, float]:
     """Demux-only pass: width, height, codec name, packet count and clip fps."""
     name = _describe(source)
-    with _open(source, start) as container:
+    with _open(source) as container:
         stream = _video_stream(container, name)
         width, height = stream.codec_context.width, stream.codec_context.height
         if width <= 0 or height <= 0:
@@ -301,7 +305,7 @@ def _probe(source: Source, start: int | None, max_source_pixels: int | None) -> 
             raise DecodeError(f"{name}: {width}x{height} frames exceed the limit of {max_source_pixels} pixels")
         count = sum(1 for _ in _packets(container, stream))
         fps = _clip_fps(stream, container, count)
-        return width, height, stream.codec_context.name, count, fps
+        return width, height, stream.codec_context.codec.canonical_name, count, fps
 
 
 def decode_windows(
@@ -317,23 +321,24 @@ def decode_windows(
 ) -> tuple[VideoInfo, list[DecodedWindow]]:
     """Cut a clip into caption windows and decode their model (and preview) frames.
 
-    ``source`` is a path or a seekable binary file object. Raises ``DecodeError``
-    for inputs that are not usable videos.
+    ``source`` is a path or a seekable binary file object holding the whole clip
+    (it is read from byte 0, possibly twice). Raises ``DecodeError`` for inputs
+    that are not usable videos.
     """
     _check_options(sampling_fps, max_pixels_per_frame_source)
-    start = _check_not_empty(source)
-    width, height, codec, packet_count, fps = _probe(source, start, max_pixels_per_frame_source)
+    _check_not_empty(source)
+    width, height, codec, packet_count, fps = _probe(source, max_pixels_per_frame_source)
     model_size = resize_to_pixel_bound(width, height, min_pixels, max_pixels)
     small = None if preview is None else preview_size(width, height, preview.target_height)
     options = (fps, window_size, remainder_threshold, sampling_fps, preview)
-    decoded, windows = _decode_pass(source, start, _plan(packet_count, *options), model_size, small)
+    decoded, windows = _decode_pass(source, _plan(packet_count, *options), model_size, small)
     if decoded != packet_count:
         _require_min_frames(decoded)
         log.warning(
             "%s: decoded %d frames but demuxed %d packets; decoding again with corrected windows",
             _describe(source), decoded, packet_count,
         )
-        redecoded, windows = _decode_pass(source, start, _plan(decoded, *options), model_size, small)
+        redecoded, windows = _decode_pass(source, _plan(decoded, *options), model_size, small)
         if redecoded != decoded:
             raise DecodeError(f"{_describe(source)}: decoding is not repeatable ({decoded} then {redecoded} frames)")
     _require_min_frames(decoded)

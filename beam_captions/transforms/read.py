@@ -6,7 +6,7 @@ import os
 
 import apache_beam as beam
 from apache_beam.io import fileio
-from apache_beam.io.filesystem import EmptyMatchTreatment
+from apache_beam.io.fileio import EmptyMatchTreatment
 
 from beam_captions.metrics import count
 from beam_captions.records import ClipRef

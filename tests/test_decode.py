@@ -67,7 +67,15 @@ def assert_windows_follow(
 
 @pytest.mark.parametrize(
     ("num_frames", "fps", "window_size", "threshold"),
-    [(4, 30, 256, 128), (40, 30, 256, 128), (150, 30, 64, 32), (170, 24, 64, 32), (300, 25, 64, 0)],
+    [
+        (4, 30, 256, 128),
+        (40, 30, 256, 128),
+        (300, 30, 256, 128),
+        (600, 30, 256, 128),
+        (150, 30, 64, 32),
+        (170, 24, 64, 32),
+        (300, 25, 64, 0),
+    ],
 )
 def test_windows_samples_and_content(
     tmp_path: Path, num_frames: int, fps: float, window_size: int, threshold: int

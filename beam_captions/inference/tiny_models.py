@@ -35,7 +35,7 @@ TEXT_HIDDEN = 128
 TEXT_HEADS = 2
 TEXT_LAYERS = 2
 VISION_HIDDEN = 64
-MAX_POSITIONS = 4096
+MAX_POSITIONS = 32768
 MIN_FRAME_TOKENS = 4
 MAX_FRAME_TOKENS = 32
 
@@ -106,7 +106,7 @@ _TEMPLATE_NO_THINKING = """\
 _TEMPLATE_TAIL = "{%- endif %}\n"
 
 
-def chat_template(thinking: bool) -> str:
+def _chat_template(thinking: bool) -> str:
     """Return a Qwen-style ChatML template; ``thinking`` adds ``enable_thinking``."""
     middle = _TEMPLATE_NO_THINKING if thinking else ""
     return _TEMPLATE_HEAD + middle + _TEMPLATE_TAIL
@@ -148,10 +148,11 @@ def _build_tokenizer(thinking: bool) -> Any:
         pad_token="<|endoftext|>",
         model_max_length=MAX_POSITIONS,
     )
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
+    specials = [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
+    tokenizer.add_tokens(specials, special_tokens=True)
     if thinking:
         tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in THINK_TOKENS])
-    tokenizer.chat_template = chat_template(thinking)
+    tokenizer.chat_template = _chat_template(thinking)
     return tokenizer
 
 
@@ -211,7 +212,9 @@ def _pixel_bounds(patch_size: int, merge_size: int = 2) -> dict[str, int]:
 def _non_word_ids(tokenizer: Any) -> list[int]:
     """Ids of added tokens and of tokens that are not multi-letter word pieces."""
     added = set(tokenizer.get_added_vocab().values())
-    return [i for i in range(len(tokenizer)) if i in added or not _WORD_PIECE.fullmatch(tokenizer.decode([i]))]
+    return [
+        i for i in range(len(tokenizer)) if i in added or not _WORD_PIECE.fullmatch(tokenizer.decode([i]))
+    ]
 
 
 def _random_model(model_cls: type, config: Any, tokenizer: Any, seed: int) -> Any:
@@ -241,7 +244,8 @@ def _save_processor(
     ``min_pixels``/``max_pixels`` keys that Qwen2.5-VL checkpoints carry.
     """
     tokenizer.save_pretrained(path)
-    for part, name in ((image_processor, "preprocessor_config.json"), (video_processor, "video_preprocessor_config.json")):
+    parts = {"preprocessor_config.json": image_processor, "video_preprocessor_config.json": video_processor}
+    for name, part in parts.items():
         part.save_pretrained(path)
         data = json.loads((path / name).read_text())
         data["processor_class"] = processor_class
@@ -252,19 +256,27 @@ def _save_processor(
 
 
 def _build_once(out_dir: str, write: Callable[[Path], None]) -> str:
-    """Run ``write`` into a temp dir and move it to ``out_dir`` unless already built."""
+    """Run ``write`` in a staging dir, then move it to ``out_dir`` unless already built.
+
+    The marker is written last and the move is atomic, so ``out_dir`` is
+    either absent, empty, or complete; a non-empty foreign directory is refused.
+    """
     target = Path(out_dir)
     if (target / MARKER_FILE).exists():
         return str(target)
+    if target.is_dir() and any(target.iterdir()):
+        raise FileExistsError(f"{target} is not empty and holds no tiny model")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     staging.chmod(0o755)
     try:
         write(staging)
         (staging / MARKER_FILE).write_text("complete\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not (target / MARKER_FILE).exists():  # a concurrent build may have won
+                raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return str(target)
@@ -397,7 +409,7 @@ def build_tiny_qwen3_text(out_dir: str, seed: int = 0) -> str:
     return _build_once(out_dir, lambda path: _write_text(path, seed, qwen3=True))
 
 
-BUILDERS: dict[str, Callable[[str, int], str]] = {
+_BUILDERS: dict[str, Callable[[str, int], str]] = {
     "captioner": build_tiny_qwen25_vl,
     "captioner-qwen3": build_tiny_qwen3_vl,
     "enhancer": build_tiny_qwen2_text,
@@ -407,4 +419,4 @@ BUILDERS: dict[str, Callable[[str, int], str]] = {
 
 def build_tiny_models(root: str, seed: int = 0) -> dict[str, str]:
     """Build every tiny model under ``root``; return ``{name: model_dir}``."""
-    return {name: build(os.path.join(root, name), seed) for name, build in BUILDERS.items()}
+    return {name: build(os.path.join(root, name), seed) for name, build in _BUILDERS.items()}

@@ -20,6 +20,7 @@ from typing import BinaryIO, Union
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from beam_captions.media.windowing import (
     MIN_FRAMES,
@@ -266,9 +267,13 @@ def _targets(plan: _Plan, windows: list[DecodedWindow]) -> dict[int, list[tuple[
 def _decode_pass(
     source: Source, plan: _Plan, model_size: Size, preview: Size | None
 ) -> tuple[int, list[DecodedWindow]]:
-    """Decode every frame, keep the planned ones; return the decoded count and windows."""
+    """Decode every frame, keep the planned ones; return the decoded count and windows.
+
+    Kept frames go through one reformatter per output size, so swscale contexts are reused.
+    """
     windows = _allocate(plan, model_size, preview)
     targets = _targets(plan, windows)
+    reformatters = {size: VideoReformatter() for size in (model_size, preview) if size is not None}
     count = 0
     with _open(source) as container:
         stream = _video_stream(container, _describe(source))
@@ -276,7 +281,8 @@ def _decode_pass(
         for frame in _decoded_frames(container, stream):
             for array, slot in targets.get(count, ()):
                 height, width = array.shape[1:3]
-                array[slot] = frame.to_ndarray(format="rgb24", width=width, height=height, interpolation=_INTERPOLATION)
+                rgb = reformatters[width, height].reformat(frame, width, height, "rgb24", interpolation=_INTERPOLATION)
+                array[slot] = rgb.to_ndarray()
             count += 1
     return count, windows
 

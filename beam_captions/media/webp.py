@@ -51,7 +51,8 @@ def encode_webp(
     """Encode RGB frames ``(N, h, w, 3)`` as a lossy WebP that loops forever.
 
     Several frames give an animated WebP showing each frame ``1 / fps`` seconds;
-    a single frame gives a still WebP.
+    a single frame gives a still WebP. ``threads`` sets the codec thread count,
+    which FFmpeg 8.1's libwebp wrapper does not pass on to libwebp.
     """
     _check_inputs(frames, fps, quality, compression_level, threads)
     buffer = io.BytesIO()

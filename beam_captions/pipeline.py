@@ -54,5 +54,6 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             stage2_prompt_text=config.captioning_stage2_prompt_text,
             dtype=config.captioning_preprocess_dtype,
             vllm_kwargs=config.vllm_kwargs,
+            accelerator=config.accelerator,
         )
     elements | "WriteOutputs" >> WriteOutputs(config.output)

@@ -22,12 +22,16 @@ def _unpack(outcome):
 
 
 class _Caption(beam.PTransform):
-    def __init__(self, handler: QwenVLCaptionHandler):
+    def __init__(self, handler: QwenVLCaptionHandler, accelerator: Optional[str]):
         super().__init__()
         self.handler = handler
+        self.accelerator = accelerator
 
     def expand(self, windows):
-        return windows | "RunInference" >> RunInference(self.handler) | "Unpack" >> beam.FlatMap(_unpack)
+        inference = RunInference(self.handler)
+        if self.accelerator:
+            inference = inference.with_resource_hints(accelerator=self.accelerator)
+        return windows | "RunInference" >> inference | "Unpack" >> beam.FlatMap(_unpack)
 
 
 class CaptionWindows(beam.PTransform):
@@ -35,6 +39,8 @@ class CaptionWindows(beam.PTransform):
 
     Example: ``windows | CaptionWindows(model_dir="models/captioner", caption_batch_size=8)``.
     A window whose caption fails keeps its row without a caption and gains a ``Failure``.
+    ``accelerator`` (e.g. ``"type:nvidia-l4;count:1;install-nvidia-driver"``) is a Beam resource hint
+    on the inference step only, so runners that right-fit (Dataflow) give GPUs to this step alone.
     """
 
     def __init__(
@@ -52,9 +58,11 @@ class CaptionWindows(beam.PTransform):
         stage2_prompt_text: Optional[str] = None,
         dtype: str = "auto",
         vllm_kwargs: Optional[dict] = None,
+        accelerator: Optional[str] = None,
         handler: Optional[QwenVLCaptionHandler] = None,
     ):
         super().__init__()
+        self.accelerator = accelerator
         self.handler = handler or QwenVLCaptionHandler(
             model_dir,
             model_variant=model_variant,
@@ -71,4 +79,4 @@ class CaptionWindows(beam.PTransform):
         )
 
     def expand(self, pcoll):
-        return pcoll | "CaptionOnlyWindows" >> OnlyKind(WindowRecord, _Caption(self.handler))
+        return pcoll | "CaptionOnlyWindows" >> OnlyKind(WindowRecord, _Caption(self.handler, self.accelerator))

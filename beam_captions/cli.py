@@ -42,8 +42,11 @@ def _sample_clips(argv: Sequence[str]) -> int:
     return 0
 
 
-def run_job(argv: Sequence[str]) -> dict[str, int]:
-    """Parse ``argv``, run the job to completion, print the summary; returns the run's counters."""
+def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
+    """Parse ``argv``, run the job to completion, print the summary; returns the run's counters.
+
+    ``release_models=False`` keeps the engines of this process alive for a later job (tests).
+    """
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -61,7 +64,8 @@ def run_job(argv: Sequence[str]) -> dict[str, int]:
         result = pipeline.run()
         result.wait_until_finish()
     finally:
-        release_engines()
+        if release_models:
+            release_engines()
     counts = counters(result)
     print(format_summary(counts, config.output, time.monotonic() - started))
     return counts

@@ -45,6 +45,7 @@ class JobConfig:
     captioning_use_vllm_mmcache: bool = False
     captioning_stage2_caption: bool = False
     captioning_stage2_prompt_text: Optional[str] = None
+    captioning_retry_flagged: bool = False
     vllm_kwargs: dict[str, Any] = field(default_factory=dict)
     accelerator: Optional[str] = None
     preview_target_fps: float = 1.0
@@ -88,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--captioning-use-vllm-mmcache", action="store_true", help="keep vLLM's multimodal processor cache on")
     cap.add_argument("--captioning-stage2-caption", action="store_true", help="refine each caption in a second pass")
     cap.add_argument("--captioning-stage2-prompt-text", help="custom stage-2 instruction (the stage-1 caption follows it)")
+    cap.add_argument("--captioning-retry-flagged", action="store_true",
+                     help="generate again (new seed, stronger repetition penalty) for empty, looping or cut captions")
     cap.add_argument("--accelerator", help="resource hint for the GPU steps, e.g. "
                      "'type:nvidia-l4;count:1;install-nvidia-driver' (Dataflow right fitting)")
     cap.add_argument("--vllm-kwargs", default="{}", help='JSON object passed to vllm.LLM(), e.g. \'{"max_model_len": 8192}\'')

@@ -52,6 +52,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             disable_mmcache=not config.captioning_use_vllm_mmcache,
             generate_stage2_caption=config.captioning_stage2_caption,
             stage2_prompt_text=config.captioning_stage2_prompt_text,
+            retry_flagged=config.captioning_retry_flagged,
             dtype=config.captioning_preprocess_dtype,
             vllm_kwargs=config.vllm_kwargs,
             accelerator=config.accelerator,

@@ -15,6 +15,8 @@ from typing import Optional
 
 import numpy as np
 
+from beam_captions.quality import CaptionCheck
+
 __all__ = ["ClipRef", "ClipInfo", "WindowRecord", "Failure", "clip_id_for", "failure_from_exception"]
 
 
@@ -71,6 +73,10 @@ class WindowRecord:
     caption: Optional[str] = None
     caption_stage2: Optional[str] = None
     enhanced_caption: Optional[str] = None
+    caption_check: Optional[CaptionCheck] = None
+    caption_stage2_check: Optional[CaptionCheck] = None
+    enhanced_caption_check: Optional[CaptionCheck] = None
+    caption_retried: bool = False
     caption_model: Optional[str] = None
     enhance_model: Optional[str] = None
     prompt_variant: Optional[str] = None
@@ -82,6 +88,14 @@ class WindowRecord:
     @property
     def num_sampled_frames(self) -> int:
         return len(self.frame_indices)
+
+    def checks(self) -> dict[str, Optional[CaptionCheck]]:
+        """The sanity check of each caption kind, by column name."""
+        return {
+            "caption": self.caption_check,
+            "caption_stage2": self.caption_stage2_check,
+            "enhanced_caption": self.enhanced_caption_check,
+        }
 
     def replace(self, **changes) -> "WindowRecord":
         return dataclasses.replace(self, **changes)

@@ -9,6 +9,7 @@ def format_summary(counts: dict[str, int], output: str, seconds: float) -> str:
     """Clips, windows, captions, previews and failures by stage, with the caption rate and output root."""
     failures = {name[len("failures_"):]: n for name, n in sorted(counts.items()) if name.startswith("failures_")}
     by_stage = ", ".join(f"{stage} {n}" for stage, n in failures.items())
+    flagged = ", ".join(f"{name[len('flagged_'):]} {n}" for name, n in sorted(counts.items()) if name.startswith("flagged_"))
     captions = counts.get("captions", 0)
     lines = [
         f"beam-captions finished in {seconds:.1f} s",
@@ -16,6 +17,7 @@ def format_summary(counts: dict[str, int], output: str, seconds: float) -> str:
         f"  clips failed     {counts.get('clips_failed', 0)}",
         f"  windows          {counts.get('windows', 0)}",
         f"  captions         {captions} ({captions / seconds if seconds > 0 else 0:.2f}/s)",
+        f"  flagged captions {flagged or 'none'}",
         f"  previews         {counts.get('previews', 0)}",
         f"  failures         {sum(failures.values())}" + (f" ({by_stage})" if by_stage else ""),
         f"  outputs          {output}  (captions/ previews/ metas/ failures/)",

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from beam_captions.inference.caption_handler import QwenVLCaptionHandler, caption_batch, video_input
+from beam_captions.inference.caption_handler import QwenVLCaptionHandler, video_input
+from beam_captions.inference.engine import processor_pixel_bounds, release_engines
 from beam_captions.prompts import CAPTION_PROMPTS, caption_prompt
 from beam_captions.records import WindowRecord
 from conftest import VLLM_KWARGS
@@ -88,15 +89,60 @@ def test_one_failing_window_does_not_sink_its_batch():
     assert results[2][0].frames is None
 
 
-def test_empty_caption_counts_as_a_failure(engine):
-    empty = SimpleNamespace(outputs=[SimpleNamespace(text="   ")])
-    broken = SimpleNamespace(name="m", generate=lambda inputs, params: [empty] * len(inputs), render_chat=engine.render_chat)
-    handler = QwenVLCaptionHandler("unused")
-    (record, failure), = handler.run_inference([window(0)], broken)
-    assert record.caption is None and failure.error_type == "ValueError" and "empty caption" in failure.message
+def test_empty_caption_is_kept_flagged_and_recorded_as_a_failure(engine):
+    blank = SimpleNamespace(outputs=[SimpleNamespace(text="   ", token_ids=[7], finish_reason="stop")])
+    broken = SimpleNamespace(name="m", generate=lambda inputs, params: [blank] * len(inputs), render_chat=engine.render_chat)
+    (record, failure), = QwenVLCaptionHandler("unused").run_inference([window(0)], broken)
+    assert record.caption == "" and record.caption_check.flags == ("empty",)
+    assert failure.stage == "caption" and "empty caption" in failure.message
+
+
+def test_finish_reason_and_token_count_come_from_the_engine(engine, captioner_dir):
+    handler = QwenVLCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, max_output_tokens=6)
+    (record, failure), = handler.run_inference([window(3)], engine)
+    assert failure is None
+    check = record.caption_check
+    assert check.finish_reason == "length" and check.num_tokens == 6 and "truncated" in check.flags
+    long = QwenVLCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, max_output_tokens=40)
+    (record, _), = long.run_inference([window(3)], engine)
+    assert record.caption_check.num_tokens == 40 and len(record.caption) > 0
+
+
+def test_retry_flagged_generates_again_with_new_seed_and_penalty(engine, captioner_dir):
+    handler = QwenVLCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, max_output_tokens=6, retry_flagged=True)
+    calls = []
+    original = engine.generate
+
+    def spy(inputs, params):
+        calls.append((len(inputs), params.seed, params.repetition_penalty))
+        return original(inputs, params)
+
+    engine.generate = spy
+    try:
+        results = list(handler.run_inference([window(0), window(1)], engine))
+    finally:
+        del engine.generate
+    assert calls == [(2, None, 1.05), (2, 1, 1.3)]  # every tiny-model caption hits the limit, so all are retried
+    assert all(record.caption_retried and record.caption for record, _ in results)
+    plain = QwenVLCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, max_output_tokens=6)
+    assert not any(record.caption_retried for record, _ in plain.run_inference([window(0)], engine))
 
 
 def test_batching_follows_the_batch_size_and_counts_frame_bytes():
     handler = QwenVLCaptionHandler("unused", caption_batch_size=3)
     assert handler.batch_elements_kwargs() == {"min_batch_size": 1, "max_batch_size": 3}
     assert handler.get_num_bytes([window(0), window(1)]) == 2 * 4 * 56 * 56 * 3
+
+
+def test_qwen3_vl_goes_through_the_same_handler(tiny_models):
+    qwen3_dir = tiny_models["captioner-qwen3"]
+    low, high = processor_pixel_bounds(qwen3_dir, "qwen3")
+    assert low <= high <= 32 * 32 * 32 // 4
+    handler = QwenVLCaptionHandler(qwen3_dir, model_variant="qwen3", vllm_kwargs=VLLM_KWARGS, max_output_tokens=12)
+    engine = handler.load_model()
+    try:
+        results = list(handler.run_inference([window(0, size=64), window(1, frames=6, size=64)], engine))
+    finally:
+        release_engines(engine)
+    assert [failure for _, failure in results] == [None, None]
+    assert all(record.caption and record.caption_model == "captioner-qwen3" for record, _ in results)

@@ -28,7 +28,7 @@ def decoded_frames_and_rate(path: str) -> tuple[int, float]:
 @pytest.fixture(scope="module")
 def job(tmp_path_factory, captioner_dir, real_clips_dir):
     out = str(tmp_path_factory.mktemp("out"))
-    counts = run_job([
+    counts = run_job(release_models=False, argv=[
         "--input", real_clips_dir, "--output", out, "--generate-captions", "--model-dir", captioner_dir,
         "--captioning-window-size", str(WINDOW_SIZE), "--captioning-remainder-threshold", str(THRESHOLD),
         "--captioning-max-output-tokens", "24", "--captioning-batch-size", "4", "--captioning-stage2-caption",
@@ -85,3 +85,16 @@ def test_metas_describe_each_clip(job):
     assert all(w["caption"] for w in bunny["windows"])
     broken = next(m for s, m in metas.items() if s.endswith("not-a-video.mp4"))
     assert broken["width"] is None and broken["windows"] == [] and broken["errors"][0]["stage"] == "prepare"
+
+
+def test_sanity_columns_are_filled_and_counted(job):
+    out, counts, rows = job
+    for row in rows:
+        # The tiny model never emits end-of-sequence, so every caption stops at the 24-token limit.
+        assert row["caption_num_tokens"] == 24 and row["caption_finish_reason"] == "length"
+        assert "truncated" in row["caption_flags"] and row["caption_sound"] is False
+        assert row["caption_stage2_num_tokens"] == 24 and "truncated" in row["caption_stage2_flags"]
+        assert row["enhanced_caption_flags"] is None and row["caption_retried"] is False
+    assert counts["flagged_truncated"] == 2 * len(rows)
+    meta = json.load(open(glob.glob(os.path.join(out, "metas", rows[0]["clip_id"] + ".json"))[0]))
+    assert "truncated" in meta["windows"][0]["caption_flags"]

@@ -16,9 +16,10 @@ from apache_beam.ml.inference.base import ModelHandler
 from beam_captions.inference.engine import Engine, EngineSettings, load_engine
 from beam_captions.inference.isolation import run_isolated
 from beam_captions.prompts import caption_prompt, stage2_prompt
+from beam_captions.quality import CaptionCheck, better_caption, check_caption
 from beam_captions.records import Failure, WindowRecord, failure_from_exception
 
-__all__ = ["CaptionRequest", "CaptionOutcome", "QwenVLCaptionHandler", "caption_batch", "video_input"]
+__all__ = ["CaptionRequest", "CaptionOutcome", "Generated", "QwenVLCaptionHandler", "caption_batch", "generate_checked", "video_input"]
 
 CaptionOutcome = tuple[WindowRecord, Optional[Failure]]
 
@@ -31,22 +32,36 @@ class CaptionRequest:
     prompt_variant: str = "default"
     stage2_instruction: Optional[str] = None
     generate_stage2: bool = False
+    retry_flagged: bool = False
     max_output_tokens: int = 512
-    min_output_tokens: int = 8
     temperature: float = 0.1
     top_p: float = 0.001
     repetition_penalty: float = 1.05
+    retry_seed: int = 1
+    retry_repetition_penalty: float = 1.3
 
-    def sampling_params(self) -> Any:
+    def sampling_params(self, retry: bool = False) -> Any:
+        """The reference's sampling; a retry gets another seed and a stronger repetition penalty."""
         from vllm import SamplingParams
 
         return SamplingParams(
             temperature=self.temperature,
             top_p=self.top_p,
-            repetition_penalty=self.repetition_penalty,
+            repetition_penalty=self.retry_repetition_penalty if retry else self.repetition_penalty,
             max_tokens=self.max_output_tokens,
-            min_tokens=min(self.min_output_tokens, self.max_output_tokens),
+            seed=self.retry_seed if retry else None,
         )
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One generated text and its sanity check."""
+
+    text: str
+    check: CaptionCheck
+
+
+RETRY_FLAGS = frozenset({"empty", "repetition", "truncated"})
 
 
 def video_input(engine: Engine, record: WindowRecord, prompt: str) -> dict:
@@ -68,30 +83,54 @@ def video_input(engine: Engine, record: WindowRecord, prompt: str) -> dict:
     return {"prompt": text, "multi_modal_data": {"video": (frames, metadata)}}
 
 
-def _texts(engine: Engine, inputs: list[dict], params: Any) -> list[str]:
-    return [output.outputs[0].text.strip() for output in engine.generate(inputs, params)]
+def generate_checked(engine: Engine, inputs: list[dict], params: Any) -> list[Generated]:
+    """Generate one text per input, each with its token count, finish reason and flags."""
+    results = []
+    for output in engine.generate(inputs, params):
+        completion = output.outputs[0]
+        text = completion.text.strip()
+        results.append(Generated(text, check_caption(text, len(completion.token_ids), completion.finish_reason)))
+    return results
+
+
+def _retry_flagged(engine: Engine, inputs: list[dict], first: list[Generated], request: CaptionRequest) -> list[bool]:
+    """Generate again for captions flagged empty, looping or cut; keep the better one (in place)."""
+    chosen = [i for i, g in enumerate(first) if RETRY_FLAGS & set(g.check.flags)]
+    if not chosen:
+        return [False] * len(first)
+    second = generate_checked(engine, [inputs[i] for i in chosen], request.sampling_params(retry=True))
+    for i, again in zip(chosen, second):
+        if better_caption(first[i].check, again.check):
+            first[i] = again
+    return [i in chosen for i in range(len(first))]
 
 
 def caption_batch(engine: Engine, batch: Sequence[WindowRecord], request: CaptionRequest) -> list[WindowRecord]:
-    """Caption every window of ``batch`` (stage 1, then stage 2 when asked); raises on any failure."""
-    params = request.sampling_params()
-    captions = _texts(engine, [video_input(engine, r, request.prompt) for r in batch], params)
-    empty = [r.window_index for r, caption in zip(batch, captions) if not caption]
-    if empty:
-        raise ValueError(f"the model returned an empty caption for window(s) {empty}")
-    refined: list[Optional[str]] = [None] * len(batch)
+    """Caption every window of ``batch`` (stage 1, retries of flagged captions, stage 2); raises on engine errors."""
+    inputs = [video_input(engine, r, request.prompt) for r in batch]
+    stage1 = generate_checked(engine, inputs, request.sampling_params())
+    retried = _retry_flagged(engine, inputs, stage1, request) if request.retry_flagged else [False] * len(batch)
+    stage2: list[Optional[Generated]] = [None] * len(batch)
     if request.generate_stage2:
-        prompts = [stage2_prompt(c, request.stage2_instruction) for c in captions]
-        refined = _texts(engine, [video_input(engine, r, p) for r, p in zip(batch, prompts)], params)
+        wanted = [i for i, g in enumerate(stage1) if g.text]
+        prompts = [stage2_prompt(stage1[i].text, request.stage2_instruction) for i in wanted]
+        refined = generate_checked(
+            engine, [video_input(engine, batch[i], p) for i, p in zip(wanted, prompts)], request.sampling_params()
+        )
+        for i, generated in zip(wanted, refined):
+            stage2[i] = generated
     return [
         record.replace(
             frames=None,
-            caption=caption,
-            caption_stage2=stage2,
+            caption=first.text,
+            caption_check=first.check,
+            caption_stage2=second.text if second else None,
+            caption_stage2_check=second.check if second else None,
+            caption_retried=again,
             caption_model=engine.name,
             prompt_variant=request.prompt_variant,
         )
-        for record, caption, stage2 in zip(batch, captions, refined)
+        for record, first, second, again in zip(batch, stage1, stage2, retried)
     ]
 
 
@@ -119,6 +158,7 @@ class QwenVLCaptionHandler(ModelHandler[WindowRecord, CaptionOutcome, Engine]):
         disable_mmcache: bool = True,
         generate_stage2_caption: bool = False,
         stage2_prompt_text: Optional[str] = None,
+        retry_flagged: bool = False,
         dtype: str = "auto",
         max_model_len: int = 32768,
         gpu_memory_utilization: float = 0.85,
@@ -143,6 +183,7 @@ class QwenVLCaptionHandler(ModelHandler[WindowRecord, CaptionOutcome, Engine]):
             prompt_variant="custom" if prompt_text else prompt_variant,
             stage2_instruction=stage2_prompt_text,
             generate_stage2=generate_stage2_caption,
+            retry_flagged=retry_flagged,
             max_output_tokens=max_output_tokens,
         )
         self._share = share_across_processes
@@ -162,6 +203,12 @@ class QwenVLCaptionHandler(ModelHandler[WindowRecord, CaptionOutcome, Engine]):
                     window_index=record.window_index,
                 )
                 yield record.replace(frames=None, caption_model=model.name), failure
+            elif not result.caption:
+                empty = failure_from_exception(
+                    ValueError("the model returned an empty caption"), source=record.source,
+                    clip_id=record.clip_id, stage="caption", window_index=record.window_index,
+                )
+                yield result, empty
             else:
                 yield result, None
 

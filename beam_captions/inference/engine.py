@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from beam_captions.inference.variants import canonical_variant
+from beam_captions.media.windowing import MIN_FRAMES
 
 __all__ = ["EngineSettings", "Engine", "llm_kwargs", "load_engine", "release_engines", "processor_pixel_bounds"]
 
@@ -94,11 +95,11 @@ def load_engine(settings: EngineSettings) -> Engine:
         return _engines[key]
 
 
-def release_engines() -> None:
-    """Shut down every engine this process started (at the end of a local run)."""
+def release_engines(only: Optional[Engine] = None) -> None:
+    """Shut down ``only``, or every engine this process started (at the end of a local run)."""
     with _engines_lock:
-        engines = list(_engines.values())
-        _engines.clear()
+        keys = [key for key, engine in _engines.items() if only is None or engine is only]
+        engines = [_engines.pop(key) for key in keys]
     for engine in engines:
         core = getattr(getattr(engine.llm, "llm_engine", None), "engine_core", None)
         if core is not None:
@@ -115,12 +116,21 @@ def _bounds_from(config: dict) -> Optional[tuple[int, int]]:
 
 
 def processor_pixel_bounds(model_dir: Optional[str], algorithm: str = "qwen2.5") -> tuple[int, int]:
-    """Per-frame (min, max) pixels of the model's video processor, from its config files or the defaults."""
+    """Per-frame (min, max) pixels of the model's video processor, from its config files or the defaults.
+
+    Qwen2.5-VL states per-frame bounds. Qwen3-VL's video bounds cover the whole clip, so its
+    per-frame bound is the clip bound over the fewest frames a window has, capped by the default.
+    """
+    variant = canonical_variant(algorithm)
+    default_low, default_high = DEFAULT_PIXEL_BOUNDS[variant]
     for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
         path = os.path.join(model_dir or "", name)
         if model_dir and os.path.isfile(path):
             with open(path, encoding="utf-8") as handle:
                 bounds = _bounds_from(json.load(handle))
+            if bounds and variant == "qwen3":
+                high = min(default_high, bounds[1] // MIN_FRAMES)
+                return min(default_low, bounds[0], high), high
             if bounds:
                 return bounds
-    return DEFAULT_PIXEL_BOUNDS[canonical_variant(algorithm)]
+    return default_low, default_high

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional
 
+from beam_captions.io.parquet import check_columns
 from beam_captions.records import ClipInfo, Failure, WindowRecord
 
 __all__ = ["META_VERSION", "clip_meta", "window_meta", "failure_meta"]
@@ -12,7 +13,7 @@ META_VERSION = 1
 
 
 def window_meta(record: WindowRecord) -> dict[str, Any]:
-    return {
+    document = {
         "window_index": record.window_index,
         "start_frame": record.start_frame,
         "end_frame": record.end_frame,
@@ -26,7 +27,11 @@ def window_meta(record: WindowRecord) -> dict[str, Any]:
         "enhance_model": record.enhance_model,
         "prompt_variant": record.prompt_variant,
         "preview": record.preview_uri,
+        "caption_retried": record.caption_retried,
     }
+    for kind, check in record.checks().items():
+        document.update(check_columns(kind, check))
+    return document
 
 
 def failure_meta(failure: Failure) -> dict[str, Any]:

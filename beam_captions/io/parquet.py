@@ -6,9 +6,12 @@ from typing import Any, Optional
 
 import pyarrow as pa
 
+from beam_captions.quality import CaptionCheck
 from beam_captions.records import WindowRecord
 
-__all__ = ["CAPTION_SCHEMA", "caption_row"]
+__all__ = ["CAPTION_KINDS", "CAPTION_SCHEMA", "caption_row", "check_columns"]
+
+CAPTION_KINDS = ("caption", "caption_stage2", "enhanced_caption")
 
 CAPTION_SCHEMA = pa.schema(
     [
@@ -27,13 +30,34 @@ CAPTION_SCHEMA = pa.schema(
         ("enhance_model", pa.string()),
         ("prompt_variant", pa.string()),
         ("preview", pa.string()),
+        ("caption_retried", pa.bool_()),
+    ]
+    + [
+        column
+        for kind in CAPTION_KINDS
+        for column in (
+            (f"{kind}_num_tokens", pa.int32()),
+            (f"{kind}_finish_reason", pa.string()),
+            (f"{kind}_flags", pa.list_(pa.string())),
+            (f"{kind}_sound", pa.bool_()),
+        )
     ]
 )
 
 
+def check_columns(kind: str, check: Optional[CaptionCheck]) -> dict[str, Any]:
+    """Token count, finish reason, flags and soundness of one caption kind (nulls when it was not made)."""
+    return {
+        f"{kind}_num_tokens": check.num_tokens if check else None,
+        f"{kind}_finish_reason": check.finish_reason if check else None,
+        f"{kind}_flags": list(check.flags) if check else None,
+        f"{kind}_sound": check.sound if check else None,
+    }
+
+
 def caption_row(record: WindowRecord, preview_uri: Optional[str]) -> dict[str, Any]:
     """The Parquet row of a window."""
-    return {
+    row = {
         "clip_id": record.clip_id,
         "source": record.source,
         "window_index": record.window_index,
@@ -49,4 +73,8 @@ def caption_row(record: WindowRecord, preview_uri: Optional[str]) -> dict[str, A
         "enhance_model": record.enhance_model,
         "prompt_variant": record.prompt_variant,
         "preview": preview_uri,
+        "caption_retried": record.caption_retried,
     }
+    for kind, check in record.checks().items():
+        row.update(check_columns(kind, check))
+    return row

@@ -56,6 +56,7 @@ class CaptionWindows(beam.PTransform):
         disable_mmcache: bool = True,
         generate_stage2_caption: bool = False,
         stage2_prompt_text: Optional[str] = None,
+        retry_flagged: bool = False,
         dtype: str = "auto",
         vllm_kwargs: Optional[dict] = None,
         accelerator: Optional[str] = None,
@@ -74,6 +75,7 @@ class CaptionWindows(beam.PTransform):
             disable_mmcache=disable_mmcache,
             generate_stage2_caption=generate_stage2_caption,
             stage2_prompt_text=stage2_prompt_text,
+            retry_flagged=retry_flagged,
             dtype=dtype,
             vllm_kwargs=vllm_kwargs,
         )

@@ -50,6 +50,9 @@ def _row(record: WindowRecord) -> dict:
     count("windows")
     if record.caption:
         count("captions")
+    for check in record.checks().values():
+        for flag in check.flags if check else ():
+            count(f"flagged_{flag}")
     return caption_row(record, record.preview_uri)
 
 

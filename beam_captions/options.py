@@ -11,7 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from beam_captions.prompts import CAPTION_PROMPTS
+from beam_captions.inference.gpu_budget import memory_shares
+from beam_captions.prompts import CAPTION_PROMPTS, ENHANCE_PROMPTS
 
 __all__ = ["JobConfig", "build_parser", "parse_args", "ConfigError"]
 
@@ -47,6 +48,17 @@ class JobConfig:
     captioning_stage2_prompt_text: Optional[str] = None
     captioning_retry_flagged: bool = False
     vllm_kwargs: dict[str, Any] = field(default_factory=dict)
+    captioning_gpu_memory_share: Optional[float] = None
+    enhance_captions: bool = False
+    enhance_captions_algorithm: str = "qwen"
+    enhance_captions_model_dir: Optional[str] = None
+    enhance_captions_prompt_variant: str = "default"
+    enhance_captions_prompt_text: Optional[str] = None
+    enhance_captions_batch_size: int = 128
+    enhance_captions_max_output_tokens: int = 512
+    enhance_captions_use_fp8_weights: bool = False
+    enhance_captions_gpu_memory_share: Optional[float] = None
+    enhance_captions_vllm_kwargs: Optional[dict[str, Any]] = None
     accelerator: Optional[str] = None
     preview_target_fps: float = 1.0
     preview_target_height: int = 240
@@ -95,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
                      "'type:nvidia-l4;count:1;install-nvidia-driver' (Dataflow right fitting)")
     cap.add_argument("--vllm-kwargs", default="{}", help='JSON object passed to vllm.LLM(), e.g. \'{"max_model_len": 8192}\'')
 
+    cap.add_argument("--captioning-gpu-memory-share", type=float,
+                     help="vLLM gpu_memory_utilization of the captioner (default 0.85 alone, 0.35 beside the enhancer)")
+
+    enh = parser.add_argument_group("caption enhancement")
+    enh.add_argument("--enhance-captions", action="store_true", help="rewrite each caption with a text LLM")
+    enh.add_argument("--enhance-captions-algorithm", choices=ALGORITHMS, default="qwen", help="qwen (= qwen2.5) or qwen3")
+    enh.add_argument("--enhance-captions-model-dir", help="Hugging Face model directory of the text model")
+    enh.add_argument("--enhance-captions-prompt-variant", choices=tuple(ENHANCE_PROMPTS), default="default")
+    enh.add_argument("--enhance-captions-prompt-text", help="custom enhancement instruction; overrides the variant")
+    enh.add_argument("--enhance-captions-batch-size", type=int, default=128)
+    enh.add_argument("--enhance-captions-max-output-tokens", type=int, default=512)
+    enh.add_argument("--enhance-captions-use-fp8-weights", action="store_true")
+    enh.add_argument("--enhance-captions-gpu-memory-share", type=float,
+                     help="vLLM gpu_memory_utilization of the enhancer (default 0.55)")
+    enh.add_argument("--enhance-captions-vllm-kwargs", help="JSON object for the enhancer's vllm.LLM() (default: --vllm-kwargs)")
+
     pre = parser.add_argument_group("previews")
     pre.add_argument("--generate-previews", action="store_true", help="an animated WebP per window")
     pre.add_argument("--preview-target-fps", type=float, default=1.0)
@@ -110,12 +138,12 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _vllm_kwargs(text: str) -> dict[str, Any]:
+def _vllm_kwargs(text: str, flag: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ConfigError(f"--vllm-kwargs is not valid JSON ({error.msg} at position {error.pos})") from None
-    _check(isinstance(value, dict), "--vllm-kwargs must be a JSON object")
+        raise ConfigError(f"{flag} is not valid JSON ({error.msg} at position {error.pos})") from None
+    _check(isinstance(value, dict), f"{flag} must be a JSON object")
     return value
 
 
@@ -133,11 +161,27 @@ def validate(config: JobConfig) -> None:
     _check(0 <= config.preview_quality <= 100, "--preview-quality must be between 0 and 100")
     _check(config.preview_num_cpus_per_worker >= 1, "--preview-num-cpus-per-worker must be at least 1")
     if config.generate_captions:
-        _check(bool(config.model_dir), "--generate-captions needs --model-dir")
-        local = "://" not in config.model_dir
-        _check(not local or os.path.isfile(os.path.join(config.model_dir, "config.json")),
-               f"--model-dir {config.model_dir} is not a model directory (no config.json); "
-               "`beam-captions tiny-models DIR` builds a tiny one for smoke tests")
+        _check_model_dir("--model-dir", config.model_dir)
+    if config.enhance_captions:
+        _check(config.generate_captions, "--enhance-captions needs --generate-captions")
+        _check_model_dir("--enhance-captions-model-dir", config.enhance_captions_model_dir)
+        _check(config.enhance_captions_batch_size >= 1, "--enhance-captions-batch-size must be at least 1")
+        _check(config.enhance_captions_max_output_tokens >= 1, "--enhance-captions-max-output-tokens must be at least 1")
+    for flag, share in (("--captioning-gpu-memory-share", config.captioning_gpu_memory_share),
+                        ("--enhance-captions-gpu-memory-share", config.enhance_captions_gpu_memory_share)):
+        _check(share is None or 0 < share <= 1, f"{flag} must be in (0, 1]")
+    try:
+        memory_shares(config.enhance_captions, config.captioning_gpu_memory_share, config.enhance_captions_gpu_memory_share)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _check_model_dir(flag: str, model_dir: Optional[str]) -> None:
+    _check(bool(model_dir), f"{flag} is required")
+    local = "://" not in model_dir
+    _check(not local or os.path.isfile(os.path.join(model_dir, "config.json")),
+           f"{flag} {model_dir} is not a model directory (no config.json); "
+           "`beam-captions tiny-models DIR` builds a tiny one for smoke tests")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[JobConfig, list[str]]:
@@ -146,7 +190,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[JobConfig, list[st
     known, beam_args = parser.parse_known_args(argv)
     values = vars(known)
     try:
-        values["vllm_kwargs"] = _vllm_kwargs(values["vllm_kwargs"])
+        values["vllm_kwargs"] = _vllm_kwargs(values["vllm_kwargs"], "--vllm-kwargs")
+        if values["enhance_captions_vllm_kwargs"] is not None:
+            values["enhance_captions_vllm_kwargs"] = _vllm_kwargs(
+                values["enhance_captions_vllm_kwargs"], "--enhance-captions-vllm-kwargs"
+            )
         config = JobConfig(**values)
         validate(config)
     except ConfigError as error:

@@ -1,12 +1,14 @@
-"""Wire the stages into a job: ReadClips | PrepareWindows | GeneratePreviews | CaptionWindows | WriteOutputs."""
+"""Wire the stages into a job: ReadClips | PrepareWindows | GeneratePreviews | CaptionWindows | EnhanceCaptions | WriteOutputs."""
 
 from __future__ import annotations
 
 import apache_beam as beam
 
+from beam_captions.inference.gpu_budget import memory_shares
 from beam_captions.media.decode import PreviewSpec
 from beam_captions.options import JobConfig
 from beam_captions.transforms.caption import CaptionWindows
+from beam_captions.transforms.enhance import EnhanceCaptions
 from beam_captions.transforms.prepare import PrepareWindows
 from beam_captions.transforms.previews import GeneratePreviews
 from beam_captions.transforms.read import ReadClips
@@ -40,6 +42,9 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             compression_level=config.preview_compression_level,
             num_cpus_per_worker=config.preview_num_cpus_per_worker,
         )
+    caption_share, enhance_share = memory_shares(
+        config.enhance_captions, config.captioning_gpu_memory_share, config.enhance_captions_gpu_memory_share
+    )
     if config.generate_captions:
         elements = elements | "CaptionWindows" >> CaptionWindows(
             model_dir=config.model_dir,
@@ -54,7 +59,21 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             stage2_prompt_text=config.captioning_stage2_prompt_text,
             retry_flagged=config.captioning_retry_flagged,
             dtype=config.captioning_preprocess_dtype,
+            gpu_memory_utilization=caption_share,
             vllm_kwargs=config.vllm_kwargs,
+            accelerator=config.accelerator,
+        )
+    if config.enhance_captions:
+        elements = elements | "EnhanceCaptions" >> EnhanceCaptions(
+            model_dir=config.enhance_captions_model_dir,
+            model_variant=config.enhance_captions_algorithm,
+            prompt_variant=config.enhance_captions_prompt_variant,
+            prompt_text=config.enhance_captions_prompt_text,
+            batch_size=config.enhance_captions_batch_size,
+            max_output_tokens=config.enhance_captions_max_output_tokens,
+            fp8=config.enhance_captions_use_fp8_weights,
+            gpu_memory_utilization=enhance_share,
+            vllm_kwargs=config.vllm_kwargs if config.enhance_captions_vllm_kwargs is None else config.enhance_captions_vllm_kwargs,
             accelerator=config.accelerator,
         )
     elements | "WriteOutputs" >> WriteOutputs(config.output)

@@ -221,13 +221,14 @@ class Figure:
 
     @property
     def met(self) -> Optional[bool]:
-        if self.ratio is None:
+        if self.ratio is None or not self.target[0]:
             return None
         op, bound = self.target
         return self.ratio <= bound if op == "<=" else self.ratio >= bound
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "met": self.met, "target": f"{self.target[0]} {self.target[1]:g}"}
+        target = f"{self.target[0]} {self.target[1]:g}" if self.target[0] else None
+        return {**asdict(self), "met": self.met, "target": target}
 
 
 def machine_info() -> dict[str, Any]:

@@ -276,3 +276,45 @@ def test_gallery_renders_in_chromium(tmp_path: Path) -> None:
         finally:
             browser.close()
     assert time.monotonic() - started < 15
+
+
+# ---------------------------------------------------------------- object store
+
+
+@pytest.fixture
+def gcs_bucket(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """An in-memory GCS emulator with bucket ``gallery``; Beam talks to it anonymously."""
+    import socket
+
+    from apache_beam.io.gcp import gcsio
+    from gcp_storage_emulator.server import create_server
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="gallery")
+    server.start()
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(gcsio.auth, "get_service_credentials", lambda options: None)  # no credential lookup
+    try:
+        yield "gs://gallery"
+    finally:
+        server.stop()
+
+
+def test_gallery_on_an_object_store(gcs_bucket: str, tmp_path: Path) -> None:
+    from apache_beam.io.filesystems import FileSystems
+
+    from beam_captions.io.files import write_bytes
+
+    local, _ = review_dataset(tmp_path / "local")
+    output = f"{gcs_bucket}/run"
+    for path in sorted(Path(local).rglob("*.json")):
+        write_bytes(f"{output}/{path.relative_to(local).as_posix()}", path.read_bytes())
+    write_bytes(f"{output}/index-9.html", b"stale")
+    assert write_gallery(output) == f"{output}/index.html"
+    write_gallery(local)
+    with FileSystems.open(f"{output}/index.html") as handle:
+        assert handle.read() == (Path(local) / "index.html").read_bytes()  # same layout, same page
+    pages = [m.path for m in FileSystems.match([f"{output}/index*.html"])[0].metadata_list]
+    assert pages == [f"{output}/index.html"]

@@ -63,7 +63,10 @@ def test_flags_have_the_reference_defaults_and_beam_flags_pass_through(tmp_path)
         (["--captioning-window-size", "0"], "--captioning-window-size must be at least 4"),
         (["--vllm-kwargs", "{oops"], "--vllm-kwargs is not valid JSON"),
         (["--vllm-kwargs", "[1]"], "--vllm-kwargs must be a JSON object"),
-        (["--generate-captions"], "--generate-captions needs --model-dir"),
+        (["--generate-captions"], "--model-dir is required"),
+        (["--enhance-captions"], "--enhance-captions needs --generate-captions"),
+        (["--captioning-gpu-memory-share", "1.5"], "--captioning-gpu-memory-share must be in (0, 1]"),
+        (["--enhance-captions-vllm-kwargs", "3"], "--enhance-captions-vllm-kwargs must be a JSON object"),
         (["--generate-captions", "--model-dir", "/nowhere"], "is not a model directory"),
         (["--captioning-prompt-variant", "cats"], "invalid choice: 'cats'"),
     ],
@@ -79,3 +82,18 @@ def test_bad_values_give_one_line_errors(flags, message, capsys):
 def test_vllm_kwargs_are_parsed_as_json():
     config, _ = parse_args(["--input", "i", "--output", "o", "--vllm-kwargs", json.dumps({"max_model_len": 2048})])
     assert config.vllm_kwargs == {"max_model_len": 2048}
+
+
+def test_enhancement_flags_and_shared_gpu_budget(captioner_dir, tiny_models):
+    config, _ = parse_args([
+        "--input", "i", "--output", "o", "--generate-captions", "--model-dir", captioner_dir,
+        "--enhance-captions", "--enhance-captions-model-dir", tiny_models["enhancer"],
+        "--enhance-captions-algorithm", "qwen3", "--enhance-captions-prompt-variant", "av",
+    ])
+    assert (config.enhance_captions_batch_size, config.enhance_captions_max_output_tokens) == (128, 512)
+    assert config.enhance_captions_algorithm == "qwen3" and config.enhance_captions_prompt_variant == "av"
+    with pytest.raises(SystemExit):
+        parse_args([
+            "--input", "i", "--output", "o", "--generate-captions", "--model-dir", captioner_dir, "--enhance-captions",
+            "--enhance-captions-model-dir", tiny_models["enhancer"], "--captioning-gpu-memory-share", "0.6",
+        ])

@@ -9,19 +9,18 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-from apache_beam.ml.inference.base import ModelHandler
-
-from beam_captions.inference.engine import Engine, EngineSettings, load_engine
-from beam_captions.inference.isolation import run_isolated
+from beam_captions.inference.engine import Engine, EngineSettings
+from beam_captions.inference.variants import canonical_variant
+from beam_captions.inference.vllm_handler import Outcome, VLLMWindowHandler
 from beam_captions.prompts import caption_prompt, stage2_prompt
 from beam_captions.quality import CaptionCheck, better_caption, check_caption
-from beam_captions.records import Failure, WindowRecord, failure_from_exception
+from beam_captions.records import WindowRecord
 
 __all__ = ["CaptionRequest", "CaptionOutcome", "Generated", "QwenVLCaptionHandler", "caption_batch", "generate_checked", "video_input"]
 
-CaptionOutcome = tuple[WindowRecord, Optional[Failure]]
+CaptionOutcome = Outcome
 
 
 @dataclass(frozen=True)
@@ -134,16 +133,15 @@ def caption_batch(engine: Engine, batch: Sequence[WindowRecord], request: Captio
     ]
 
 
-InferenceFn = Callable[[Engine, Sequence[WindowRecord], CaptionRequest], list[WindowRecord]]
-
-
-class QwenVLCaptionHandler(ModelHandler[WindowRecord, CaptionOutcome, Engine]):
+class QwenVLCaptionHandler(VLLMWindowHandler):
     """Captions ``WindowRecord``s with a Qwen-VL model directory served by ``vllm.LLM``.
 
     A failing batch is retried window by window; a window that still fails comes back
     without a caption and with a ``Failure`` (stage ``caption``), so the rest of the
     batch keeps its captions. ``inference_fn`` replaces the call into the engine.
     """
+
+    stage = "caption"
 
     def __init__(
         self,
@@ -164,12 +162,10 @@ class QwenVLCaptionHandler(ModelHandler[WindowRecord, CaptionOutcome, Engine]):
         gpu_memory_utilization: float = 0.85,
         vllm_kwargs: Optional[dict] = None,
         share_across_processes: bool = False,
-        inference_fn: InferenceFn = caption_batch,
+        inference_fn: Callable[[Engine, Sequence[WindowRecord], CaptionRequest], list[WindowRecord]] = caption_batch,
     ):
-        super().__init__()
-        self.model_variant = model_variant
-        self.caption_batch_size = caption_batch_size
-        self.settings = EngineSettings(
+        canonical_variant(model_variant)
+        settings = EngineSettings(
             model_dir=model_dir,
             fp8=fp8,
             disable_mmcache=disable_mmcache,
@@ -178,7 +174,7 @@ class QwenVLCaptionHandler(ModelHandler[WindowRecord, CaptionOutcome, Engine]):
             gpu_memory_utilization=gpu_memory_utilization,
             extra=dict(vllm_kwargs or {}),
         )
-        self.request = CaptionRequest(
+        request = CaptionRequest(
             prompt=caption_prompt(prompt_variant, prompt_text),
             prompt_variant="custom" if prompt_text else prompt_variant,
             stage2_instruction=stage2_prompt_text,
@@ -186,40 +182,15 @@ class QwenVLCaptionHandler(ModelHandler[WindowRecord, CaptionOutcome, Engine]):
             retry_flagged=retry_flagged,
             max_output_tokens=max_output_tokens,
         )
-        self._share = share_across_processes
-        self._inference_fn = inference_fn
+        super().__init__(
+            settings, request, inference_fn, batch_size=caption_batch_size, share_across_processes=share_across_processes
+        )
 
-    def load_model(self) -> Engine:
-        return load_engine(self.settings)
+    def on_failure(self, record: WindowRecord, engine: Engine) -> WindowRecord:
+        return record.replace(frames=None, caption_model=engine.name)
 
-    def run_inference(
-        self, batch: Sequence[WindowRecord], model: Engine, inference_args: Optional[dict] = None
-    ) -> Iterable[CaptionOutcome]:
-        results = run_isolated(lambda part: self._inference_fn(model, part, self.request), batch)
-        for record, result in zip(batch, results):
-            if isinstance(result, Exception):
-                failure = failure_from_exception(
-                    result, source=record.source, clip_id=record.clip_id, stage="caption",
-                    window_index=record.window_index,
-                )
-                yield record.replace(frames=None, caption_model=model.name), failure
-            elif not result.caption:
-                empty = failure_from_exception(
-                    ValueError("the model returned an empty caption"), source=record.source,
-                    clip_id=record.clip_id, stage="caption", window_index=record.window_index,
-                )
-                yield result, empty
-            else:
-                yield result, None
-
-    def batch_elements_kwargs(self) -> dict:
-        return {"min_batch_size": 1, "max_batch_size": self.caption_batch_size}
+    def check(self, record: WindowRecord) -> Optional[Exception]:
+        return None if record.caption else ValueError("the model returned an empty caption")
 
     def get_num_bytes(self, batch: Sequence[WindowRecord]) -> int:
         return sum(r.frames.nbytes for r in batch if r.frames is not None)
-
-    def share_model_across_processes(self) -> bool:
-        return self._share
-
-    def get_metrics_namespace(self) -> str:
-        return "beam_captions.caption"

@@ -1,21 +1,27 @@
-"""Apply a transform to one kind of element of a mixed PCollection and pass the rest through."""
+"""Apply a transform to the elements that match a predicate and pass the rest through."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import apache_beam as beam
 
-__all__ = ["OnlyKind"]
+__all__ = ["OnlyWhere", "is_kind"]
 
 
-class OnlyKind(beam.PTransform):
-    """Run ``inner`` on the elements that are instances of ``kind``; flatten the others back in."""
+def is_kind(kind: type) -> Callable[[object], bool]:
+    return lambda element: isinstance(element, kind)
 
-    def __init__(self, kind: type, inner: beam.PTransform):
+
+class OnlyWhere(beam.PTransform):
+    """Run ``inner`` on the elements for which ``predicate`` holds; flatten the others back in."""
+
+    def __init__(self, predicate: Callable[[object], bool], inner: beam.PTransform):
         super().__init__()
-        self.kind = kind
+        self.predicate = predicate
         self.inner = inner
 
     def expand(self, pcoll):
-        kind = self.kind
-        chosen, others = pcoll | "SplitByKind" >> beam.Partition(lambda e, _: 0 if isinstance(e, kind) else 1, 2)
+        predicate = self.predicate
+        chosen, others = pcoll | "Split" >> beam.Partition(lambda e, _: 0 if predicate(e) else 1, 2)
         return (chosen | "Process" >> self.inner, others) | "Rejoin" >> beam.Flatten()

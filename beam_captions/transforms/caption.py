@@ -5,33 +5,13 @@ from __future__ import annotations
 from typing import Optional
 
 import apache_beam as beam
-from apache_beam.ml.inference.base import RunInference
 
 from beam_captions.inference.caption_handler import QwenVLCaptionHandler
 from beam_captions.records import WindowRecord
-from beam_captions.transforms._split import OnlyKind
+from beam_captions.transforms._inference import InferWindows
+from beam_captions.transforms._split import OnlyWhere, is_kind
 
 __all__ = ["CaptionWindows"]
-
-
-def _unpack(outcome):
-    record, failure = outcome
-    yield record
-    if failure is not None:
-        yield failure
-
-
-class _Caption(beam.PTransform):
-    def __init__(self, handler: QwenVLCaptionHandler, accelerator: Optional[str]):
-        super().__init__()
-        self.handler = handler
-        self.accelerator = accelerator
-
-    def expand(self, windows):
-        inference = RunInference(self.handler)
-        if self.accelerator:
-            inference = inference.with_resource_hints(accelerator=self.accelerator)
-        return windows | "RunInference" >> inference | "Unpack" >> beam.FlatMap(_unpack)
 
 
 class CaptionWindows(beam.PTransform):
@@ -46,7 +26,7 @@ class CaptionWindows(beam.PTransform):
     def __init__(
         self,
         *,
-        model_dir: str,
+        model_dir: Optional[str] = None,
         model_variant: str = "qwen2.5",
         prompt_variant: str = "default",
         prompt_text: Optional[str] = None,
@@ -58,12 +38,15 @@ class CaptionWindows(beam.PTransform):
         stage2_prompt_text: Optional[str] = None,
         retry_flagged: bool = False,
         dtype: str = "auto",
+        gpu_memory_utilization: float = 0.85,
         vllm_kwargs: Optional[dict] = None,
         accelerator: Optional[str] = None,
         handler: Optional[QwenVLCaptionHandler] = None,
     ):
         super().__init__()
         self.accelerator = accelerator
+        if handler is None and not model_dir:
+            raise ValueError("CaptionWindows needs model_dir (or a handler)")
         self.handler = handler or QwenVLCaptionHandler(
             model_dir,
             model_variant=model_variant,
@@ -77,8 +60,9 @@ class CaptionWindows(beam.PTransform):
             stage2_prompt_text=stage2_prompt_text,
             retry_flagged=retry_flagged,
             dtype=dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
             vllm_kwargs=vllm_kwargs,
         )
 
     def expand(self, pcoll):
-        return pcoll | "CaptionOnlyWindows" >> OnlyKind(WindowRecord, _Caption(self.handler, self.accelerator))
+        return pcoll | "CaptionOnlyWindows" >> OnlyWhere(is_kind(WindowRecord), InferWindows(self.handler, self.accelerator))

@@ -1,0 +1,79 @@
+"""What the caption and enhancement handlers share: one vLLM engine, batching, per-window isolation."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+from apache_beam.ml.inference.base import ModelHandler
+
+from beam_captions.inference.engine import Engine, EngineSettings, load_engine
+from beam_captions.inference.isolation import run_isolated
+from beam_captions.records import Failure, WindowRecord, failure_from_exception
+
+__all__ = ["Outcome", "VLLMWindowHandler"]
+
+Outcome = tuple[WindowRecord, Optional[Failure]]
+InferenceFn = Callable[[Engine, Sequence[WindowRecord], Any], list[WindowRecord]]
+
+
+class VLLMWindowHandler(ModelHandler[WindowRecord, Outcome, Engine]):
+    """Runs ``inference_fn(engine, windows, request)`` on batches of ``WindowRecord``s.
+
+    A failing batch is retried window by window; a window that still fails comes back
+    unchanged but for ``on_failure`` and with a ``Failure`` of this handler's ``stage``,
+    so the rest of its batch keeps its results.
+    """
+
+    stage = "inference"
+
+    def __init__(
+        self,
+        settings: EngineSettings,
+        request: Any,
+        inference_fn: InferenceFn,
+        *,
+        batch_size: int,
+        share_across_processes: bool = False,
+    ):
+        super().__init__()
+        self.settings = settings
+        self.request = request
+        self.batch_size = batch_size
+        self._inference_fn = inference_fn
+        self._share = share_across_processes
+
+    def load_model(self) -> Engine:
+        return load_engine(self.settings)
+
+    def on_failure(self, record: WindowRecord, engine: Engine) -> WindowRecord:
+        """The window as written when this stage failed for it."""
+        return record
+
+    def check(self, record: WindowRecord) -> Optional[Exception]:
+        """A problem with a result that did not raise (for example an empty answer)."""
+        return None
+
+    def _failure(self, error: Exception, record: WindowRecord) -> Failure:
+        return failure_from_exception(
+            error, source=record.source, clip_id=record.clip_id, stage=self.stage, window_index=record.window_index
+        )
+
+    def run_inference(
+        self, batch: Sequence[WindowRecord], model: Engine, inference_args: Optional[dict] = None
+    ) -> Iterable[Outcome]:
+        results = run_isolated(lambda part: self._inference_fn(model, part, self.request), batch)
+        for record, result in zip(batch, results):
+            if isinstance(result, Exception):
+                yield self.on_failure(record, model), self._failure(result, record)
+                continue
+            problem = self.check(result)
+            yield result, (self._failure(problem, result) if problem else None)
+
+    def batch_elements_kwargs(self) -> dict:
+        return {"min_batch_size": 1, "max_batch_size": self.batch_size}
+
+    def share_model_across_processes(self) -> bool:
+        return self._share
+
+    def get_metrics_namespace(self) -> str:
+        return f"beam_captions.{self.stage}"

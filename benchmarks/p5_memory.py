@@ -1,0 +1,110 @@
+"""P5: peak memory of a previews + captions job on a long clip over the same on a short clip.
+
+Each job is ``python -m beam_captions ...`` (``run_job``) in a fresh subprocess. Its process tree
+(the job process plus the vLLM engine-core process) is sampled from /proc every 0.2 s; the figure
+is the peak of the summed RSS. Also recorded: the job process's own peak, and ``ru_maxrss`` from
+``wait4`` (the largest single process of the tree). ``decoded_arrays_mb`` is what the decoded
+windows of the clip weigh as numpy arrays (model + preview frames), which ``decode_windows``
+returns all at once, at the tiny model's pixel bound and at the real Qwen2.5-VL default bound.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+import av
+import psutil
+from captioning import job_flags
+from common import REPO_DIR, Figure, clip_folder
+
+from beam_captions.inference.engine import DEFAULT_PIXEL_BOUNDS, processor_pixel_bounds
+from beam_captions.media.decode import preview_size, resize_to_pixel_bound
+from beam_captions.media.windowing import compute_windows, num_preview_frames, num_sampled_frames
+
+MB = 2**20
+
+
+def _tree_rss(root: psutil.Process) -> tuple[int, int]:
+    """(summed RSS of ``root`` and its descendants, RSS of ``root``) in bytes."""
+    own = total = 0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            rss = process.memory_info().rss
+        except psutil.Error:
+            continue
+        total += rss
+        own = rss if process.pid == root.pid else own
+    return total, own
+
+
+def job_peak_memory(input_dir: str, model_dir: str, vllm_kwargs: dict[str, Any]) -> dict[str, float]:
+    """Run one job in a subprocess and return its peak memory figures in MiB and its wall seconds."""
+    output = tempfile.mkdtemp(prefix="p5-job-")
+    command = [sys.executable, "-m", "beam_captions", *job_flags(input_dir, output, model_dir, vllm_kwargs)]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    root = psutil.Process(process.pid)
+    peak_tree = peak_own = 0
+    try:
+        while True:
+            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            if pid:
+                break
+            try:
+                tree, own = _tree_rss(root)
+            except psutil.Error:
+                tree = own = 0
+            peak_tree, peak_own = max(peak_tree, tree), max(peak_own, own)
+            time.sleep(0.2)
+    finally:
+        shutil.rmtree(output, ignore_errors=True)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise RuntimeError(f"job failed with exit code {process.returncode}: {' '.join(command)}")
+    return {
+        "peak_tree_rss_mb": peak_tree / MB,
+        "peak_job_process_rss_mb": peak_own / MB,
+        "ru_maxrss_mb": usage.ru_maxrss * 1024 / MB,
+        "wall_s": time.perf_counter() - start,
+    }
+
+
+def decoded_arrays_mb(clip: str, bounds: tuple[int, int]) -> float:
+    """MiB of model + preview frames ``decode_windows`` holds for ``clip`` (defaults, 1 fps 240p previews)."""
+    with av.open(clip) as container:
+        stream = container.streams.video[0]
+        total = stream.frames or sum(1 for p in container.demux(stream) if p.size)
+        fps, width, height = float(stream.average_rate), stream.codec_context.width, stream.codec_context.height
+    model_w, model_h = resize_to_pixel_bound(width, height, *bounds)
+    small_w, small_h = preview_size(width, height, 240)
+    size = 0
+    for window in compute_windows(total, 256, 128):
+        size += num_sampled_frames(window.num_frames, fps, 2.0) * model_w * model_h * 3
+        size += num_preview_frames(window.num_frames, fps, 1.0) * small_w * small_h * 3
+    return size / MB
+
+
+def run(long: str, short: str, model_dir: str, vllm_kwargs: dict[str, Any]) -> Figure:
+    figure = Figure("P5", "peak RSS long clip / short clip (previews + captions job)", "MiB", ("<=", 1.2))
+    runs = {}
+    for name, clip in (("short", short), ("long", long)):
+        runs[name] = job_peak_memory(clip_folder(f"p5-{name}", [clip]), model_dir, vllm_kwargs)
+        runs[name]["clip"] = clip
+        runs[name]["decoded_arrays_mb"] = {
+            "tiny_model_bound": decoded_arrays_mb(clip, processor_pixel_bounds(model_dir, "qwen")),
+            "qwen2.5_default_bound": decoded_arrays_mb(clip, DEFAULT_PIXEL_BOUNDS["qwen2.5"]),
+        }
+    figure.ours = runs["long"]["peak_tree_rss_mb"]
+    figure.baseline = runs["short"]["peak_tree_rss_mb"]
+    figure.ratio = figure.ours / figure.baseline
+    figure.details = {
+        **runs,
+        "job_process_ratio": runs["long"]["peak_job_process_rss_mb"] / runs["short"]["peak_job_process_rss_mb"],
+    }
+    return figure

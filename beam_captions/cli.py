@@ -51,6 +51,7 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from beam_captions.inference.engine import release_engines
+    from beam_captions.io.gallery import write_gallery
     from beam_captions.metrics import counters
     from beam_captions.options import parse_args
     from beam_captions.pipeline import build_pipeline
@@ -67,7 +68,9 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
         if release_models:
             release_engines()
     counts = counters(result)
+    gallery = write_gallery(config.output)
     print(format_summary(counts, config.output, time.monotonic() - started))
+    print(f"  gallery          {gallery}")
     return counts
 
 

@@ -26,12 +26,14 @@ def decoded_frames_and_rate(path: str) -> tuple[int, float]:
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory, captioner_dir, real_clips_dir):
+def job(tmp_path_factory, tiny_models, captioner_dir, real_clips_dir):
     out = str(tmp_path_factory.mktemp("out"))
     counts = run_job(release_models=False, argv=[
         "--input", real_clips_dir, "--output", out, "--generate-captions", "--model-dir", captioner_dir,
         "--captioning-window-size", str(WINDOW_SIZE), "--captioning-remainder-threshold", str(THRESHOLD),
         "--captioning-max-output-tokens", "24", "--captioning-batch-size", "4", "--captioning-stage2-caption",
+        "--enhance-captions", "--enhance-captions-model-dir", tiny_models["enhancer"],
+        "--enhance-captions-max-output-tokens", "16",
         "--vllm-kwargs", json.dumps(VLLM_KWARGS),
     ])
     rows = pq.read_table(os.path.join(out, "captions")).to_pylist()
@@ -53,14 +55,15 @@ def test_rows_are_exactly_the_expected_windows(job, real_clips_dir):
     assert len({r["source"] for r in rows}) == 3 and len(rows) >= 6
 
 
-def test_every_window_has_stage1_and_stage2_captions(job):
+def test_every_window_has_stage1_stage2_and_enhanced_captions(job):
     _, _, rows = job
     for row in rows:
         assert isinstance(row["caption"], str) and row["caption"].strip()
         assert isinstance(row["caption_stage2"], str) and row["caption_stage2"].strip()
         assert row["caption_model"] == "captioner" and row["prompt_variant"] == "default"
         assert row["clip_id"] == clip_id_for(row["source"])
-        assert row["enhanced_caption"] is None and row["preview"] is None
+        assert isinstance(row["enhanced_caption"], str) and row["enhanced_caption"].strip()
+        assert row["enhance_model"] == "enhancer" and row["preview"] is None
         assert 0 <= row["start_s"] < row["end_s"]
 
 
@@ -94,7 +97,16 @@ def test_sanity_columns_are_filled_and_counted(job):
         assert row["caption_num_tokens"] == 24 and row["caption_finish_reason"] == "length"
         assert "truncated" in row["caption_flags"] and row["caption_sound"] is False
         assert row["caption_stage2_num_tokens"] == 24 and "truncated" in row["caption_stage2_flags"]
-        assert row["enhanced_caption_flags"] is None and row["caption_retried"] is False
-    assert counts["flagged_truncated"] == 2 * len(rows)
+        assert row["enhanced_caption_num_tokens"] == 16 and "truncated" in row["enhanced_caption_flags"]
+        assert row["caption_retried"] is False
+    assert counts["flagged_truncated"] == 3 * len(rows)
     meta = json.load(open(glob.glob(os.path.join(out, "metas", rows[0]["clip_id"] + ".json"))[0]))
     assert "truncated" in meta["windows"][0]["caption_flags"]
+
+
+def test_the_gallery_is_written_with_every_clip(job):
+    out, _, rows = job
+    page = open(os.path.join(out, "index.html"), encoding="utf-8").read()
+    assert page.count('<div class="window"') == len(rows)
+    assert all(f'id="{r["clip_id"]}-{r["window_index"]}"' in page for r in rows)
+    assert "not-a-video.mp4" in page and "Failures (1)" in page

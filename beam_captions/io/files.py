@@ -12,7 +12,7 @@ from apache_beam.io.filesystems import FileSystems
 __all__ = ["write_bytes", "write_json", "read_json"]
 
 
-def write_bytes(path: str, data: bytes) -> None:
+def write_bytes(path: str, data: bytes, mime_type: str = "application/octet-stream") -> None:
     """Write ``data`` to ``path``: locally to a temporary name then renamed; object stores commit on close."""
     if FileSystems.get_scheme(path) in (None, "file"):
         local = path[len("file://"):] if path.startswith("file://") else path
@@ -28,13 +28,14 @@ def write_bytes(path: str, data: bytes) -> None:
                 os.unlink(temporary)
             raise
         return
-    with FileSystems.create(path, mime_type="application/octet-stream") as out:
+    with FileSystems.create(path, mime_type=mime_type) as out:
         out.write(data)
 
 
 def write_json(path: str, document: Any) -> None:
     """``document`` as stable, pretty JSON (sorted keys, so re-runs give the same bytes)."""
-    write_bytes(path, (json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
+    text = json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    write_bytes(path, text.encode("utf-8"), "application/json")
 
 
 def read_json(path: str) -> Any:

@@ -382,6 +382,6 @@ def write_gallery(output: str, clips_per_page: int = 50) -> str:
     failures = sorted(load_failures(output) + problems, key=_failure_key)
     pages = render_pages(clips, failures, clips_per_page)
     for name, text in pages.items():
-        write_bytes(FileSystems.join(output, name), text.encode("utf-8"))
+        write_bytes(FileSystems.join(output, name), text.encode("utf-8"), "text/html; charset=utf-8")
     _remove_stale_pages(output, pages)
     return FileSystems.join(output, page_name(1))

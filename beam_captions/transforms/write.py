@@ -35,7 +35,7 @@ class _WritePreviews(beam.DoFn):
             return
         path = preview_path(self.output, element.clip_id, element.start_frame, element.end_frame)
         try:
-            write_bytes(path, element.preview_webp)
+            write_bytes(path, element.preview_webp, "image/webp")
         except Exception as error:  # noqa: BLE001
             yield failure_from_exception(
                 error, source=element.source, clip_id=element.clip_id, stage="write", window_index=element.window_index

@@ -34,6 +34,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             model_dir=config.model_dir,
             model_variant=config.captioning_algorithm,
             preview=preview,
+            model_frames=config.generate_captions,
         )
     )
     if config.generate_previews:

@@ -1,8 +1,8 @@
 """P1: CPU cost of our decode pass plus previews, relative to a plain full decode by the ffmpeg CLI.
 
-Ours: ``decode_windows`` (model frames at the default pixel bound and 1 fps 240p preview frames) and
-``encode_webp`` of every window's preview (quality 50, compression level 6), in this process, counted
-with ``getrusage(RUSAGE_SELF)`` (all threads). Baseline: ``ffmpeg -i CLIP -f null -`` (decodes every
+Ours: ``prepare_clip`` (the decode pass: model frames at the default pixel bound and 1 fps 240p
+preview frames) and ``preview_window`` (``encode_webp``, quality 50, compression level 6) on each
+window, in this process, counted with ``getrusage(RUSAGE_SELF)`` (all threads). Baseline: ``ffmpeg -i CLIP -f null -`` (decodes every
 frame, and the audio, and throws them away), counted with ``getrusage(RUSAGE_CHILDREN)``.
 """
 
@@ -15,20 +15,24 @@ from dataclasses import dataclass
 import av
 from common import Figure, children_cpu, ffmpeg_version, find_ffmpeg, interleaved, median_ratio, self_cpu
 
-from beam_captions.media.decode import DecodedWindow, PreviewSpec, VideoInfo, decode_windows
-from beam_captions.media.webp import encode_webp
+from beam_captions.media.decode import PreviewSpec
+from beam_captions.records import ClipRef, WindowRecord
+from beam_captions.transforms.prepare import PrepareConfig, prepare_clip
+from beam_captions.transforms.previews import preview_window
 
-PREVIEW = PreviewSpec(target_fps=1.0, target_height=240)
+# The pipeline's defaults: window 256, 2 fps model frames at the default (Qwen2.5-VL) pixel bound,
+# 1 fps 240p previews, WebP quality 50 at compression level 6.
+CONFIG = PrepareConfig(window_size=256, remainder_threshold=128, sampling_fps=2.0, preview=PreviewSpec(1.0, 240))
 WEBP_OPTIONS = {"quality": 50, "compression_level": 6, "threads": 4}
 
 
 @dataclass
 class OursCost:
-    """CPU seconds of one run of our prepare + previews, split by step."""
+    """CPU seconds of one run of our prepare + previews, split by step, and what it made."""
 
     decode_s: float
     webp_s: float
-    windows: int
+    spans: list[tuple[float, float]]  # (start_s, duration_s) of each window
     preview_bytes: int
 
     @property
@@ -36,18 +40,21 @@ class OursCost:
         return self.decode_s + self.webp_s
 
 
-def decode_clip(clip: str) -> tuple[VideoInfo, list[DecodedWindow]]:
-    """Our decode pass with the pipeline's defaults (window 256, 2 fps model frames, 1 fps 240p previews)."""
-    return decode_windows(clip, window_size=256, remainder_threshold=128, sampling_fps=2.0, preview=PREVIEW)
-
-
 def ours_cpu(clip: str) -> OursCost:
-    """CPU seconds of decoding ``clip`` into windows and encoding a WebP preview per window."""
+    """CPU seconds of ``prepare_clip`` then ``preview_window`` on every window, as the job chains them."""
+    webp_s, spans, size = 0.0, [], 0
     start = self_cpu()
-    _, windows = decode_clip(clip)
-    decoded = self_cpu()
-    sizes = [len(encode_webp(w.preview_frames, fps=PREVIEW.target_fps, **WEBP_OPTIONS)) for w in windows]
-    return OursCost(decoded - start, self_cpu() - decoded, len(windows), sum(sizes))
+    for element in prepare_clip(ClipRef.from_source(clip), CONFIG):
+        if isinstance(element, WindowRecord):
+            before = self_cpu()
+            (done,) = [r for r in preview_window(element, **WEBP_OPTIONS) if isinstance(r, WindowRecord)]
+            webp_s += self_cpu() - before
+            if done.preview_webp is None:
+                raise RuntimeError(f"no preview for window {element.window_index} of {clip}")
+            spans.append((element.start_s, element.end_s - element.start_s))
+            size += len(done.preview_webp)
+    total = self_cpu() - start
+    return OursCost(total - webp_s, webp_s, spans, size)
 
 
 def pyav_decode_only_cpu(clip: str) -> float:
@@ -82,7 +89,7 @@ def run(clip: str, repeats: int) -> Figure:
         decode_only.append(pyav_decode_only_cpu(clip))  # explains the ratio; not part of it
         return costs[-1].total_s
 
-    decode_clip(clip)  # warm the page cache and the libraries
+    ffmpeg_decode_cpu(ffmpeg, clip)  # warm the page cache
     mine, theirs = interleaved(repeats, ours, lambda: ffmpeg_decode_cpu(ffmpeg, clip))
     figure.ours, figure.baseline = statistics.median(mine), statistics.median(theirs)
     figure.ratio = median_ratio(mine, theirs)
@@ -90,7 +97,7 @@ def run(clip: str, repeats: int) -> Figure:
         "clip": clip,
         "repeats": repeats,
         "ffmpeg": ffmpeg_version(ffmpeg),
-        "windows": costs[0].windows,
+        "windows": len(costs[0].spans),
         "preview_bytes": costs[0].preview_bytes,
         "ours_decode_cpu_s": statistics.median(c.decode_s for c in costs),
         "ours_webp_cpu_s": statistics.median(c.webp_s for c in costs),

@@ -3,7 +3,9 @@
 Each job is ``python -m beam_captions ...`` (``run_job``) in a fresh subprocess. Its process tree
 (the job process plus the vLLM engine-core process) is sampled from /proc every 0.2 s; the figure
 is the peak of the summed RSS. Also recorded: the job process's own peak, and ``ru_maxrss`` from
-``wait4`` (the largest single process of the tree). ``decoded_arrays_mb`` is what the decoded
+``wait4`` (the largest single process of the tree). Each clip also gets a previews-only job (no
+model directory, so frames are cut to the real Qwen2.5-VL default bound) whose ratio shows the
+decode pass's growth without vLLM's fixed ~2.5 GB around it. ``decoded_arrays_mb`` is what the decoded
 windows of the clip weigh as numpy arrays (model + preview frames), which ``decode_windows``
 returns all at once, at the tiny model's pixel bound and at the real Qwen2.5-VL default bound.
 """
@@ -16,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
+from typing import Any, Optional
 
 import av
 import psutil
@@ -43,10 +45,18 @@ def _tree_rss(root: psutil.Process) -> tuple[int, int]:
     return total, own
 
 
-def job_peak_memory(input_dir: str, model_dir: str, vllm_kwargs: dict[str, Any]) -> dict[str, float]:
-    """Run one job in a subprocess and return its peak memory figures in MiB and its wall seconds."""
+def job_peak_memory(input_dir: str, model_dir: Optional[str], vllm_kwargs: dict[str, Any]) -> dict[str, float]:
+    """Run one job in a subprocess and return its peak memory figures in MiB and its wall seconds.
+
+    With ``model_dir`` None the job makes previews only, and frames are cut to the default (real
+    Qwen2.5-VL) pixel bound instead of the tiny model's.
+    """
     output = tempfile.mkdtemp(prefix="p5-job-")
-    command = [sys.executable, "-m", "beam_captions", *job_flags(input_dir, output, model_dir, vllm_kwargs)]
+    if model_dir:
+        flags = job_flags(input_dir, output, model_dir, vllm_kwargs)
+    else:
+        flags = ["--input", input_dir, "--output", output, "--generate-previews"]
+    command = [sys.executable, "-m", "beam_captions", *flags]
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     root = psutil.Process(process.pid)
@@ -92,19 +102,29 @@ def decoded_arrays_mb(clip: str, bounds: tuple[int, int]) -> float:
 
 def run(long: str, short: str, model_dir: str, vllm_kwargs: dict[str, Any]) -> Figure:
     figure = Figure("P5", "peak RSS long clip / short clip (previews + captions job)", "MiB", ("<=", 1.2))
-    runs = {}
+    runs: dict[str, dict[str, Any]] = {}
     for name, clip in (("short", short), ("long", long)):
-        runs[name] = job_peak_memory(clip_folder(f"p5-{name}", [clip]), model_dir, vllm_kwargs)
-        runs[name]["clip"] = clip
-        runs[name]["decoded_arrays_mb"] = {
-            "tiny_model_bound": decoded_arrays_mb(clip, processor_pixel_bounds(model_dir, "qwen")),
-            "qwen2.5_default_bound": decoded_arrays_mb(clip, DEFAULT_PIXEL_BOUNDS["qwen2.5"]),
+        folder = clip_folder(f"p5-{name}", [clip])
+        runs[name] = {
+            "clip": clip,
+            "captions_job": job_peak_memory(folder, model_dir, vllm_kwargs),
+            "previews_only_job": job_peak_memory(folder, None, vllm_kwargs),
+            "decoded_arrays_mb": {
+                "tiny_model_bound": decoded_arrays_mb(clip, processor_pixel_bounds(model_dir, "qwen")),
+                "qwen2.5_default_bound": decoded_arrays_mb(clip, DEFAULT_PIXEL_BOUNDS["qwen2.5"]),
+            },
         }
-    figure.ours = runs["long"]["peak_tree_rss_mb"]
-    figure.baseline = runs["short"]["peak_tree_rss_mb"]
+    long_run, short_run = runs["long"], runs["short"]
+    figure.ours = long_run["captions_job"]["peak_tree_rss_mb"]
+    figure.baseline = short_run["captions_job"]["peak_tree_rss_mb"]
     figure.ratio = figure.ours / figure.baseline
     figure.details = {
         **runs,
-        "job_process_ratio": runs["long"]["peak_job_process_rss_mb"] / runs["short"]["peak_job_process_rss_mb"],
+        "captions_job_process_ratio": (
+            long_run["captions_job"]["peak_job_process_rss_mb"] / short_run["captions_job"]["peak_job_process_rss_mb"]
+        ),
+        "previews_only_ratio": (
+            long_run["previews_only_job"]["peak_tree_rss_mb"] / short_run["previews_only_job"]["peak_tree_rss_mb"]
+        ),
     }
     return figure

@@ -22,6 +22,7 @@ from beam_captions.media.decode import (
     PreviewSpec,
     VideoInfo,
     decode_windows,
+    iter_decode,
     preview_size,
     resize_to_pixel_bound,
 )
@@ -324,3 +325,25 @@ def test_resize_to_pixel_bound_rejects_bad_arguments(bad: tuple[int, int, int, i
 )
 def test_preview_size(size: tuple[int, int], target_height: int, expected: tuple[int, int]) -> None:
     assert preview_size(*size, target_height) == expected
+
+
+def test_streamed_long_clips_give_the_same_windows_as_buffered_ones(tmp_path):
+    path = make_clip(str(tmp_path / "long.mp4"), 150, 25.0, 96, 64)
+    options = dict(window_size=40, remainder_threshold=20, sampling_fps=4.0, min_pixels=64, max_pixels=96 * 64,
+                   preview=PreviewSpec(target_fps=2.0, target_height=32))
+    *buffered, info = iter_decode(path, **options)
+    *streamed, streamed_info = iter_decode(path, buffer_bytes=0, **options)
+    assert streamed_info == info and info.num_frames == 150
+    assert [w.window for w in streamed] == [w.window for w in buffered] == compute_windows(150, 40, 20)
+    for a, b in zip(buffered, streamed):
+        assert a.frame_indices == b.frame_indices
+        assert np.array_equal(a.frames, b.frames) and np.array_equal(a.preview_frames, b.preview_frames)
+        assert b.start_s == a.window.start / 25.0
+
+
+def test_previews_only_skips_model_frames(tmp_path):
+    path = make_clip(str(tmp_path / "p.mp4"), 30, 10.0, 64, 48)
+    info, windows = decode_windows(path, window_size=16, remainder_threshold=8, preview=PreviewSpec(1.0, 24),
+                                   model_frames=False)
+    assert windows and all(w.frames is None and w.preview_frames is not None for w in windows)
+    assert all(w.frame_indices for w in windows)

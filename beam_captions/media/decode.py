@@ -5,7 +5,9 @@ the set of wanted frames (model samples and preview frames). One decoding pass
 then converts only the wanted frames to RGB, resized in the same swscale call.
 When the decoded frame count differs from the packet count (corrupt or cut
 streams), the windows are recomputed from the decoded count and the clip is
-decoded a second time.
+decoded a second time. Clips whose wanted frames would not fit a memory budget
+are streamed instead: counted by a conversion-free decode, then decoded with
+each window handed out as soon as it is complete.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ __all__ = [
     "resize_to_pixel_bound",
     "preview_size",
     "decode_windows",
+    "iter_decode",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MIN_PIXELS = 128 * 28 * 28
 DEFAULT_MAX_PIXELS = 768 * 28 * 28
 _INTERPOLATION = "AREA"
+DEFAULT_BUFFER_BYTES = 512 * 2**20
 
 Source = Union[str, os.PathLike, BinaryIO]
 Size = tuple[int, int]
@@ -84,18 +88,28 @@ class PreviewSpec:
 
 @dataclass
 class DecodedWindow:
-    """Model frames (T,H,W,3) and optional preview frames (N,h,w,3), uint8 RGB."""
+    """Model frames (T,H,W,3) and optional preview frames (N,h,w,3), uint8 RGB, of a clip at ``fps``."""
 
     window: FrameWindow
     frame_indices: list[int]
-    frames: np.ndarray
+    frames: np.ndarray | None
     preview_frames: np.ndarray | None
+    fps: float
+
+    @property
+    def start_s(self) -> float:
+        return self.window.start / self.fps
+
+    @property
+    def end_s(self) -> float:
+        return (self.window.end + 1) / self.fps
 
 
 @dataclass(frozen=True)
 class _Plan:
     """Windows and the source frames each one wants."""
 
+    fps: float
     windows: list[FrameWindow]
     model_indices: list[list[int]]
     preview_indices: list[list[int]] | None
@@ -237,54 +251,94 @@ def _plan(
     windows = compute_windows(total, window_size, remainder_threshold)
     model = [sample_frame_indices(w, fps, sampling_fps) for w in windows]
     previews = None if preview is None else [preview_frame_indices(w, fps, preview.target_fps) for w in windows]
-    return _Plan(windows, model, previews)
+    return _Plan(fps, windows, model, previews)
 
 
-def _allocate(plan: _Plan, model_size: Size, preview: Size | None) -> list[DecodedWindow]:
-    """Empty output arrays for every window of ``plan``."""
-    out = []
-    for i, window in enumerate(plan.windows):
-        frames = np.empty((len(plan.model_indices[i]), model_size[1], model_size[0], 3), np.uint8)
-        previews = None
-        if plan.preview_indices is not None and preview is not None:
-            previews = np.empty((len(plan.preview_indices[i]), preview[1], preview[0], 3), np.uint8)
-        out.append(DecodedWindow(window, plan.model_indices[i], frames, previews))
-    return out
+def _planned_bytes(plan: _Plan, model_size: Size | None, preview: Size | None) -> int:
+    """Bytes that holding every window of ``plan`` at once would take."""
+    per_model = 0 if model_size is None else model_size[0] * model_size[1] * 3
+    per_preview = 0 if preview is None else preview[0] * preview[1] * 3
+    model = sum(len(indices) for indices in plan.model_indices) * per_model
+    previews = sum(len(indices) for indices in plan.preview_indices or ()) * per_preview
+    return model + previews
 
 
-def _targets(plan: _Plan, windows: list[DecodedWindow]) -> dict[int, list[tuple[np.ndarray, int]]]:
-    """Map a source frame index to the (array, slot) pairs it fills."""
-    targets: dict[int, list[tuple[np.ndarray, int]]] = {}
-    for i, decoded in enumerate(windows):
-        for slot, index in enumerate(plan.model_indices[i]):
-            targets.setdefault(index, []).append((decoded.frames, slot))
-        if decoded.preview_frames is not None and plan.preview_indices is not None:
-            for slot, index in enumerate(plan.preview_indices[i]):
-                targets.setdefault(index, []).append((decoded.preview_frames, slot))
+def _targets(plan: _Plan, with_model: bool) -> dict[int, list[tuple[int, str, int]]]:
+    """Map a source frame index to the (window, kind, slot) places it fills."""
+    targets: dict[int, list[tuple[int, str, int]]] = {}
+    for i in range(len(plan.windows)):
+        for slot, index in enumerate(plan.model_indices[i] if with_model else ()):
+            targets.setdefault(index, []).append((i, "model", slot))
+        for slot, index in enumerate(plan.preview_indices[i] if plan.preview_indices else ()):
+            targets.setdefault(index, []).append((i, "preview", slot))
     return targets
 
 
-def _decode_pass(
-    source: Source, plan: _Plan, model_size: Size, preview: Size | None
-) -> tuple[int, list[DecodedWindow]]:
-    """Decode every frame, keep the planned ones; return the decoded count and windows.
+class _WindowBuffers:
+    """Output arrays of the windows being filled; a window is allocated at its first frame."""
 
-    Kept frames go through one reformatter per output size, so swscale contexts are reused.
+    def __init__(self, plan: _Plan, model_size: Size | None, preview: Size | None):
+        self.plan, self.model_size, self.preview = plan, model_size, preview
+        self.open: dict[int, DecodedWindow] = {}
+        self.last_index = [
+            max(plan.model_indices[i] + (plan.preview_indices[i] if plan.preview_indices else []))
+            for i in range(len(plan.windows))
+        ]
+
+    def _new(self, i: int) -> DecodedWindow:
+        plan, model, preview = self.plan, self.model_size, self.preview
+        frames = None if model is None else np.empty((len(plan.model_indices[i]), model[1], model[0], 3), np.uint8)
+        previews = None
+        if plan.preview_indices is not None and preview is not None:
+            previews = np.empty((len(plan.preview_indices[i]), preview[1], preview[0], 3), np.uint8)
+        return DecodedWindow(plan.windows[i], plan.model_indices[i], frames, previews, plan.fps)
+
+    def array(self, i: int, kind: str) -> np.ndarray | None:
+        window = self.open.get(i) or self.open.setdefault(i, self._new(i))
+        return window.frames if kind == "model" else window.preview_frames
+
+    def finished(self, decoded_count: int) -> Iterator[DecodedWindow]:
+        """Windows whose last wanted frame has been decoded, in order, released from the buffer."""
+        for i in sorted(self.open):
+            if self.last_index[i] < decoded_count:
+                yield self.open.pop(i)
+
+
+def _decode_pass(
+    source: Source, plan: _Plan, model_size: Size | None, preview: Size | None
+) -> Iterator[DecodedWindow]:
+    """Decode every frame, keep the planned ones, yield each window once its frames are in.
+
+    Returns (as the generator's value) the decoded frame count. Kept frames go through one
+    reformatter per output size, so swscale contexts are reused.
     """
-    windows = _allocate(plan, model_size, preview)
-    targets = _targets(plan, windows)
+    buffers = _WindowBuffers(plan, model_size, preview)
+    targets = _targets(plan, with_model=model_size is not None)
     reformatters = {size: VideoReformatter() for size in (model_size, preview) if size is not None}
     count = 0
     with _open(source) as container:
         stream = _video_stream(container, _describe(source))
         stream.thread_type = "AUTO"
         for frame in _decoded_frames(container, stream):
-            for array, slot in targets.get(count, ()):
+            places = targets.get(count, ())
+            for i, kind, slot in places:
+                array = buffers.array(i, kind)
                 height, width = array.shape[1:3]
                 rgb = reformatters[width, height].reformat(frame, width, height, "rgb24", interpolation=_INTERPOLATION)
                 array[slot] = rgb.to_ndarray()
             count += 1
-    return count, windows
+            if places:
+                yield from buffers.finished(count)
+    yield from buffers.finished(count)  # windows past a short stream's end stay unfilled: the caller replans
+    return count
+
+
+def _count_decoded(source: Source) -> int:
+    """Decode without converting anything, only to count frames."""
+    with _open(source) as container:
+        stream = _video_stream(container, _describe(source))
+        stream.thread_type = "AUTO"
+        return sum(1 for _ in _decoded_frames(container, stream))
 
 
 def _require_min_frames(num_frames: int) -> None:
@@ -314,7 +368,7 @@ def _probe(source: Source, max_source_pixels: int | None) -> tuple[int, int, str
         return width, height, stream.codec_context.codec.canonical_name, count, fps
 
 
-def decode_windows(
+def iter_decode(
     source: Source,
     *,
     window_size: int = 256,
@@ -323,30 +377,63 @@ def decode_windows(
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     preview: PreviewSpec | None = None,
+    model_frames: bool = True,
     max_pixels_per_frame_source: int | None = None,
-) -> tuple[VideoInfo, list[DecodedWindow]]:
+    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+) -> Iterator[Union[DecodedWindow, VideoInfo]]:
     """Cut a clip into caption windows and decode their model (and preview) frames.
 
-    ``source`` is a path or a seekable binary file object holding the whole clip
-    (it is read from byte 0, possibly twice). Raises ``DecodeError`` for inputs
-    that are not usable videos.
+    Yields ``DecodedWindow``s and, last, the clip's ``VideoInfo``. When all planned
+    frames fit in ``buffer_bytes`` the clip is decoded once and its windows are checked
+    against the decoded count before any is yielded. A longer clip is first decoded
+    without conversion to count its frames, then each window is yielded as soon as it
+    is complete, so memory stays bounded whatever the clip's length. ``model_frames=False``
+    skips the model frames (previews only). ``source`` is a path or a seekable binary
+    file object holding the whole clip. Raises ``DecodeError`` for unusable inputs.
     """
     _check_options(sampling_fps, max_pixels_per_frame_source)
     _check_not_empty(source)
     width, height, codec, packet_count, fps = _probe(source, max_pixels_per_frame_source)
-    model_size = resize_to_pixel_bound(width, height, min_pixels, max_pixels)
+    model_size = resize_to_pixel_bound(width, height, min_pixels, max_pixels) if model_frames else None
     small = None if preview is None else preview_size(width, height, preview.target_height)
     options = (fps, window_size, remainder_threshold, sampling_fps, preview)
-    decoded, windows = _decode_pass(source, _plan(packet_count, *options), model_size, small)
-    if decoded != packet_count:
+    plan = _plan(packet_count, *options)
+    if _planned_bytes(plan, model_size, small) <= buffer_bytes:
+        windows, decoded = _drain(_decode_pass(source, plan, model_size, small))
+        if decoded != packet_count:
+            _require_min_frames(decoded)
+            log.warning(
+                "%s: decoded %d frames but demuxed %d packets; decoding again with corrected windows",
+                _describe(source), decoded, packet_count,
+            )
+            windows, redecoded = _drain(_decode_pass(source, _plan(decoded, *options), model_size, small))
+            _require_repeatable(source, decoded, redecoded)
         _require_min_frames(decoded)
-        log.warning(
-            "%s: decoded %d frames but demuxed %d packets; decoding again with corrected windows",
-            _describe(source), decoded, packet_count,
-        )
-        redecoded, windows = _decode_pass(source, _plan(decoded, *options), model_size, small)
-        if redecoded != decoded:
-            raise DecodeError(f"{_describe(source)}: decoding is not repeatable ({decoded} then {redecoded} frames)")
-    _require_min_frames(decoded)
-    info = VideoInfo(width, height, fps, decoded, codec, decoded / fps)
+        yield from windows
+    else:
+        decoded = _count_decoded(source)
+        _require_min_frames(decoded)
+        redecoded = yield from _decode_pass(source, _plan(decoded, *options), model_size, small)
+        _require_repeatable(source, decoded, redecoded)
+    yield VideoInfo(width, height, fps, decoded, codec, decoded / fps)
+
+
+def _drain(windows: Iterator[DecodedWindow]) -> tuple[list[DecodedWindow], int]:
+    """All windows of a decoding pass and its frame count."""
+    collected = []
+    while True:
+        try:
+            collected.append(next(windows))
+        except StopIteration as done:
+            return collected, done.value
+
+
+def _require_repeatable(source: Source, first: int, second: int) -> None:
+    if first != second:
+        raise DecodeError(f"{_describe(source)}: decoding is not repeatable ({first} then {second} frames)")
+
+
+def decode_windows(source: Source, **options) -> tuple[VideoInfo, list[DecodedWindow]]:
+    """``iter_decode`` collected: the clip's ``VideoInfo`` and all its windows."""
+    *windows, info = iter_decode(source, **options)
     return info, windows

@@ -10,7 +10,8 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from beam_captions.inference.engine import processor_pixel_bounds
-from beam_captions.media.decode import DecodedWindow, PreviewSpec, VideoInfo, decode_windows
+from beam_captions.media.decode import DecodedWindow, PreviewSpec, VideoInfo, iter_decode
+from beam_captions.media.windowing import compute_windows
 from beam_captions.records import ClipInfo, ClipRef, Failure, WindowRecord, failure_from_exception
 
 __all__ = ["PrepareConfig", "PrepareWindows", "prepare_clip", "preview_warnings"]
@@ -28,6 +29,7 @@ class PrepareConfig:
     min_pixels: int = 128 * 28 * 28
     max_pixels: int = 768 * 28 * 28
     preview: Optional[PreviewSpec] = None
+    model_frames: bool = True
 
 
 def preview_warnings(info: VideoInfo, preview: Optional[PreviewSpec]) -> tuple[str, ...]:
@@ -42,7 +44,7 @@ def preview_warnings(info: VideoInfo, preview: Optional[PreviewSpec]) -> tuple[s
     return tuple(warnings)
 
 
-def _window_record(clip: ClipRef, info: VideoInfo, decoded: DecodedWindow, preview: Optional[PreviewSpec]) -> WindowRecord:
+def _window_record(clip: ClipRef, decoded: DecodedWindow, preview: Optional[PreviewSpec]) -> WindowRecord:
     window = decoded.window
     return WindowRecord(
         clip_id=clip.clip_id,
@@ -50,8 +52,8 @@ def _window_record(clip: ClipRef, info: VideoInfo, decoded: DecodedWindow, previ
         window_index=window.index,
         start_frame=window.start,
         end_frame=window.end,
-        start_s=window.start / info.fps,
-        end_s=(window.end + 1) / info.fps,
+        start_s=decoded.start_s,
+        end_s=decoded.end_s,
         frame_indices=tuple(decoded.frame_indices),
         frames=decoded.frames,
         preview_frames=decoded.preview_frames,
@@ -67,9 +69,12 @@ def _open(source: str):
 
 
 def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInfo, WindowRecord, Failure]]:
-    """Decode ``clip`` once: its ``ClipInfo`` then its ``WindowRecord``s, or a single ``Failure``."""
+    """Decode ``clip`` once: its ``WindowRecord``s as they complete, then its ``ClipInfo``; or a ``Failure``.
+
+    A clip that fails part way keeps the windows it already gave and ends with its ``Failure``.
+    """
     try:
-        info, windows = decode_windows(
+        for item in iter_decode(
             _open(clip.source),
             window_size=config.window_size,
             remainder_threshold=config.remainder_threshold,
@@ -77,7 +82,12 @@ def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInf
             min_pixels=config.min_pixels,
             max_pixels=config.max_pixels,
             preview=config.preview,
-        )
+            model_frames=config.model_frames,
+        ):
+            if isinstance(item, VideoInfo):
+                info = item
+            else:
+                yield _window_record(clip, item, config.preview)
     except Exception as error:  # noqa: BLE001 - any bad input becomes a failure record
         yield failure_from_exception(error, source=clip.source, clip_id=clip.clip_id, stage="prepare")
         return
@@ -93,11 +103,9 @@ def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInf
         num_frames=info.num_frames,
         codec=info.codec,
         duration_s=info.duration_s,
-        num_windows=len(windows),
+        num_windows=len(compute_windows(info.num_frames, config.window_size, config.remainder_threshold)),
         warnings=warnings,
     )
-    for decoded in windows:
-        yield _window_record(clip, info, decoded, config.preview)
 
 
 class PrepareWindows(beam.PTransform):
@@ -117,10 +125,11 @@ class PrepareWindows(beam.PTransform):
         model_variant: str = "qwen2.5",
         pixel_bounds: Optional[tuple[int, int]] = None,
         preview: Optional[PreviewSpec] = None,
+        model_frames: bool = True,
     ):
         super().__init__()
         low, high = pixel_bounds or processor_pixel_bounds(model_dir, model_variant)
-        self.config = PrepareConfig(window_size, remainder_threshold, sampling_fps, low, high, preview)
+        self.config = PrepareConfig(window_size, remainder_threshold, sampling_fps, low, high, preview, model_frames)
 
     def expand(self, clips):
         config = self.config

@@ -5,12 +5,18 @@ The launcher runs ``python flex_main.py --input=gs://... --generate_captions=tru
 template parameter of ``metadata.json`` arrives as ``--<dest>=<value>`` and a switch as ``true``/``false``.
 This turns them back into the CLI's own flags (``--generate-captions``, ``--model-dir=...``), leaves
 Beam's options as they are, adds ``--sdk_location=container`` (the worker image already holds this Beam
-SDK, so nothing is staged) unless given, and runs the job exactly as ``beam-captions`` would.
+SDK, so nothing is staged) unless given, validates them exactly as ``beam-captions`` does, builds the same
+pipeline, and submits it.
+
+It does not wait for the job to finish: the launcher's work ends once the job is handed to Dataflow
+(with ``--template_location`` set, Beam writes the job file there instead of submitting it itself), so
+the summary and the gallery that ``beam-captions`` prints and writes after a local run are not made here.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Optional, Sequence
 
@@ -42,11 +48,20 @@ def to_cli_args(argv: Sequence[str], parser: Optional[argparse.ArgumentParser] =
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from beam_captions.cli import main as cli_main
+def main(argv: Optional[Sequence[str]] = None):
+    """Build and submit the job; returns Beam's ``PipelineResult`` (no waiting)."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
 
-    return cli_main(to_cli_args(sys.argv[1:] if argv is None else argv))
+    from beam_captions.options import parse_args
+    from beam_captions.pipeline import build_pipeline
+
+    config, beam_args = parse_args(to_cli_args(sys.argv[1:] if argv is None else argv))
+    pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
+    build_pipeline(pipeline, config)
+    return pipeline.run()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    logging.getLogger().setLevel(logging.INFO)  # the launcher's log then shows Beam's staging and submission
+    main()

@@ -55,6 +55,7 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
     from beam_captions.metrics import counters
     from beam_captions.options import parse_args
     from beam_captions.pipeline import build_pipeline
+    from beam_captions.progress import ProgressReporter
     from beam_captions.summary import format_summary
 
     config, beam_args = parse_args(argv)
@@ -62,8 +63,9 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
     build_pipeline(pipeline, config)
     try:
-        result = pipeline.run()
-        result.wait_until_finish()
+        with ProgressReporter():
+            result = pipeline.run()
+            result.wait_until_finish()
     finally:
         if release_models:
             release_engines()

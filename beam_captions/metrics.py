@@ -5,14 +5,17 @@ from __future__ import annotations
 from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 
+from beam_captions import progress
+
 __all__ = ["NAMESPACE", "count", "counters"]
 
 NAMESPACE = "beam_captions"
 
 
 def count(name: str, value: int = 1) -> None:
-    """Add ``value`` to the counter ``name``."""
+    """Add ``value`` to the counter ``name`` (a Beam metric, and this process's live progress)."""
     Metrics.counter(NAMESPACE, name).inc(value)
+    progress.bump(name, value)
 
 
 def counters(result) -> dict[str, int]:

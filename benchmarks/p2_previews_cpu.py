@@ -15,15 +15,9 @@ import subprocess
 import tempfile
 
 from common import Figure, children_cpu, ffmpeg_version, find_ffmpeg, interleaved, median_ratio
-from p1_prepare_cpu import decode_clip, ours_cpu
+from p1_prepare_cpu import ours_cpu
 
 QUIET = ["-nostdin", "-y", "-hide_banner", "-loglevel", "error"]
-
-
-def window_spans(clip: str) -> list[tuple[float, float]]:
-    """(start_s, duration_s) of each of our windows of ``clip``."""
-    info, windows = decode_clip(clip)
-    return [(w.window.start / info.fps, w.window.num_frames / info.fps) for w in windows]
 
 
 def reference_previews_cpu(ffmpeg: str, clip: str, spans: list[tuple[float, float]]) -> float:
@@ -52,7 +46,7 @@ def run(clip: str, repeats: int) -> Figure:
     if not ffmpeg:
         figure.skipped = "skipped: no ffmpeg CLI (apt-get install -y ffmpeg)"
         return figure
-    spans = window_spans(clip)  # also warms the page cache
+    spans = ours_cpu(clip).spans  # our windows; also warms the page cache
     mine, theirs = interleaved(
         repeats, lambda: ours_cpu(clip).total_s, lambda: reference_previews_cpu(ffmpeg, clip, spans)
     )

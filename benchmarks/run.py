@@ -58,7 +58,7 @@ def _figure_runners(quick: bool) -> dict[str, Callable[[], Figure]]:
     def p1() -> Figure:
         import p1_prepare_cpu
 
-        return p1_prepare_cpu.run(trailer_clip(), plan.repeats_cpu)
+        return p1_prepare_cpu.run(trailer_clip(), plan.repeats_cpu, None if quick else long_clip())
 
     def p2() -> Figure:
         import p2_previews_cpu

@@ -142,6 +142,7 @@ class QwenVLCaptionHandler(VLLMWindowHandler):
     """
 
     stage = "caption"
+    done_counter = "windows_captioned"
 
     def __init__(
         self,

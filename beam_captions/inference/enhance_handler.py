@@ -71,6 +71,7 @@ class QwenTextEnhanceHandler(VLLMWindowHandler):
     """Fills ``enhanced_caption`` of captioned windows; a failed window keeps its captions and gains a ``Failure``."""
 
     stage = "enhance"
+    done_counter = "windows_enhanced"
 
     def __init__(
         self,

@@ -25,6 +25,7 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, Outcome, Engine]):
     """
 
     stage = "inference"
+    done_counter = "windows_inferred"
 
     def __init__(
         self,

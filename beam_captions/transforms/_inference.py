@@ -8,12 +8,14 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
 
 from beam_captions.inference.vllm_handler import VLLMWindowHandler
+from beam_captions.metrics import count
 
 __all__ = ["InferWindows"]
 
 
-def _unpack(outcome):
+def _unpack(outcome, counter: str):
     record, failure = outcome
+    count(counter)
     yield record
     if failure is not None:
         yield failure
@@ -31,4 +33,4 @@ class InferWindows(beam.PTransform):
         inference = RunInference(self.handler)
         if self.accelerator:
             inference = inference.with_resource_hints(accelerator=self.accelerator)
-        return windows | "RunInference" >> inference | "Unpack" >> beam.FlatMap(_unpack)
+        return windows | "RunInference" >> inference | "Unpack" >> beam.FlatMap(_unpack, self.handler.done_counter)

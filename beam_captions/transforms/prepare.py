@@ -12,6 +12,7 @@ from apache_beam.io.filesystems import FileSystems
 from beam_captions.inference.engine import processor_pixel_bounds
 from beam_captions.media.decode import DecodedWindow, PreviewSpec, VideoInfo, iter_decode
 from beam_captions.media.windowing import compute_windows
+from beam_captions.metrics import count
 from beam_captions.records import ClipInfo, ClipRef, Failure, WindowRecord, failure_from_exception
 
 __all__ = ["PrepareConfig", "PrepareWindows", "prepare_clip", "preview_warnings"]
@@ -87,10 +88,12 @@ def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInf
             if isinstance(item, VideoInfo):
                 info = item
             else:
+                count("windows_prepared")
                 yield _window_record(clip, item, config.preview)
     except Exception as error:  # noqa: BLE001 - any bad input becomes a failure record
         yield failure_from_exception(error, source=clip.source, clip_id=clip.clip_id, stage="prepare")
         return
+    count("clips_decoded")
     warnings = preview_warnings(info, config.preview)
     for warning in warnings:
         log.warning("%s: %s", clip.source, warning)

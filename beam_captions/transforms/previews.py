@@ -7,6 +7,7 @@ from typing import Iterator, Union
 import apache_beam as beam
 
 from beam_captions.media.webp import encode_webp
+from beam_captions.metrics import count
 from beam_captions.records import Failure, WindowRecord, failure_from_exception
 
 __all__ = ["GeneratePreviews", "preview_window"]
@@ -33,6 +34,7 @@ def preview_window(
         )
         yield record.replace(preview_frames=None)
         return
+    count("previews_encoded")
     yield record.replace(preview_frames=None, preview_webp=webp)
 
 

@@ -1,0 +1,80 @@
+"""Live progress of a local run: counters bumped in this process, printed by a background thread.
+
+Every ``metrics.count`` also lands here, so a DirectRunner run (in-process workers) shows what
+is happening while it runs. Remote runners have their own consoles; there nothing is printed.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Optional, TextIO
+
+__all__ = ["bump", "snapshot", "ProgressReporter", "progress_line"]
+
+_counts: Counter = Counter()
+_lock = threading.Lock()
+
+
+def bump(name: str, value: int = 1) -> None:
+    with _lock:
+        _counts[name] += value
+
+
+def snapshot() -> dict[str, int]:
+    with _lock:
+        return dict(_counts)
+
+
+def _reset() -> None:
+    with _lock:
+        _counts.clear()
+
+
+def progress_line(counts: dict[str, int], seconds: float) -> str:
+    """One line: clips found and decoded, windows prepared, captioned, enhanced, previews, rate."""
+    captioned = counts.get("windows_captioned", 0)
+    rate = captioned / seconds if seconds > 0 else 0.0
+    return (
+        f"[{seconds:6.0f} s] clips {counts.get('clips_decoded', 0)}/{counts.get('clips_found', 0)} decoded"
+        f" | windows {counts.get('windows_prepared', 0)} prepared, {captioned} captioned,"
+        f" {counts.get('windows_enhanced', 0)} enhanced | previews {counts.get('previews_encoded', 0)}"
+        f" | {rate:.2f} captions/s"
+    )
+
+
+class ProgressReporter:
+    """Prints ``progress_line`` every ``interval`` s: in place on a terminal, as plain lines otherwise."""
+
+    def __init__(self, stream: TextIO = sys.stderr, interval: Optional[float] = None):
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.interval = interval if interval is not None else (1.0 if self.tty else 30.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="beam-captions-progress", daemon=True)
+        self._started = 0.0
+
+    def __enter__(self) -> "ProgressReporter":
+        _reset()
+        self._started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def _print(self) -> None:
+        line = progress_line(snapshot(), time.monotonic() - self._started)
+        self.stream.write(f"\r\x1b[2K{line}" if self.tty else f"{line}\n")
+        self.stream.flush()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._print()
+        self._print()

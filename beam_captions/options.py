@@ -30,6 +30,7 @@ class JobConfig:
 
     input: str
     output: str
+    skip_existing: bool = True
     generate_captions: bool = False
     generate_previews: bool = False
     model_dir: Optional[str] = None
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     io = parser.add_argument_group("input and output")
     io.add_argument("--input", required=True, help="a video file, a folder (all videos under it) or a glob; local or gs://")
     io.add_argument("--output", required=True, help="output root, local or gs://")
+    io.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=True,
+                    help="skip clips an earlier run finished (their metas file exists); on by default")
 
     cap = parser.add_argument_group("captions")
     cap.add_argument("--generate-captions", action="store_true", help="caption every window")

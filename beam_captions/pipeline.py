@@ -12,7 +12,7 @@ from beam_captions.transforms.enhance import EnhanceCaptions
 from beam_captions.transforms.prepare import PrepareWindows
 from beam_captions.transforms.previews import GeneratePreviews
 from beam_captions.transforms.read import ReadClips
-from beam_captions.transforms.write import WriteOutputs
+from beam_captions.transforms.write import SkipFinishedClips, WriteOutputs
 
 __all__ = ["build_pipeline"]
 
@@ -27,6 +27,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     elements = (
         pipeline
         | "ReadClips" >> ReadClips(config.input)
+        | "SkipFinished" >> (SkipFinishedClips(config.output) if config.skip_existing else beam.Map(lambda clip: clip))
         | "PrepareWindows" >> PrepareWindows(
             window_size=config.captioning_window_size,
             remainder_threshold=config.captioning_remainder_threshold,

@@ -14,6 +14,7 @@ def format_summary(counts: dict[str, int], output: str, seconds: float) -> str:
     lines = [
         f"beam-captions finished in {seconds:.1f} s",
         f"  clips found      {counts.get('clips_found', 0)}",
+        f"  clips skipped    {counts.get('clips_skipped', 0)} (finished by an earlier run)",
         f"  clips failed     {counts.get('clips_failed', 0)}",
         f"  windows          {counts.get('windows', 0)}",
         f"  captions         {captions} ({captions / seconds if seconds > 0 else 0:.2f}/s)",

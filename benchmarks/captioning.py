@@ -41,6 +41,8 @@ def warm_handler(model_dir: str, vllm_kwargs: dict[str, Any]) -> tuple[QwenVLCap
     handler = make_handler(model_dir, vllm_kwargs)
     start = time.perf_counter()
     engine = handler.load_model()
+    if hasattr(engine, "start"):  # engines may start lazily, on first use
+        engine.start()
     return handler, engine, time.perf_counter() - start
 
 

@@ -80,7 +80,7 @@ def test_one_failing_window_does_not_sink_its_batch():
         return [r.replace(frames=None, caption=f"caption {r.window_index}") for r in batch]
 
     handler = QwenVLCaptionHandler("unused", inference_fn=flaky)
-    results = list(handler.run_inference([window(i) for i in range(4)], SimpleNamespace(name="m")))
+    results = list(handler.run_inference([window(i) for i in range(4)], SimpleNamespace(name="m", start=lambda: None)))
     assert calls == [[0, 1, 2, 3], [0], [1], [2], [3]]
     assert [r.caption for r, _ in results] == ["caption 0", "caption 1", None, "caption 3"]
     failure = results[2][1]
@@ -91,7 +91,8 @@ def test_one_failing_window_does_not_sink_its_batch():
 
 def test_empty_caption_is_kept_flagged_and_recorded_as_a_failure(engine):
     blank = SimpleNamespace(outputs=[SimpleNamespace(text="   ", token_ids=[7], finish_reason="stop")])
-    broken = SimpleNamespace(name="m", generate=lambda inputs, params: [blank] * len(inputs), render_chat=engine.render_chat)
+    broken = SimpleNamespace(name="m", start=lambda: None, render_chat=engine.render_chat,
+                             generate=lambda inputs, params: [blank] * len(inputs))
     (record, failure), = QwenVLCaptionHandler("unused").run_inference([window(0)], broken)
     assert record.caption == "" and record.caption_check.flags == ("empty",)
     assert failure.stage == "caption" and "empty caption" in failure.message

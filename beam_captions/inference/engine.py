@@ -59,17 +59,53 @@ def llm_kwargs(settings: EngineSettings) -> dict[str, Any]:
 
 
 class Engine:
-    """A loaded ``vllm.LLM`` plus its tokenizer; ``generate`` is safe to call from several threads."""
+    """A ``vllm.LLM`` started on first use; ``generate`` is safe to call from several threads.
 
-    def __init__(self, llm: Any, name: str):
-        self.llm = llm
-        self.name = name
-        self.tokenizer = llm.get_tokenizer()
-        self._lock = threading.Lock()
+    Starting lazily means a worker that gets no window (say, a re-run where every clip is
+    already done) never loads the model.
+    """
+
+    def __init__(self, settings: EngineSettings):
+        self.settings = settings
+        self.name = os.path.basename(os.path.normpath(settings.model_dir))
+        self._llm: Any = None
+        self._start_lock = threading.Lock()
+        self._generate_lock = threading.Lock()
+
+    @property
+    def started(self) -> bool:
+        return self._llm is not None
+
+    @property
+    def llm(self) -> Any:
+        """The ``vllm.LLM``, started now if it was not yet."""
+        with self._start_lock:
+            if self._llm is None:
+                from vllm import LLM
+
+                kwargs = llm_kwargs(self.settings)
+                log.info("starting vLLM: %s", json.dumps(kwargs, default=str))
+                self._llm = LLM(**kwargs)
+            return self._llm
+
+    def start(self) -> "Engine":
+        self.llm
+        return self
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.llm.get_tokenizer()
 
     def generate(self, inputs: Sequence[dict], sampling_params: Any) -> list:
-        with self._lock:
-            return self.llm.generate(list(inputs), sampling_params, use_tqdm=False)
+        llm = self.llm
+        with self._generate_lock:
+            return llm.generate(list(inputs), sampling_params, use_tqdm=False)
+
+    def shutdown(self) -> None:
+        core = getattr(getattr(self._llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        self._llm = None
 
     def render_chat(self, messages: list[dict], **template_kwargs: Any) -> str:
         """``messages`` rendered with the model directory's chat template, ready for generation."""
@@ -83,15 +119,11 @@ _engines_lock = threading.Lock()
 
 
 def load_engine(settings: EngineSettings) -> Engine:
-    """Start vLLM with ``settings``, once per process: later calls with equal settings share the engine."""
-    kwargs = llm_kwargs(settings)
-    key = json.dumps(kwargs, sort_keys=True, default=str)
+    """The process's engine for ``settings`` (one per distinct settings, shared); it starts on first use."""
+    key = json.dumps(llm_kwargs(settings), sort_keys=True, default=str)
     with _engines_lock:
         if key not in _engines:
-            from vllm import LLM
-
-            log.info("starting vLLM: %s", key)
-            _engines[key] = Engine(LLM(**kwargs), os.path.basename(os.path.normpath(settings.model_dir)))
+            _engines[key] = Engine(settings)
         return _engines[key]
 
 
@@ -101,9 +133,7 @@ def release_engines(only: Optional[Engine] = None) -> None:
         keys = [key for key, engine in _engines.items() if only is None or engine is only]
         engines = [_engines.pop(key) for key in keys]
     for engine in engines:
-        core = getattr(getattr(engine.llm, "llm_engine", None), "engine_core", None)
-        if core is not None:
-            core.shutdown()
+        engine.shutdown()
 
 
 def _bounds_from(config: dict) -> Optional[tuple[int, int]]:

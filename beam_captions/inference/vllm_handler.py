@@ -62,6 +62,7 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, Outcome, Engine]):
     def run_inference(
         self, batch: Sequence[WindowRecord], model: Engine, inference_args: Optional[dict] = None
     ) -> Iterable[Outcome]:
+        model.start()  # a model that cannot load fails the bundle, not each window
         results = run_isolated(lambda part: self._inference_fn(model, part, self.request), batch)
         for record, result in zip(batch, results):
             if isinstance(result, Exception):

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from beam_captions.quality import CaptionCheck
 from beam_captions.records import WindowRecord
 
-__all__ = ["CAPTION_KINDS", "CAPTION_SCHEMA", "caption_row", "check_columns"]
+__all__ = ["CAPTION_KINDS", "CAPTION_SCHEMA", "caption_row", "check_columns", "parquet_bytes"]
 
 CAPTION_KINDS = ("caption", "caption_stage2", "enhanced_caption")
 
@@ -78,3 +79,10 @@ def caption_row(record: WindowRecord, preview_uri: Optional[str]) -> dict[str, A
     for kind, check in record.checks().items():
         row.update(check_columns(kind, check))
     return row
+
+
+def parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
+    """``rows`` as one Parquet file with the caption schema (same rows, same bytes)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=CAPTION_SCHEMA), sink, compression="zstd")
+    return sink.getvalue().to_pybytes()

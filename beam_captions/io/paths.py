@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from apache_beam.io.filesystems import FileSystems
 
-__all__ = ["captions_dir", "previews_dir", "metas_dir", "failures_dir", "preview_path", "meta_path", "failure_path"]
+__all__ = ["caption_table_path", "captions_dir", "previews_dir", "metas_dir", "failures_dir", "preview_path", "meta_path", "failure_path"]
 
 
 def captions_dir(output: str) -> str:
@@ -34,3 +34,8 @@ def meta_path(output: str, clip_id: str) -> str:
 
 def failure_path(output: str, failure_name: str) -> str:
     return FileSystems.join(failures_dir(output), f"{failure_name}.json")
+
+
+def caption_table_path(output: str, clip_id: str) -> str:
+    """``OUT/captions/<clip_id>.parquet``: the rows of one clip."""
+    return FileSystems.join(captions_dir(output), f"{clip_id}.parquet")

@@ -9,12 +9,12 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_captions.io.files import write_bytes, write_json
 from beam_captions.io.metas import clip_meta, failure_meta
-from beam_captions.io.parquet import CAPTION_SCHEMA, caption_row
-from beam_captions.io.paths import captions_dir, failure_path, meta_path, preview_path
+from beam_captions.io.parquet import caption_row, parquet_bytes
+from beam_captions.io.paths import caption_table_path, failure_path, meta_path, preview_path
 from beam_captions.metrics import count
-from beam_captions.records import ClipInfo, Failure, WindowRecord, failure_from_exception
+from beam_captions.records import ClipInfo, ClipRef, Failure, WindowRecord, failure_from_exception
 
-__all__ = ["WriteOutputs"]
+__all__ = ["SkipFinishedClips", "WriteOutputs", "write_clip"]
 
 Element = Union[ClipInfo, WindowRecord, Failure]
 
@@ -46,38 +46,60 @@ class _WritePreviews(beam.DoFn):
         yield element.replace(preview_webp=None, preview_uri=path)
 
 
-def _row(record: WindowRecord) -> dict:
+def _count_row(record: WindowRecord) -> None:
     count("windows")
     if record.caption:
         count("captions")
     for check in record.checks().values():
         for flag in check.flags if check else ():
             count(f"flagged_{flag}")
-    return caption_row(record, record.preview_uri)
 
 
-def _write_failure(output: str, failure: Failure) -> None:
-    count(f"failures_{failure.stage}")
-    write_json(failure_path(output, failure.name), failure_meta(failure))
-
-
-def _write_meta(output: str, clip_id: str, elements: Iterable[Element]) -> None:
+def write_clip(output: str, clip_id: str, elements: Iterable[Element]) -> None:
+    """Write one clip's failure records, its Parquet rows, then its metas (the marker that it is done)."""
     elements = list(elements)
     infos = [e for e in elements if isinstance(e, ClipInfo)]
-    windows = [e for e in elements if isinstance(e, WindowRecord)]
+    windows = sorted((e for e in elements if isinstance(e, WindowRecord)), key=lambda w: w.window_index)
     failures = [e for e in elements if isinstance(e, Failure)]
-    source = elements[0].source
+    for failure in failures:
+        count(f"failures_{failure.stage}")
+        write_json(failure_path(output, failure.name), failure_meta(failure))
+    if windows:
+        for record in windows:
+            _count_row(record)
+        write_bytes(caption_table_path(output, clip_id), parquet_bytes([caption_row(w, w.preview_uri) for w in windows]))
     count("clips")
     if not infos:
         count("clips_failed")
-    write_json(meta_path(output, clip_id), clip_meta(clip_id, source, infos[0] if infos else None, windows, failures))
+    meta = clip_meta(clip_id, elements[0].source, infos[0] if infos else None, windows, failures)
+    write_json(meta_path(output, clip_id), meta)
+
+
+def _unfinished(clip: ClipRef, output: str) -> bool:
+    if FileSystems.exists(meta_path(output, clip.clip_id)):
+        count("clips_skipped")
+        return False
+    return True
+
+
+class SkipFinishedClips(beam.PTransform):
+    """Drop ``ClipRef``s whose metas file exists under ``output``: an earlier run finished them."""
+
+    def __init__(self, output: str):
+        super().__init__()
+        self.output = output
+
+    def expand(self, clips):
+        return clips | "Unfinished" >> beam.Filter(_unfinished, self.output)
 
 
 class WriteOutputs(beam.PTransform):
-    """Write everything under ``output`` (local or gs://).
+    """Write everything under ``output`` (local or gs://), clip by clip.
 
-    ``OUT/captions/*.parquet`` one row per window, ``OUT/previews/<clip>/<start>_<end>.webp``,
-    ``OUT/metas/<clip>.json`` one per clip, ``OUT/failures/<clip>_<where>_<stage>.json``.
+    ``OUT/previews/<clip>/<start>_<end>.webp`` as windows pass, then per clip
+    ``OUT/failures/<clip>_<where>_<stage>.json``, ``OUT/captions/<clip>.parquet`` (one row per
+    window) and last ``OUT/metas/<clip>.json``: a clip with a metas file is complete, so a
+    killed or retried run never leaves a clip half-written and never duplicates a row.
     """
 
     def __init__(self, output: str):
@@ -86,23 +108,10 @@ class WriteOutputs(beam.PTransform):
 
     def expand(self, pcoll):
         output = self.output
-        written = pcoll | "WritePreviews" >> beam.ParDo(_WritePreviews(output))
-        (
-            written
-            | "Windows" >> beam.Filter(lambda e: isinstance(e, WindowRecord))
-            | "ToRow" >> beam.Map(_row)
-            | "WriteParquet" >> beam.io.WriteToParquet(
-                FileSystems.join(captions_dir(output), "captions"), CAPTION_SCHEMA, file_name_suffix=".parquet"
-            )
-        )
-        (
-            written
-            | "Failures" >> beam.Filter(lambda e: isinstance(e, Failure))
-            | "WriteFailure" >> beam.Map(lambda failure: _write_failure(output, failure))
-        )
         return (
-            written
+            pcoll
+            | "WritePreviews" >> beam.ParDo(_WritePreviews(output))
             | "ByClip" >> beam.Map(lambda e: (e.clip_id, e))
             | "GroupByClip" >> beam.GroupByKey()
-            | "WriteMeta" >> beam.MapTuple(lambda clip_id, elements: _write_meta(output, clip_id, elements))
+            | "WriteClip" >> beam.MapTuple(lambda clip_id, elements: write_clip(output, clip_id, elements))
         )

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from beam_captions.inference.gpu_budget import memory_shares
+from beam_captions.inference.model_source import ModelUnavailableError, check_model_source, pinned_revision
+from beam_captions.inference.variants import CAPTION_MODELS, ENHANCE_MODELS, canonical_variant
 from beam_captions.prompts import CAPTION_PROMPTS, ENHANCE_PROMPTS
 
 __all__ = ["JobConfig", "build_parser", "parse_args", "ConfigError"]
@@ -164,10 +165,11 @@ def validate(config: JobConfig) -> None:
     _check(0 <= config.preview_quality <= 100, "--preview-quality must be between 0 and 100")
     _check(config.preview_num_cpus_per_worker >= 1, "--preview-num-cpus-per-worker must be at least 1")
     if config.generate_captions:
-        _check_model_dir("--model-dir", config.model_dir)
+        _check_model_dir("--model-dir", config.model_dir, CAPTION_MODELS, config.captioning_algorithm)
     if config.enhance_captions:
         _check(config.generate_captions, "--enhance-captions needs --generate-captions")
-        _check_model_dir("--enhance-captions-model-dir", config.enhance_captions_model_dir)
+        _check_model_dir("--enhance-captions-model-dir", config.enhance_captions_model_dir, ENHANCE_MODELS,
+                         config.enhance_captions_algorithm)
         _check(config.enhance_captions_batch_size >= 1, "--enhance-captions-batch-size must be at least 1")
         _check(config.enhance_captions_max_output_tokens >= 1, "--enhance-captions-max-output-tokens must be at least 1")
     for flag, share in (("--captioning-gpu-memory-share", config.captioning_gpu_memory_share),
@@ -179,12 +181,14 @@ def validate(config: JobConfig) -> None:
         raise ConfigError(str(error)) from None
 
 
-def _check_model_dir(flag: str, model_dir: Optional[str]) -> None:
+def _check_model_dir(flag: str, model_dir: Optional[str], models: dict[str, str], algorithm: str) -> None:
+    """The weights can be had before any work starts: local, under a gs:// prefix, or downloaded now from the hub."""
     _check(bool(model_dir), f"{flag} is required")
-    local = "://" not in model_dir
-    _check(not local or os.path.isfile(os.path.join(model_dir, "config.json")),
-           f"{flag} {model_dir} is not a model directory (no config.json); "
-           "`beam-captions tiny-models DIR` builds a tiny one for smoke tests")
+    model_id = models[canonical_variant(algorithm)]
+    try:
+        check_model_source(model_dir, model_id=model_id, revision=pinned_revision(model_id))
+    except ModelUnavailableError as error:
+        raise ConfigError(f"{flag} {error}") from None
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[JobConfig, list[str]]:

@@ -231,6 +231,16 @@ class Figure:
         return {**asdict(self), "met": self.met, "target": target}
 
 
+def code_version() -> dict[str, Any]:
+    """The commit measured, and whether the package had uncommitted changes."""
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", "-C", REPO_DIR, *args], capture_output=True, text=True, check=False)
+        return out.stdout.strip()
+
+    return {"commit": git("rev-parse", "--short", "HEAD"), "package_dirty": bool(git("status", "--porcelain", "--", "beam_captions"))}
+
+
 def machine_info() -> dict[str, Any]:
     """CPU, cores, Python and library versions, the ffmpeg CLI and the GPU (if any)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -261,4 +271,5 @@ def machine_info() -> dict[str, Any]:
         "pyav_libavcodec": libavcodec,
         "ffmpeg_cli": ffmpeg_version(find_ffmpeg()),
         "gpu": gpu_name(),
+        "code": code_version(),
     }

@@ -24,6 +24,8 @@ from beam_captions.records import ClipRef, WindowRecord
 from beam_captions.transforms.prepare import prepare_clip
 from beam_captions.transforms.previews import preview_window
 
+WEBP_OPTIONS = {"quality": 50, "compression_level": 6, "threads": 4}  # the job's defaults
+
 
 def job_seconds(input_dir: str, model_dir: str, vllm_kwargs: dict[str, Any]) -> tuple[float, dict[str, int]]:
     """Wall seconds of ``run_job`` on ``input_dir`` (output into a temporary folder), and its counters."""
@@ -56,8 +58,7 @@ def loop_seconds(clips: list[str], model_dir: str, vllm_kwargs: dict[str, Any]) 
         for element in prepare_clip(ClipRef.from_source(clip), config):
             if not isinstance(element, WindowRecord):
                 continue
-            options = {"quality": 50, "compression_level": 6, "threads": 4}
-            pending.extend(r for r in preview_window(element, **options) if isinstance(r, WindowRecord))
+            pending.extend(r for r in preview_window(element, **WEBP_OPTIONS) if isinstance(r, WindowRecord))
             if len(pending) >= BATCH_SIZE:
                 captions += flush()
     if pending:

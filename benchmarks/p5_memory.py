@@ -1,13 +1,13 @@
 """P5: peak memory of a previews + captions job on a long clip over the same on a short clip.
 
 Each job is ``python -m beam_captions ...`` (``run_job``) in a fresh subprocess. Its process tree
-(the job process plus the vLLM engine-core process) is sampled from /proc every 0.2 s; the figure
-is the peak of the summed RSS. Also recorded: the job process's own peak, and ``ru_maxrss`` from
-``wait4`` (the largest single process of the tree). Each clip also gets a previews-only job (no
-model directory, so frames are cut to the real Qwen2.5-VL default bound) whose ratio shows the
-decode pass's growth without vLLM's fixed ~2.5 GB around it. ``decoded_arrays_mb`` is what the decoded
-windows of the clip weigh as numpy arrays (model + preview frames), which ``decode_windows``
-returns all at once, at the tiny model's pixel bound and at the real Qwen2.5-VL default bound.
+(the job process plus vLLM's engine-core and worker processes) is sampled from /proc every 0.2 s;
+the figure is the peak of the summed RSS (shared library pages count once per process). Also
+recorded: the job process's own peak, and ``ru_maxrss`` from ``wait4`` (the largest single process).
+Each clip also gets a previews-only job (no vLLM), whose ratio shows the decode pass's growth
+without vLLM's fixed ~2.5 GB around it. ``all_windows_arrays_mb`` is what all of a clip's windows
+weigh as numpy arrays (model + preview frames), at the tiny model's pixel bound and at the real
+Qwen2.5-VL default bound: what a decode that keeps a clip's windows all at once would hold.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def job_peak_memory(input_dir: str, model_dir: Optional[str], vllm_kwargs: dict[
     }
 
 
-def decoded_arrays_mb(clip: str, bounds: tuple[int, int]) -> float:
+def all_windows_arrays_mb(clip: str, bounds: tuple[int, int]) -> float:
     """MiB of model + preview frames ``decode_windows`` holds for ``clip`` (defaults, 1 fps 240p previews)."""
     with av.open(clip) as container:
         stream = container.streams.video[0]
@@ -109,9 +109,9 @@ def run(long: str, short: str, model_dir: str, vllm_kwargs: dict[str, Any]) -> F
             "clip": clip,
             "captions_job": job_peak_memory(folder, model_dir, vllm_kwargs),
             "previews_only_job": job_peak_memory(folder, None, vllm_kwargs),
-            "decoded_arrays_mb": {
-                "tiny_model_bound": decoded_arrays_mb(clip, processor_pixel_bounds(model_dir, "qwen")),
-                "qwen2.5_default_bound": decoded_arrays_mb(clip, DEFAULT_PIXEL_BOUNDS["qwen2.5"]),
+            "all_windows_arrays_mb": {
+                "tiny_model_bound": all_windows_arrays_mb(clip, processor_pixel_bounds(model_dir, "qwen")),
+                "qwen2.5_default_bound": all_windows_arrays_mb(clip, DEFAULT_PIXEL_BOUNDS["qwen2.5"]),
             },
         }
     long_run, short_run = runs["long"], runs["short"]

@@ -25,17 +25,21 @@ def decoded_frames_and_rate(path: str) -> tuple[int, float]:
         return sum(1 for _ in container.decode(stream)), float(stream.average_rate)
 
 
-@pytest.fixture(scope="module")
-def job(tmp_path_factory, tiny_models, captioner_dir, real_clips_dir):
-    out = str(tmp_path_factory.mktemp("out"))
-    counts = run_job(release_models=False, argv=[
+def job_argv(out, tiny_models, captioner_dir, real_clips_dir) -> list[str]:
+    return [
         "--input", real_clips_dir, "--output", out, "--generate-captions", "--model-dir", captioner_dir,
         "--captioning-window-size", str(WINDOW_SIZE), "--captioning-remainder-threshold", str(THRESHOLD),
         "--captioning-max-output-tokens", "24", "--captioning-batch-size", "4", "--captioning-stage2-caption",
         "--enhance-captions", "--enhance-captions-model-dir", tiny_models["enhancer"],
         "--enhance-captions-max-output-tokens", "16",
         "--vllm-kwargs", json.dumps(VLLM_KWARGS),
-    ])
+    ]
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_models, captioner_dir, real_clips_dir):
+    out = str(tmp_path_factory.mktemp("out"))
+    counts = run_job(job_argv(out, tiny_models, captioner_dir, real_clips_dir), release_models=False)
     rows = pq.read_table(os.path.join(out, "captions")).to_pylist()
     return out, counts, rows
 
@@ -110,3 +114,20 @@ def test_the_gallery_is_written_with_every_clip(job):
     assert page.count('<div class="window"') == len(rows)
     assert all(f'id="{r["clip_id"]}-{r["window_index"]}"' in page for r in rows)
     assert "not-a-video.mp4" in page and "Failures (1)" in page
+
+
+def test_a_rerun_over_finished_clips_loads_no_model(job, tiny_models, captioner_dir, real_clips_dir, monkeypatch):
+    import vllm
+
+    from beam_captions.inference import engine
+
+    out, _, rows = job
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded although every clip was done")
+
+    monkeypatch.setattr(engine, "_engines", {})
+    monkeypatch.setattr(vllm, "LLM", refuse)
+    counts = run_job(job_argv(out, tiny_models, captioner_dir, real_clips_dir), release_models=False)
+    assert counts["clips_skipped"] == 4 and counts.get("windows", 0) == 0
+    assert pq.read_table(os.path.join(out, "captions")).num_rows == len(rows)

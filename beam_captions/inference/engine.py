@@ -36,6 +36,9 @@ class EngineSettings:
     multimodal: bool = True
     trust_remote_code: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # The hub checkpoint a local ``model_dir`` without weights is downloaded from (revision None: the pinned one).
+    hub_model_id: Optional[str] = None
+    hub_revision: Optional[str] = None
 
 
 def llm_kwargs(settings: EngineSettings) -> dict[str, Any]:
@@ -83,7 +86,13 @@ class Engine:
             if self._llm is None:
                 from vllm import LLM
 
+                from beam_captions.inference.model_source import resolve_model_dir
+
                 kwargs = llm_kwargs(self.settings)
+                if "model" not in self.settings.extra:  # a gs:// prefix or an empty folder becomes local weights
+                    kwargs["model"] = resolve_model_dir(
+                        self.settings.model_dir, model_id=self.settings.hub_model_id, revision=self.settings.hub_revision
+                    )
                 log.info("starting vLLM: %s", json.dumps(kwargs, default=str))
                 self._llm = LLM(**kwargs)
             return self._llm

@@ -15,7 +15,9 @@
 #   IMAGE: $REGION-docker.pkg.dev/$PROJECT/$REPOSITORY/beam-captions:$TAG
 #   TEMPLATE: $BUCKET/templates/beam-captions.json
 #   BUILDER: cloudbuild (or docker: build and push with the local docker engine)
-#   CAPTION_MODEL: Qwen/Qwen2.5-VL-7B-Instruct   ENHANCE_MODEL: (none)   baked into the image under /models
+#   MODEL_DIR: $BUCKET/models/captioner   the captioner's weights (a gs:// prefix each worker machine copies
+#              once, or /models/captioner when baked into the image with CAPTION_MODEL)
+#   CAPTION_MODEL, ENHANCE_MODEL: (none)   Hugging Face ids to bake into the image under /models
 #   ACCELERATOR: type:nvidia-l4;count:1;machine_type:g2-standard-8;install-nvidia-driver:5xx
 #                the resource hint of the GPU steps (right fitting: only those steps get GPU workers)
 #   CPU_MACHINE_TYPE: n2-standard-8 (workers of every other step)   MAX_WORKERS: 20
@@ -36,7 +38,7 @@ die() { echo "launch.sh: $*" >&2; exit 2; }
 : "${REPOSITORY:=beam-captions}"
 : "${TAG:=latest}"
 : "${BUILDER:=cloudbuild}"
-: "${CAPTION_MODEL:=Qwen/Qwen2.5-VL-7B-Instruct}"
+: "${CAPTION_MODEL:=}"
 : "${ENHANCE_MODEL:=}"
 : "${ACCELERATOR:=type:nvidia-l4;count:1;machine_type:g2-standard-8;install-nvidia-driver:5xx}"
 : "${CPU_MACHINE_TYPE:=n2-standard-8}"
@@ -53,6 +55,7 @@ need_bucket() {
   case "$BUCKET" in gs://*) ;; *) die "BUCKET must start with gs:// (got '$BUCKET')" ;; esac
   BUCKET=${BUCKET%/}
   : "${TEMPLATE:=$BUCKET/templates/beam-captions.json}"
+  : "${MODEL_DIR:=$BUCKET/models/captioner}"
 }
 
 build_image() {
@@ -104,7 +107,7 @@ run_job() {
     "input=$input"
     "output=$output"
     "generate_captions=true"
-    "model_dir=/models/captioner"
+    "model_dir=$MODEL_DIR"
     "accelerator=$ACCELERATOR"
     # Beam options: the workers run this same image, which holds the Beam SDK.
     "sdk_container_image=$IMAGE"
@@ -123,7 +126,7 @@ run_job() {
     case "$extra" in *=*) ;; *) die "expected NAME=VALUE, got '$extra'" ;; esac
     replaced=no
     for i in "${!params[@]}"; do
-      if [ "${params[$i]%%=*}" = "${extra%%=*}" ]; then params[$i]=$extra; replaced=yes; fi
+      if [ "${params[$i]%%=*}" = "${extra%%=*}" ]; then params[i]=$extra; replaced=yes; fi
     done
     [ "$replaced" = yes ] || params+=("$extra")
   done

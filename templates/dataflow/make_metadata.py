@@ -48,7 +48,8 @@ NAMED_REGEXES = {
     # A Beam resource hint value: type:GPU;count:N[;machine_type:...][;install-nvidia-driver[:VERSION]]
     "accelerator": r"^type:[a-z0-9-]+;count:[1-9][0-9]*(;[a-z_-]+(:[A-Za-z0-9._-]+)?)*$",
 }
-MODEL_DIR_REGEX = r"^/.+$"  # vLLM loads from a local directory: bake the model into the image (Dockerfile)
+# A gs:// prefix (copied once per worker machine) or a directory inside the image (Dockerfile CAPTION_MODEL).
+MODEL_DIR_REGEX = r"^(gs://[^/]+/|/).+$"
 JSON_OBJECT_REGEX = r"^\{.*\}$"
 INT_REGEX = r"^[0-9]+$"
 FLOAT_REGEX = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)$"

@@ -29,9 +29,12 @@ class ConfigError(ValueError):
 class JobConfig:
     """Everything a caption job needs besides Beam's own options."""
 
-    input: str
+    input: tuple[str, ...]
     output: str
     skip_existing: bool = True
+    max_frame_pixels: int = 8192 * 4320
+    clip_time_budget_seconds: float = 900.0
+    trust_remote_code: bool = False
     generate_captions: bool = False
     generate_previews: bool = False
     model_dir: Optional[str] = None
@@ -82,10 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
         "`beam-captions tiny-models DIR` builds tiny offline test models.",
     )
     io = parser.add_argument_group("input and output")
-    io.add_argument("--input", required=True, help="a video file, a folder (all videos under it) or a glob; local or gs://")
+    io.add_argument("--input", required=True, nargs="+", action="extend",
+                    help="video files, folders (all videos under them) or globs; local or gs://; a clip named twice "
+                         "is processed once")
     io.add_argument("--output", required=True, help="output root, local or gs://")
     io.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=True,
                     help="skip clips an earlier run finished (their metas file exists); on by default")
+    io.add_argument("--max-frame-pixels", type=int, default=8192 * 4320,
+                    help="refuse clips whose frames are larger (default 8K: 8192x4320)")
+    io.add_argument("--clip-time-budget-seconds", type=float, default=900.0,
+                    help="stop decoding a clip after this long and record a failure (default 900)")
+    io.add_argument("--trust-remote-code", action="store_true",
+                    help="let model directories run their own Python code (off by default)")
 
     cap = parser.add_argument_group("captions")
     cap.add_argument("--generate-captions", action="store_true", help="caption every window")
@@ -153,6 +164,8 @@ def _vllm_kwargs(text: str, flag: str) -> dict[str, Any]:
 
 def validate(config: JobConfig) -> None:
     """Raise ``ConfigError`` for the first value that cannot work."""
+    _check(config.max_frame_pixels >= 1, "--max-frame-pixels must be positive")
+    _check(config.clip_time_budget_seconds > 0, "--clip-time-budget-seconds must be positive")
     _check(config.captioning_window_size >= 4, "--captioning-window-size must be at least 4")
     _check(0 <= config.captioning_remainder_threshold <= config.captioning_window_size,
            "--captioning-remainder-threshold must be between 0 and the window size")
@@ -202,6 +215,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[JobConfig, list[st
             values["enhance_captions_vllm_kwargs"] = _vllm_kwargs(
                 values["enhance_captions_vllm_kwargs"], "--enhance-captions-vllm-kwargs"
             )
+        values["input"] = tuple(values["input"])
         config = JobConfig(**values)
         validate(config)
     except ConfigError as error:

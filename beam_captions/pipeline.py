@@ -36,6 +36,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             model_variant=config.captioning_algorithm,
             preview=preview,
             model_frames=config.generate_captions,
+            max_frame_pixels=config.max_frame_pixels,
+            time_budget_s=config.clip_time_budget_seconds,
         )
     )
     if config.generate_previews:
@@ -61,6 +63,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             stage2_prompt_text=config.captioning_stage2_prompt_text,
             retry_flagged=config.captioning_retry_flagged,
             dtype=config.captioning_preprocess_dtype,
+            trust_remote_code=config.trust_remote_code,
             gpu_memory_utilization=caption_share,
             vllm_kwargs=config.vllm_kwargs,
             accelerator=config.accelerator,
@@ -75,6 +78,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             max_output_tokens=config.enhance_captions_max_output_tokens,
             fp8=config.enhance_captions_use_fp8_weights,
             gpu_memory_utilization=enhance_share,
+            trust_remote_code=config.trust_remote_code,
             vllm_kwargs=config.vllm_kwargs if config.enhance_captions_vllm_kwargs is None else config.enhance_captions_vllm_kwargs,
             accelerator=config.accelerator,
         )

@@ -147,3 +147,36 @@ def test_qwen3_vl_goes_through_the_same_handler(tiny_models):
         release_engines(engine)
     assert [failure for _, failure in results] == [None, None]
     assert all(record.caption and record.caption_model == "captioner-qwen3" for record, _ in results)
+
+
+def test_out_of_memory_halves_the_batch_before_giving_up():
+    sizes = []
+
+    def tight(engine, batch, request):
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [r.replace(frames=None, caption="ok") for r in batch]
+
+    handler = QwenVLCaptionHandler("unused", inference_fn=tight)
+    results = list(handler.run_inference([window(i) for i in range(8)], SimpleNamespace(name="m", start=lambda: None)))
+    assert sizes == [8, 4, 2, 2, 4, 2, 2]
+    assert [r.caption for r, f in results] == ["ok"] * 8 and all(f is None for _, f in results)
+
+
+def test_a_dead_engine_is_started_again_and_the_batch_retried():
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    state = {"alive": False, "restarts": 0}
+
+    def fragile(engine, batch, request):
+        if not state["alive"]:
+            raise EngineDeadError()
+        return [r.replace(frames=None, caption="back") for r in batch]
+
+    def restart():
+        state["alive"], state["restarts"] = True, state["restarts"] + 1
+
+    engine = SimpleNamespace(name="m", start=lambda: None, restart=restart)
+    results = list(QwenVLCaptionHandler("unused", inference_fn=fragile).run_inference([window(0), window(1)], engine))
+    assert state["restarts"] == 1 and [r.caption for r, f in results] == ["back", "back"]

@@ -201,14 +201,15 @@ def test_offline_an_empty_directory_fails_at_once_with_the_fetch_command(tmp_pat
 def test_an_unreachable_hub_fails_fast(tmp_path, monkeypatch):
     import socket
 
-    import huggingface_hub
+    from huggingface_hub import constants
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    with socket.socket() as probe:  # a port nobody listens on
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # read when huggingface_hub was imported
+    with socket.socket() as probe:  # a port nobody listens on: never the real hub, even online
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
     directory = str(tmp_path / "empty")
     os.mkdir(directory)
     started = time.monotonic()
@@ -216,7 +217,7 @@ def test_an_unreachable_hub_fails_fast(tmp_path, monkeypatch):
         check_model_source(directory, model_id=ENHANCE_MODELS["qwen3"])
     assert time.monotonic() - started < 5
     assert_fetch_hint(str(error.value), directory, ENHANCE_MODELS["qwen3"])
-    assert "ConnectError" in str(error.value)
+    assert "ConnectError" in str(error.value), str(error.value)
 
 
 def test_the_cli_prints_one_line_and_exits_2(tmp_path, capsys):

@@ -34,6 +34,7 @@ from beam_captions.cli import run_job
 from beam_captions.options import build_parser, parse_args
 from beam_captions.pipeline import build_pipeline
 from conftest import VLLM_KWARGS
+from gcs import storage_emulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATAFLOW_DIR = os.path.join(ROOT, "templates", "dataflow")
@@ -62,28 +63,10 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def gcs():
-    """A GCS emulator with bucket BUCKET on a free loopback port; Beam connects to it anonymously."""
-    from apache_beam.internal.gcp import auth
-    from gcp_storage_emulator.server import create_server
-
-    port = free_port()
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-    server.start()
-    saved_env = os.environ.get("STORAGE_EMULATOR_HOST")
-    saved_auth = (auth._Credentials._credentials_init, auth._Credentials._credentials)
-    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{port}"
-    # Anonymous from the start: no look-up (with retries) of default credentials.
-    auth._Credentials._credentials_init, auth._Credentials._credentials = True, None
-    try:
+def bucket():
+    """gs://BUCKET on an in-process GCS emulator (tests/gcs.py); Beam connects to it anonymously."""
+    with storage_emulator(BUCKET):
         yield f"gs://{BUCKET}"
-    finally:
-        auth._Credentials._credentials_init, auth._Credentials._credentials = saved_auth
-        if saved_env is None:
-            os.environ.pop("STORAGE_EMULATOR_HOST", None)
-        else:
-            os.environ["STORAGE_EMULATOR_HOST"] = saved_env
-        server.stop()
 
 
 def dataflow_args(bucket: str, **extra) -> list[str]:
@@ -136,16 +119,16 @@ def assert_gpu_only_on_inference(proto, accelerator: str) -> None:
     for name in gpu:
         assert leaves[name].resource_hints[ACCELERATOR_URN] == accelerator.encode()
     cpu = set(leaves) - gpu
-    for step in ("ReadClips/", "PrepareWindows/", "GeneratePreviews/", "WriteOutputs/WriteParquet/"):
+    for step in ("ReadClips/", "PrepareWindows/", "GeneratePreviews/", "WriteOutputs/"):
         assert any(n.startswith(step) for n in cpu), f"no {step} step in the graph"
     for env in leaves.values():  # every step runs the custom image, GPU or not
         assert env.urn == "beam:env:docker:v1"
         assert beam_runner_api_pb2.DockerPayload.FromString(env.payload).container_image == IMAGE
 
 
-def test_dataflow_graph_gives_the_accelerator_to_the_inference_steps_only(gcs, tiny_models):
+def test_dataflow_graph_gives_the_accelerator_to_the_inference_steps_only(bucket, tiny_models):
     proto, options = dry_run_graph(
-        full_job_args(gcs, tiny_models) + dataflow_args(gcs, dry_run=True)
+        full_job_args(bucket, tiny_models) + dataflow_args(bucket, dry_run=True)
     )
     assert_gpu_only_on_inference(proto, ACCELERATOR)
     assert any(n.startswith("EnhanceCaptions/") for n in leaf_environments(proto) if is_inference(n))
@@ -155,23 +138,23 @@ def test_dataflow_graph_gives_the_accelerator_to_the_inference_steps_only(gcs, t
     assert cloud["sdk_container_image"] == IMAGE and cloud["sdk_location"] == "container"
 
 
-def test_dataflow_graph_without_accelerator_has_one_environment_without_hints(gcs, tiny_models):
-    proto, _ = dry_run_graph(full_job_args(gcs, tiny_models, accelerator=None) + dataflow_args(gcs, dry_run=True))
+def test_dataflow_graph_without_accelerator_has_one_environment_without_hints(bucket, tiny_models):
+    proto, _ = dry_run_graph(full_job_args(bucket, tiny_models, accelerator=None) + dataflow_args(bucket, dry_run=True))
     envs = {env.SerializeToString(): env for env in leaf_environments(proto).values()}
     assert len(envs) == 1
     (env,) = envs.values()
     assert not env.resource_hints
 
 
-def test_flex_template_launch_writes_a_job_with_gpus_on_the_inference_steps(gcs, tiny_models, tmp_path):
+def test_flex_template_launch_writes_a_job_with_gpus_on_the_inference_steps(bucket, tiny_models, tmp_path):
     """What the Flex Template launcher runs: flex_main.py with the template's parameters and Dataflow's options."""
     job_file = tmp_path / "job_object.json"
     launcher_argv = [
-        f"--input={gcs}/raw/", f"--output={gcs}/out", "--generate_captions=true",
+        f"--input={bucket}/raw/", f"--output={bucket}/out", "--generate_captions=true",
         f"--model_dir={tiny_models['captioner']}", "--generate_previews=true", "--enhance_captions=false",
         f"--accelerator={ACCELERATOR}", "--captioning_window_size=128",
         "--runner=DataflowRunner", "--project=test-project", "--region=us-central1",
-        f"--temp_location={gcs}/tmp", f"--staging_location={gcs}/staging", f"--sdk_container_image={IMAGE}",
+        f"--temp_location={bucket}/tmp", f"--staging_location={bucket}/staging", f"--sdk_container_image={IMAGE}",
         f"--template_location={job_file}",
     ]
     flex_main.main(launcher_argv)
@@ -193,9 +176,9 @@ def test_flex_template_launch_writes_a_job_with_gpus_on_the_inference_steps(gcs,
 
 @pytest.mark.xfail(strict=True, reason="run_job reads metrics and writes the gallery even when no job ran "
                    "(Dataflow --dry_run or a template launch): reported to the lead")
-def test_run_job_dry_run_on_dataflow_returns_without_a_gallery(gcs, tiny_models):
-    run_job(full_job_args(gcs, tiny_models) + dataflow_args(gcs, dry_run=True))
-    assert not FileSystems.exists(f"{gcs}/out/index.html")
+def test_run_job_dry_run_on_dataflow_returns_without_a_gallery(bucket, tiny_models):
+    run_job(full_job_args(bucket, tiny_models) + dataflow_args(bucket, dry_run=True))
+    assert not FileSystems.exists(f"{bucket}/out/index.html")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -291,6 +274,8 @@ def test_template_switches_take_true_or_false_only():
     assert flex_main.to_cli_args(["--generate_previews=false", "--input=gs://b/x"], parser) == [
         "--input=gs://b/x", "--sdk_location=container"]
     assert "--generate-previews" in flex_main.to_cli_args(["--generate_previews=TRUE"], parser)
+    assert flex_main.to_cli_args(["--skip_existing=false", "--skip_existing=true"], parser)[:2] == [
+        "--no-skip-existing", "--skip-existing"]
     with pytest.raises(SystemExit, match="true or false"):
         flex_main.to_cli_args(["--generate_previews=yes"], parser)
     # a value starting with '-' stays one token; Beam's own sdk_location is kept as given
@@ -331,7 +316,8 @@ def run_launch_sh(tmp_path, *args: str, extra_env: dict | None = None) -> tuple[
                     f"open({str(calls)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
     stub.chmod(0o755)
     env = dict(os.environ, PATH=f"{stub_dir}{os.pathsep}{os.environ['PATH']}", PROJECT="my-project",
-               BUCKET="gs://my-bucket/", JOB_NAME="job-1", **(extra_env or {}))
+               BUCKET="gs://my-bucket/", JOB_NAME="job-1")
+    env.update(extra_env or {})
     done = subprocess.run(["bash", os.path.join(DATAFLOW_DIR, "launch.sh"), *args], env=env,
                           capture_output=True, text=True, timeout=60)
     recorded = [json.loads(line) for line in calls.read_text().splitlines()] if calls.exists() else []

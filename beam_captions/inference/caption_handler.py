@@ -162,6 +162,7 @@ class QwenVLCaptionHandler(VLLMWindowHandler):
         max_model_len: int = 32768,
         gpu_memory_utilization: float = 0.85,
         vllm_kwargs: Optional[dict] = None,
+        trust_remote_code: bool = False,
         share_across_processes: bool = False,
         inference_fn: Callable[[Engine, Sequence[WindowRecord], CaptionRequest], list[WindowRecord]] = caption_batch,
     ):
@@ -173,6 +174,7 @@ class QwenVLCaptionHandler(VLLMWindowHandler):
             dtype=dtype,
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
+            trust_remote_code=trust_remote_code,
             extra=dict(vllm_kwargs or {}),
         )
         request = CaptionRequest(

@@ -110,11 +110,20 @@ class Engine:
         with self._generate_lock:
             return llm.generate(list(inputs), sampling_params, use_tqdm=False)
 
+    def restart(self) -> "Engine":
+        """Shut the engine down and start a new one (after it died)."""
+        with self._start_lock:
+            self.shutdown()
+        return self.start()
+
     def shutdown(self) -> None:
         core = getattr(getattr(self._llm, "llm_engine", None), "engine_core", None)
-        if core is not None:
-            core.shutdown()
         self._llm = None
+        if core is not None:
+            try:
+                core.shutdown()
+            except Exception as error:  # noqa: BLE001 - a dead engine may not shut down cleanly
+                log.warning("engine shutdown: %s", error)
 
     def render_chat(self, messages: list[dict], **template_kwargs: Any) -> str:
         """``messages`` rendered with the model directory's chat template, ready for generation."""

@@ -87,6 +87,7 @@ class QwenTextEnhanceHandler(VLLMWindowHandler):
         max_model_len: int = 32768,
         gpu_memory_utilization: float = 0.55,
         vllm_kwargs: Optional[dict] = None,
+        trust_remote_code: bool = False,
         share_across_processes: bool = False,
         inference_fn: Callable[[Engine, Sequence[WindowRecord], EnhanceRequest], list[WindowRecord]] = enhance_batch,
     ):
@@ -96,6 +97,7 @@ class QwenTextEnhanceHandler(VLLMWindowHandler):
             dtype=dtype,
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
+            trust_remote_code=trust_remote_code,
             multimodal=False,
             extra=dict(vllm_kwargs or {}),
         )

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from apache_beam.ml.inference.base import ModelHandler
 
 from beam_captions.inference.engine import Engine, EngineSettings, load_engine
-from beam_captions.inference.isolation import run_isolated
+from beam_captions.inference.isolation import is_engine_dead, run_isolated
+from beam_captions.metrics import count
 from beam_captions.records import Failure, WindowRecord, failure_from_exception
 
 __all__ = ["Outcome", "VLLMWindowHandler"]
+
+log = logging.getLogger(__name__)
 
 Outcome = tuple[WindowRecord, Optional[Failure]]
 InferenceFn = Callable[[Engine, Sequence[WindowRecord], Any], list[WindowRecord]]
@@ -63,13 +67,25 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, Outcome, Engine]):
         self, batch: Sequence[WindowRecord], model: Engine, inference_args: Optional[dict] = None
     ) -> Iterable[Outcome]:
         model.start()  # a model that cannot load fails the bundle, not each window
-        results = run_isolated(lambda part: self._inference_fn(model, part, self.request), batch)
+        results = run_isolated(lambda part: self._infer(model, part), batch)
         for record, result in zip(batch, results):
             if isinstance(result, Exception):
                 yield self.on_failure(record, model), self._failure(result, record)
                 continue
             problem = self.check(result)
             yield result, (self._failure(problem, result) if problem else None)
+
+    def _infer(self, model: Engine, part: Sequence[WindowRecord]) -> list[WindowRecord]:
+        """One call into the engine; an engine that died is started again and the call retried once."""
+        try:
+            return self._inference_fn(model, part, self.request)
+        except Exception as error:
+            if not is_engine_dead(error):
+                raise
+            log.warning("the %s engine died (%s); starting it again", self.stage, error)
+            count("engine_restarts")
+            model.restart()
+            return self._inference_fn(model, part, self.request)
 
     def batch_elements_kwargs(self) -> dict:
         return {"min_batch_size": 1, "max_batch_size": self.batch_size}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -211,10 +212,13 @@ def _packets(container: av.container.InputContainer, stream: av.VideoStream) -> 
         log.warning("stopped reading packets after a demux error: %s", exc)
 
 
-def _decoded_frames(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.VideoFrame]:
+def _decoded_frames(
+    container: av.container.InputContainer, stream: av.VideoStream, deadline: "_Deadline"
+) -> Iterator[av.VideoFrame]:
     """Every frame the decoder produces; packets it rejects are skipped."""
     errors = 0
     for packet in _packets(container, stream):
+        deadline.check()
         try:
             frames = packet.decode()
         except av.error.FFmpegError as exc:
@@ -305,7 +309,7 @@ class _WindowBuffers:
 
 
 def _decode_pass(
-    source: Source, plan: _Plan, model_size: Size | None, preview: Size | None
+    source: Source, plan: _Plan, model_size: Size | None, preview: Size | None, deadline: "_Deadline"
 ) -> Iterator[DecodedWindow]:
     """Decode every frame, keep the planned ones, yield each window once its frames are in.
 
@@ -319,7 +323,7 @@ def _decode_pass(
     with _open(source) as container:
         stream = _video_stream(container, _describe(source))
         stream.thread_type = "AUTO"
-        for frame in _decoded_frames(container, stream):
+        for frame in _decoded_frames(container, stream, deadline):
             places = targets.get(count, ())
             for i, kind, slot in places:
                 array = buffers.array(i, kind)
@@ -333,12 +337,24 @@ def _decode_pass(
     return count
 
 
-def _count_decoded(source: Source) -> int:
+def _count_decoded(source: Source, deadline: "_Deadline") -> int:
     """Decode without converting anything, only to count frames."""
     with _open(source) as container:
         stream = _video_stream(container, _describe(source))
         stream.thread_type = "AUTO"
-        return sum(1 for _ in _decoded_frames(container, stream))
+        return sum(1 for _ in _decoded_frames(container, stream, deadline))
+
+
+class _Deadline:
+    """Raises ``DecodeError`` once a clip has taken longer than its time budget."""
+
+    def __init__(self, source: Source, budget_s: float | None):
+        self.source, self.budget_s = source, budget_s
+        self.end = None if budget_s is None else time.monotonic() + budget_s
+
+    def check(self) -> None:
+        if self.end is not None and time.monotonic() > self.end:
+            raise DecodeError(f"{_describe(self.source)}: decoding exceeded the time budget of {self.budget_s:g} s")
 
 
 def _require_min_frames(num_frames: int) -> None:
@@ -380,6 +396,7 @@ def iter_decode(
     model_frames: bool = True,
     max_pixels_per_frame_source: int | None = None,
     buffer_bytes: int = DEFAULT_BUFFER_BYTES,
+    time_budget_s: float | None = None,
 ) -> Iterator[Union[DecodedWindow, VideoInfo]]:
     """Cut a clip into caption windows and decode their model (and preview) frames.
 
@@ -388,9 +405,12 @@ def iter_decode(
     against the decoded count before any is yielded. A longer clip is first decoded
     without conversion to count its frames, then each window is yielded as soon as it
     is complete, so memory stays bounded whatever the clip's length. ``model_frames=False``
-    skips the model frames (previews only). ``source`` is a path or a seekable binary
-    file object holding the whole clip. Raises ``DecodeError`` for unusable inputs.
+    skips the model frames (previews only). ``max_pixels_per_frame_source`` refuses
+    clips with larger frames before decoding; ``time_budget_s`` stops a clip that decodes
+    too slowly. ``source`` is a path or a seekable binary file object holding the whole
+    clip. Raises ``DecodeError`` for unusable inputs.
     """
+    deadline = _Deadline(source, time_budget_s)
     _check_options(sampling_fps, max_pixels_per_frame_source)
     _check_not_empty(source)
     width, height, codec, packet_count, fps = _probe(source, max_pixels_per_frame_source)
@@ -399,21 +419,21 @@ def iter_decode(
     options = (fps, window_size, remainder_threshold, sampling_fps, preview)
     plan = _plan(packet_count, *options)
     if _planned_bytes(plan, model_size, small) <= buffer_bytes:
-        windows, decoded = _drain(_decode_pass(source, plan, model_size, small))
+        windows, decoded = _drain(_decode_pass(source, plan, model_size, small, deadline))
         if decoded != packet_count:
             _require_min_frames(decoded)
             log.warning(
                 "%s: decoded %d frames but demuxed %d packets; decoding again with corrected windows",
                 _describe(source), decoded, packet_count,
             )
-            windows, redecoded = _drain(_decode_pass(source, _plan(decoded, *options), model_size, small))
+            windows, redecoded = _drain(_decode_pass(source, _plan(decoded, *options), model_size, small, deadline))
             _require_repeatable(source, decoded, redecoded)
         _require_min_frames(decoded)
         yield from windows
     else:
-        decoded = _count_decoded(source)
+        decoded = _count_decoded(source, deadline)
         _require_min_frames(decoded)
-        redecoded = yield from _decode_pass(source, _plan(decoded, *options), model_size, small)
+        redecoded = yield from _decode_pass(source, _plan(decoded, *options), model_size, small, deadline)
         _require_repeatable(source, decoded, redecoded)
     yield VideoInfo(width, height, fps, decoded, codec, decoded / fps)
 

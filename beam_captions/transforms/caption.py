@@ -40,6 +40,7 @@ class CaptionWindows(beam.PTransform):
         dtype: str = "auto",
         gpu_memory_utilization: float = 0.85,
         vllm_kwargs: Optional[dict] = None,
+        trust_remote_code: bool = False,
         accelerator: Optional[str] = None,
         handler: Optional[QwenVLCaptionHandler] = None,
     ):
@@ -62,6 +63,7 @@ class CaptionWindows(beam.PTransform):
             dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization,
             vllm_kwargs=vllm_kwargs,
+            trust_remote_code=trust_remote_code,
         )
 
     def expand(self, pcoll):

@@ -37,6 +37,7 @@ class EnhanceCaptions(beam.PTransform):
         fp8: bool = False,
         gpu_memory_utilization: float = 0.55,
         vllm_kwargs: Optional[dict] = None,
+        trust_remote_code: bool = False,
         accelerator: Optional[str] = None,
         handler: Optional[QwenTextEnhanceHandler] = None,
     ):
@@ -54,6 +55,7 @@ class EnhanceCaptions(beam.PTransform):
             fp8=fp8,
             gpu_memory_utilization=gpu_memory_utilization,
             vllm_kwargs=vllm_kwargs,
+            trust_remote_code=trust_remote_code,
         )
 
     def expand(self, pcoll):

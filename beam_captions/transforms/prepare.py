@@ -19,6 +19,9 @@ __all__ = ["PrepareConfig", "PrepareWindows", "prepare_clip", "preview_warnings"
 
 log = logging.getLogger(__name__)
 
+DEFAULT_MAX_FRAME_PIXELS = 8192 * 4320  # 8K; larger frames are refused before decoding
+DEFAULT_TIME_BUDGET_S = 900.0
+
 
 @dataclass(frozen=True)
 class PrepareConfig:
@@ -31,6 +34,8 @@ class PrepareConfig:
     max_pixels: int = 768 * 28 * 28
     preview: Optional[PreviewSpec] = None
     model_frames: bool = True
+    max_frame_pixels: Optional[int] = DEFAULT_MAX_FRAME_PIXELS
+    time_budget_s: Optional[float] = DEFAULT_TIME_BUDGET_S
 
 
 def preview_warnings(info: VideoInfo, preview: Optional[PreviewSpec]) -> tuple[str, ...]:
@@ -84,6 +89,8 @@ def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInf
             max_pixels=config.max_pixels,
             preview=config.preview,
             model_frames=config.model_frames,
+            max_pixels_per_frame_source=config.max_frame_pixels,
+            time_budget_s=config.time_budget_s,
         ):
             if isinstance(item, VideoInfo):
                 info = item
@@ -129,10 +136,15 @@ class PrepareWindows(beam.PTransform):
         pixel_bounds: Optional[tuple[int, int]] = None,
         preview: Optional[PreviewSpec] = None,
         model_frames: bool = True,
+        max_frame_pixels: Optional[int] = DEFAULT_MAX_FRAME_PIXELS,
+        time_budget_s: Optional[float] = DEFAULT_TIME_BUDGET_S,
     ):
         super().__init__()
         low, high = pixel_bounds or processor_pixel_bounds(model_dir, model_variant)
-        self.config = PrepareConfig(window_size, remainder_threshold, sampling_fps, low, high, preview, model_frames)
+        self.config = PrepareConfig(
+            window_size, remainder_threshold, sampling_fps, low, high, preview, model_frames,
+            max_frame_pixels, time_budget_s,
+        )
 
     def expand(self, clips):
         config = self.config

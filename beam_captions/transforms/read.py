@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Sequence, Union
 
 import apache_beam as beam
 from apache_beam.io import fileio
@@ -30,25 +31,29 @@ def to_match_pattern(location: str) -> str:
     return location.rstrip("/") + "/**"
 
 
-def _clip_ref(metadata) -> ClipRef:
+def _clip_ref(path: str) -> ClipRef:
     count("clips_found")
-    return ClipRef.from_source(metadata.path)
+    return ClipRef.from_source(path)
 
 
 class ReadClips(beam.PTransform):
-    """``ClipRef``s for every video file matched by ``input_pattern``.
+    """``ClipRef``s for every video file matched by ``input_pattern`` (one location or several).
 
-    Example: ``p | ReadClips("gs://bucket/raw/")`` or ``ReadClips("clips/*.mp4")``.
+    Example: ``p | ReadClips("gs://bucket/raw/")`` or ``ReadClips(["a/*.mp4", "b/"])``. A file matched
+    twice is read once.
     """
 
-    def __init__(self, input_pattern: str):
+    def __init__(self, input_pattern: Union[str, Sequence[str]]):
         super().__init__()
-        self.input_pattern = input_pattern
+        self.patterns = [input_pattern] if isinstance(input_pattern, str) else list(input_pattern)
 
     def expand(self, pbegin):
         return (
             pbegin
-            | "Match" >> fileio.MatchFiles(to_match_pattern(self.input_pattern), EmptyMatchTreatment.ALLOW)
+            | "Patterns" >> beam.Create([to_match_pattern(p) for p in self.patterns])
+            | "Match" >> fileio.MatchAll(EmptyMatchTreatment.ALLOW)
             | "KeepVideos" >> beam.Filter(lambda metadata: is_video_path(metadata.path))
+            | "Paths" >> beam.Map(lambda metadata: metadata.path)
+            | "Once" >> beam.Distinct()
             | "ToClipRef" >> beam.Map(_clip_ref)
         )

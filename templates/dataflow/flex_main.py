@@ -3,7 +3,8 @@
 The launcher runs ``python flex_main.py --input=gs://... --generate_captions=true --runner=DataflowRunner
 --project=... --region=... --staging_location=... --temp_location=... [--sdk_container_image=...]``: every
 template parameter of ``metadata.json`` arrives as ``--<dest>=<value>`` and a switch as ``true``/``false``.
-This turns them back into the CLI's own flags (``--generate-captions``, ``--model-dir=...``), leaves
+This turns them back into the CLI's own flags (``--generate-captions``, ``--no-skip-existing``,
+``--model-dir=...``), leaves
 Beam's options as they are, adds ``--sdk_location=container`` (the worker image already holds this Beam
 SDK, so nothing is staged) unless given, validates them exactly as ``beam-captions`` does, builds the same
 pipeline, and submits it.
@@ -20,7 +21,14 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-__all__ = ["to_cli_args", "main"]
+__all__ = ["to_cli_args", "switch_flag", "main"]
+
+
+def switch_flag(action: argparse.Action, value: bool) -> Optional[str]:
+    """The CLI flag that sets the switch ``action`` to ``value`` (None: leave the flag out)."""
+    if isinstance(action, argparse.BooleanOptionalAction):  # --x / --no-x
+        return next(o for o in action.option_strings if o.startswith("--no-") == (not value))
+    return action.option_strings[0] if value == action.const else None  # store_true / store_false
 
 
 def to_cli_args(argv: Sequence[str], parser: Optional[argparse.ArgumentParser] = None) -> list[str]:
@@ -36,11 +44,12 @@ def to_cli_args(argv: Sequence[str], parser: Optional[argparse.ArgumentParser] =
         action = flags.get(name.replace("-", "_")) if sep else None
         if action is None or isinstance(action, argparse._HelpAction):
             args.append(arg)  # a Beam option (or an already CLI-shaped flag)
-        elif isinstance(action, argparse._StoreTrueAction):
+        elif action.nargs == 0:  # a switch
             if value.strip().lower() not in ("true", "false"):
                 raise SystemExit(f"beam-captions: error: --{name} takes true or false, not {value!r}")
-            if value.strip().lower() == "true":
-                args.append(action.option_strings[0])
+            flag = switch_flag(action, value.strip().lower() == "true")
+            if flag:
+                args.append(flag)
         else:
             args.append(f"{action.option_strings[0]}={value}")  # one token: a value may start with '-'
     if not any(a == "--sdk_location" or a.startswith("--sdk_location=") for a in args):

@@ -8,7 +8,8 @@ Every flag of ``beam_captions.options.build_parser()`` becomes one template para
 * the name is the flag's ``dest`` (``--model-dir`` -> ``model_dir``): Flex Template parameter names are
   identifiers, and the launcher passes each one back as ``--model_dir=VALUE``; ``flex_main.py`` turns
   that into the CLI's ``--model-dir=VALUE`` again;
-* a switch (``--generate-captions``) becomes a BOOLEAN parameter taking ``true`` or ``false``;
+* a switch (``--generate-captions``, or ``--skip-existing/--no-skip-existing``) becomes a BOOLEAN
+  parameter taking ``true`` or ``false``;
 * a flag with choices becomes an ENUM, an int or float flag a NUMBER, each with a validation regex;
 * ``helpText`` is the flag's help, or (for the few flags without one) a sentence made from its
   default and choices, since Dataflow requires a help text for every parameter.
@@ -59,7 +60,12 @@ BOOLEAN_REGEX = r"^(true|false)$"
 def cli_flags(parser: argparse.ArgumentParser | None = None) -> list[argparse.Action]:
     """Every flag of the CLI (``--help`` left out), in the parser's order."""
     parser = parser or build_parser()
-    return [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+    return [a for a in parser._actions if a.option_strings and not isinstance(a, (argparse._HelpAction, argparse._VersionAction))]
+
+
+def is_switch(action: argparse.Action) -> bool:
+    """A flag without a value: store_true / store_false, or a ``--x/--no-x`` pair (BooleanOptionalAction)."""
+    return action.nargs == 0
 
 
 def _label(action: argparse.Action) -> str:
@@ -68,14 +74,17 @@ def _label(action: argparse.Action) -> str:
 
 def _help(action: argparse.Action) -> str:
     if action.help and action.help != argparse.SUPPRESS:
-        text = action.help.replace("%%", "%")
-    elif isinstance(action, argparse._StoreTrueAction):
+        try:  # argparse's own %-formatting of help strings, e.g. "%(default)s"
+            text = action.help % dict(vars(action), prog="beam-captions")
+        except (KeyError, TypeError, ValueError):
+            text = action.help
+    elif is_switch(action):
         text = f"turn on {action.option_strings[0]}"
     elif action.choices:
         text = "one of " + ", ".join(map(str, action.choices))
     else:
         text = f"value of {action.option_strings[0]}"
-    if not isinstance(action, argparse._StoreTrueAction) and action.default not in (None, argparse.SUPPRESS):
+    if not is_switch(action) and action.default not in (None, argparse.SUPPRESS):
         if f"default {action.default}" not in text:
             text += f" (default {action.default})"
     return f"{text} [{action.option_strings[0]}]"
@@ -89,8 +98,8 @@ def parameter_for(action: argparse.Action) -> dict[str, Any]:
         "helpText": _help(action),
         "isOptional": not action.required,
     }
-    if isinstance(action, argparse._StoreTrueAction):
-        param.update(paramType="BOOLEAN", regexes=[BOOLEAN_REGEX], defaultValue="false")
+    if is_switch(action):
+        param.update(paramType="BOOLEAN", regexes=[BOOLEAN_REGEX], defaultValue=str(bool(action.default)).lower())
         return param
     if action.choices:
         param.update(

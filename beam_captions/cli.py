@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from typing import Optional, Sequence
@@ -55,21 +56,29 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
     from beam_captions.metrics import counters
     from beam_captions.options import parse_args
     from beam_captions.pipeline import build_pipeline
+    from beam_captions import progress
     from beam_captions.progress import ProgressReporter
     from beam_captions.summary import format_summary
 
     config, beam_args = parse_args(argv)
+    if config.streaming:
+        beam_args = [*beam_args, "--streaming"]
     started = time.monotonic()
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
     build_pipeline(pipeline, config)
+    result = None
     try:
         with ProgressReporter():
             result = pipeline.run()
             result.wait_until_finish()
+    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, see main) ends a local streaming run
+        print("\nbeam-captions: stopped", file=sys.stderr)
+        if result is not None:
+            result.cancel()
     finally:
         if release_models:
             release_engines()
-    counts = counters(result)
+    counts = counters(result) if result is not None else progress.snapshot()
     gallery = write_gallery(config.output)
     print(format_summary(counts, config.output, time.monotonic() - started))
     print(f"  gallery          {gallery}")
@@ -80,6 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a local stop request ends the run cleanly
     commands = {"tiny-models": _tiny_models, "sample-clips": _sample_clips}
     if argv[:1] and argv[0] in commands:
         return commands[argv[0]](argv[1:])

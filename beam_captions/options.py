@@ -31,6 +31,10 @@ class JobConfig:
 
     input: tuple[str, ...]
     output: str
+    streaming: bool = False
+    input_subscription: Optional[str] = None
+    watch_interval_seconds: float = 10.0
+    window_seconds: float = 60.0
     skip_existing: bool = True
     max_frame_pixels: int = 8192 * 4320
     clip_time_budget_seconds: float = 900.0
@@ -85,10 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
         "`beam-captions tiny-models DIR` builds tiny offline test models.",
     )
     io = parser.add_argument_group("input and output")
-    io.add_argument("--input", required=True, nargs="+", action="extend",
+    io.add_argument("--input", nargs="+", action="extend", default=[],
                     help="video files, folders (all videos under them) or globs; local or gs://; a clip named twice "
                          "is processed once")
     io.add_argument("--output", required=True, help="output root, local or gs://")
+    io.add_argument("--streaming", action="store_true",
+                    help="run until cancelled: watch --input for new clips, or read --input-subscription")
+    io.add_argument("--input-subscription",
+                    help="streaming: Pub/Sub subscription of bucket notifications (projects/P/subscriptions/S)")
+    io.add_argument("--watch-interval-seconds", type=float, default=10.0, help="streaming: how often --input is listed")
+    io.add_argument("--window-seconds", type=float, default=60.0,
+                    help="streaming: Parquet rows are written per event-time window of this length")
+
     io.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=True,
                     help="skip clips an earlier run finished (their metas file exists); on by default")
     io.add_argument("--max-frame-pixels", type=int, default=8192 * 4320,
@@ -164,6 +176,12 @@ def _vllm_kwargs(text: str, flag: str) -> dict[str, Any]:
 
 def validate(config: JobConfig) -> None:
     """Raise ``ConfigError`` for the first value that cannot work."""
+    _check(bool(config.input) != bool(config.input_subscription), "give --input or --input-subscription (one of them)")
+    _check(not config.input_subscription or config.streaming, "--input-subscription needs --streaming")
+    _check(not config.input_subscription or config.input_subscription.startswith("projects/"),
+           "--input-subscription must look like projects/<project>/subscriptions/<name>")
+    _check(config.watch_interval_seconds > 0, "--watch-interval-seconds must be positive")
+    _check(config.window_seconds > 0, "--window-seconds must be positive")
     _check(config.max_frame_pixels >= 1, "--max-frame-pixels must be positive")
     _check(config.clip_time_budget_seconds > 0, "--clip-time-budget-seconds must be positive")
     _check(config.captioning_window_size >= 4, "--captioning-window-size must be at least 4")

@@ -11,7 +11,8 @@ from beam_captions.transforms.caption import CaptionWindows
 from beam_captions.transforms.enhance import EnhanceCaptions
 from beam_captions.transforms.prepare import PrepareWindows
 from beam_captions.transforms.previews import GeneratePreviews
-from beam_captions.transforms.read import ReadClips
+from beam_captions.transforms.notifications import ClipsFromNotifications
+from beam_captions.transforms.read import ReadClips, WatchClips
 from beam_captions.transforms.write import SkipFinishedClips, WriteOutputs
 
 __all__ = ["build_pipeline"]
@@ -24,9 +25,14 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         if config.generate_previews
         else None
     )
+    if config.input_subscription:
+        clips = pipeline | "ClipsFromNotifications" >> ClipsFromNotifications(config.input_subscription)
+    elif config.streaming:
+        clips = pipeline | "WatchClips" >> WatchClips(config.input, config.watch_interval_seconds)
+    else:
+        clips = pipeline | "ReadClips" >> ReadClips(config.input)
     elements = (
-        pipeline
-        | "ReadClips" >> ReadClips(config.input)
+        clips
         | "SkipFinished" >> (SkipFinishedClips(config.output) if config.skip_existing else beam.Map(lambda clip: clip))
         | "PrepareWindows" >> PrepareWindows(
             window_size=config.captioning_window_size,
@@ -82,4 +88,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             vllm_kwargs=config.vllm_kwargs if config.enhance_captions_vllm_kwargs is None else config.enhance_captions_vllm_kwargs,
             accelerator=config.accelerator,
         )
-    elements | "WriteOutputs" >> WriteOutputs(config.output)
+    elements | "WriteOutputs" >> WriteOutputs(
+        config.output,
+        window_seconds=config.window_seconds if config.streaming else None,
+    )

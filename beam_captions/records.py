@@ -111,6 +111,10 @@ class Failure:
     error_type: str
     message: str
     window_index: Optional[int] = None
+    windows_before: int = 0  # windows a clip had already given when its ``prepare`` step failed
+
+    def replace(self, **changes) -> "Failure":
+        return dataclasses.replace(self, **changes)
 
     @property
     def name(self) -> str:

@@ -72,6 +72,23 @@ def prepared_windows(clip: str, config: PrepareConfig) -> list[WindowRecord]:
 
 
 @contextmanager
+def generate_calls() -> Iterator[list[int]]:
+    """Record the batch size of every ``Engine.generate`` call made inside the block."""
+    sizes: list[int] = []
+    original = Engine.generate
+
+    def recorded(self: Engine, inputs, sampling_params):
+        sizes.append(len(inputs))
+        return original(self, inputs, sampling_params)
+
+    Engine.generate = recorded
+    try:
+        yield sizes
+    finally:
+        Engine.generate = original
+
+
+@contextmanager
 def engines_kept() -> Iterator[None]:
     """Keep engines alive across ``run_job`` calls (it shuts every engine down when it finishes).
 

@@ -16,7 +16,7 @@ from contextlib import redirect_stdout
 from io import StringIO
 from typing import Any
 
-from captioning import BATCH_SIZE, engines_kept, job_flags, make_handler, prepare_config, warm_handler
+from captioning import BATCH_SIZE, engines_kept, generate_calls, job_flags, make_handler, prepare_config, warm_handler
 from common import Figure, clip_folder, interleaved, median_ratio
 
 from beam_captions.cli import run_job
@@ -72,15 +72,20 @@ def run(clips: list[str], repeats: int, model_dir: str, vllm_kwargs: dict[str, A
     input_dir = clip_folder("p3", clips)
     counts: dict[str, int] = {}
     loop_captions: list[int] = []
+    batches: dict[str, list[int]] = {}
 
     def ours() -> float:
-        elapsed, found = job_seconds(input_dir, model_dir, vllm_kwargs)
+        with generate_calls() as sizes:
+            elapsed, found = job_seconds(input_dir, model_dir, vllm_kwargs)
         counts.update(found)
+        batches["job"] = sizes
         return elapsed
 
     def baseline() -> float:
-        elapsed, made = loop_seconds(clips, model_dir, vllm_kwargs)
+        with generate_calls() as sizes:
+            elapsed, made = loop_seconds(clips, model_dir, vllm_kwargs)
         loop_captions.append(made)
+        batches["loop"] = sizes
         return elapsed
 
     with engines_kept():
@@ -94,6 +99,7 @@ def run(clips: list[str], repeats: int, model_dir: str, vllm_kwargs: dict[str, A
         "engine_load_s": load_s,
         "job_counters": counts,
         "loop_captions": loop_captions[-1],
+        "generate_batch_sizes": batches,
         "job_wall_s": mine,
         "loop_wall_s": theirs,
     }

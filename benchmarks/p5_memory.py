@@ -3,7 +3,8 @@
 Each job is ``python -m beam_captions ...`` (``run_job``) in a fresh subprocess. Its process tree
 (the job process plus vLLM's engine-core and worker processes) is sampled from /proc every 0.2 s;
 the figure is the peak of the summed RSS (shared library pages count once per process). Also
-recorded: the job process's own peak, and ``ru_maxrss`` from ``wait4`` (the largest single process).
+recorded: the job process's own peak. (``ru_maxrss`` is not used: a child starts with the peak of
+the parent it was forked from, which here is a benchmark process holding vLLM.)
 Each clip also gets a previews-only job (no vLLM), whose ratio shows the decode pass's growth
 without vLLM's fixed ~2.5 GB around it. ``all_windows_arrays_mb`` is what all of a clip's windows
 weigh as numpy arrays (model + preview frames), at the tiny model's pixel bound and at the real
@@ -63,7 +64,7 @@ def job_peak_memory(input_dir: str, model_dir: Optional[str], vllm_kwargs: dict[
     peak_tree = peak_own = 0
     try:
         while True:
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            pid, status = os.waitpid(process.pid, os.WNOHANG)
             if pid:
                 break
             try:
@@ -80,7 +81,6 @@ def job_peak_memory(input_dir: str, model_dir: Optional[str], vllm_kwargs: dict[
     return {
         "peak_tree_rss_mb": peak_tree / MB,
         "peak_job_process_rss_mb": peak_own / MB,
-        "ru_maxrss_mb": usage.ru_maxrss * 1024 / MB,
         "wall_s": time.perf_counter() - start,
     }
 

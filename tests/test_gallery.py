@@ -282,24 +282,12 @@ def test_gallery_renders_in_chromium(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def gcs_bucket(monkeypatch: pytest.MonkeyPatch) -> Any:
+def gcs_bucket() -> Any:
     """An in-memory GCS emulator with bucket ``gallery``; Beam talks to it anonymously."""
-    import socket
+    from gcs import storage_emulator
 
-    from apache_beam.io.gcp import gcsio
-    from gcp_storage_emulator.server import create_server
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="gallery")
-    server.start()
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-    monkeypatch.setattr(gcsio.auth, "get_service_credentials", lambda options: None)  # no credential lookup
-    try:
+    with storage_emulator("gallery"):
         yield "gs://gallery"
-    finally:
-        server.stop()
 
 
 def test_gallery_on_an_object_store(gcs_bucket: str, tmp_path: Path) -> None:

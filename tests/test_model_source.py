@@ -230,7 +230,8 @@ def test_the_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     assert time.monotonic() - started < 5
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"beam-captions: error: --model-dir {empty} is not a model directory")
+    assert err.count("\n") == 1
+    assert err.startswith(f"beam-captions: error: --model-dir {empty} is not a model directory")
     assert_fetch_hint(err.strip(), empty)
 
 
@@ -238,7 +239,8 @@ def test_the_cli_picks_the_hub_model_of_the_algorithm(tmp_path, captioner_dir, c
     empty = str(tmp_path / "enhancer")
     with pytest.raises(SystemExit):
         parse_args(["--input", "in", "--output", "out", "--generate-captions", "--model-dir", captioner_dir,
-                    "--enhance-captions", "--enhance-captions-algorithm", "qwen3", "--enhance-captions-model-dir", empty])
+                    "--enhance-captions", "--enhance-captions-algorithm", "qwen3",
+                    "--enhance-captions-model-dir", empty])
     err = capsys.readouterr().err
     assert "--enhance-captions-model-dir" in err
     assert_fetch_hint(err.strip(), empty, ENHANCE_MODELS["qwen3"])
@@ -253,7 +255,8 @@ def test_the_engine_starts_vllm_on_the_local_copy(models_bucket, captioner_dir, 
     monkeypatch.setenv("BEAM_CAPTIONS_CACHE", str(tmp_path / "cache"))
     started = []
     monkeypatch.setattr(vllm, "LLM", lambda **kwargs: started.append(kwargs) or object())
-    engine = Engine(EngineSettings(model_dir=models_bucket, hub_model_id=CAPTIONER, extra={"enforce_eager": True}))
+    settings = EngineSettings(model_dir=models_bucket, hub_model_id=CAPTIONER, extra={"enforce_eager": True})
+    engine = Engine(settings)
     engine.start()
     (kwargs,) = started
     assert kwargs["model"].startswith(str(tmp_path / "cache")) and same_tree(captioner_dir, kwargs["model"])

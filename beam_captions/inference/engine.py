@@ -89,9 +89,10 @@ class Engine:
                 from beam_captions.inference.model_source import resolve_model_dir
 
                 kwargs = llm_kwargs(self.settings)
-                if "model" not in self.settings.extra:  # a gs:// prefix or an empty folder becomes local weights
+                settings = self.settings
+                if "model" not in settings.extra:  # a gs:// prefix or an empty folder becomes local weights
                     kwargs["model"] = resolve_model_dir(
-                        self.settings.model_dir, model_id=self.settings.hub_model_id, revision=self.settings.hub_revision
+                        settings.model_dir, model_id=settings.hub_model_id, revision=settings.hub_revision
                     )
                 log.info("starting vLLM: %s", json.dumps(kwargs, default=str))
                 self._llm = LLM(**kwargs)

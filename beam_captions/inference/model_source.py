@@ -181,8 +181,9 @@ def _copy_tree(uri: str, target: str) -> tuple[int, int]:
     if "config.json" not in {relative for _, relative, _ in objects}:
         raise ModelUnavailableError(f"{uri} is not a model directory (no config.json under it)")
     with ThreadPoolExecutor(max_workers=min(COPY_THREADS, len(objects))) as pool:
-        for done in [pool.submit(_copy_object, path, os.path.join(target, relative), size) for path, relative, size in objects]:
-            done.result()
+        copies = [pool.submit(_copy_object, path, os.path.join(target, name), size) for path, name, size in objects]
+        for copy in copies:
+            copy.result()
     return len(objects), sum(size for _, _, size in objects)
 
 
@@ -193,6 +194,7 @@ def _copy_remote(uri: str, cache_dir: Optional[str]) -> str:
     if os.path.isfile(marker):
         return final
     parent, name = os.path.split(final)
+    os.makedirs(parent, exist_ok=True)
     with _file_lock(_lock_path(final)):
         if os.path.isfile(marker):  # another process copied it while this one waited
             return final
@@ -201,7 +203,12 @@ def _copy_remote(uri: str, cache_dir: Optional[str]) -> str:
         started = time.monotonic()
         temporary = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
         try:
-            files, size = _copy_tree(uri, temporary)
+            try:
+                files, size = _copy_tree(uri, temporary)
+            except ModelUnavailableError:
+                raise
+            except Exception as error:  # no access, no network, a full disk
+                raise ModelUnavailableError(f"cannot copy {uri} to {parent} ({_one_line(error)})") from error
             if not has_weights(temporary):
                 raise ModelUnavailableError(f"{uri} is not a model directory (config.json but no weights under it)")
             os.chmod(temporary, 0o755)  # mkdtemp makes it private

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from apache_beam.io.filesystems import FileSystems
 
 __all__ = ["caption_table_path", "captions_dir", "previews_dir", "metas_dir", "failures_dir", "preview_path", "meta_path", "failure_path"]
@@ -36,6 +38,7 @@ def failure_path(output: str, failure_name: str) -> str:
     return FileSystems.join(failures_dir(output), f"{failure_name}.json")
 
 
-def caption_table_path(output: str, clip_id: str) -> str:
-    """``OUT/captions/<clip_id>.parquet``: the rows of one clip."""
-    return FileSystems.join(captions_dir(output), f"{clip_id}.parquet")
+def caption_table_path(output: str, clip_id: str, partition: Optional[str] = None) -> str:
+    """``OUT/captions/[<partition>/]<clip_id>.parquet``: the rows of one clip."""
+    folder = FileSystems.join(captions_dir(output), partition) if partition else captions_dir(output)
+    return FileSystems.join(folder, f"{clip_id}.parquet")

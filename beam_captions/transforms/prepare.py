@@ -11,7 +11,6 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_captions.inference.engine import processor_pixel_bounds
 from beam_captions.media.decode import DecodedWindow, PreviewSpec, VideoInfo, iter_decode
-from beam_captions.media.windowing import compute_windows
 from beam_captions.metrics import count
 from beam_captions.records import ClipInfo, ClipRef, Failure, WindowRecord, failure_from_exception
 
@@ -79,6 +78,7 @@ def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInf
 
     A clip that fails part way keeps the windows it already gave and ends with its ``Failure``.
     """
+    emitted = 0
     try:
         for item in iter_decode(
             _open(clip.source),
@@ -96,9 +96,11 @@ def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInf
                 info = item
             else:
                 count("windows_prepared")
+                emitted += 1
                 yield _window_record(clip, item, config.preview)
     except Exception as error:  # noqa: BLE001 - any bad input becomes a failure record
-        yield failure_from_exception(error, source=clip.source, clip_id=clip.clip_id, stage="prepare")
+        failure = failure_from_exception(error, source=clip.source, clip_id=clip.clip_id, stage="prepare")
+        yield failure.replace(windows_before=emitted)
         return
     count("clips_decoded")
     warnings = preview_warnings(info, config.preview)
@@ -113,7 +115,7 @@ def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInf
         num_frames=info.num_frames,
         codec=info.codec,
         duration_s=info.duration_s,
-        num_windows=len(compute_windows(info.num_frames, config.window_size, config.remainder_threshold)),
+        num_windows=emitted,
         warnings=warnings,
     )
 

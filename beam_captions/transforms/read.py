@@ -8,11 +8,12 @@ from typing import Sequence, Union
 import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.fileio import EmptyMatchTreatment
+from apache_beam.utils.timestamp import Timestamp
 
 from beam_captions.metrics import count
 from beam_captions.records import ClipRef
 
-__all__ = ["VIDEO_EXTENSIONS", "ReadClips", "is_video_path", "to_match_pattern"]
+__all__ = ["VIDEO_EXTENSIONS", "ReadClips", "WatchClips", "is_video_path", "to_match_pattern"]
 
 VIDEO_EXTENSIONS = frozenset(
     {".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv", ".3gp"}
@@ -56,4 +57,35 @@ class ReadClips(beam.PTransform):
             | "Paths" >> beam.Map(lambda metadata: metadata.path)
             | "Once" >> beam.Distinct()
             | "ToClipRef" >> beam.Map(_clip_ref)
+        )
+
+
+class WatchClips(beam.PTransform):
+    """``ClipRef``s of video files as they appear under ``input_pattern``, checked every ``interval_s``.
+
+    Unbounded (streaming). A file seen again in a later check is not emitted twice; each clip's
+    timestamp is the time it was found.
+    """
+
+    def __init__(self, input_pattern: Union[str, Sequence[str]], interval_s: float = 10.0):
+        super().__init__()
+        self.patterns = [input_pattern] if isinstance(input_pattern, str) else list(input_pattern)
+        self.interval_s = interval_s
+
+    def expand(self, pbegin):
+        matches = [
+            pbegin
+            | f"Watch{i}" >> fileio.MatchContinuously(
+                to_match_pattern(pattern),
+                interval=self.interval_s,
+                has_deduplication=True,
+                start_timestamp=Timestamp.now(),
+                empty_match_treatment=EmptyMatchTreatment.ALLOW,
+            )
+            for i, pattern in enumerate(self.patterns)
+        ]
+        return (
+            matches | "Merge" >> beam.Flatten()
+            | "KeepVideos" >> beam.Filter(lambda metadata: is_video_path(metadata.path))
+            | "ToClipRef" >> beam.Map(lambda metadata: _clip_ref(metadata.path))
         )

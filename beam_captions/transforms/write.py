@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 import apache_beam as beam
+from apache_beam import typehints
+from apache_beam.coders import PickleCoder
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import BagStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
 from apache_beam.io.filesystems import FileSystems
 
 from beam_captions.io.files import write_bytes, write_json
@@ -14,7 +19,7 @@ from beam_captions.io.paths import caption_table_path, failure_path, meta_path, 
 from beam_captions.metrics import count
 from beam_captions.records import ClipInfo, ClipRef, Failure, WindowRecord, failure_from_exception
 
-__all__ = ["SkipFinishedClips", "WriteOutputs", "write_clip"]
+__all__ = ["SkipFinishedClips", "WriteOutputs", "clip_complete", "time_partition", "write_clip"]
 
 Element = Union[ClipInfo, WindowRecord, Failure]
 
@@ -55,8 +60,11 @@ def _count_row(record: WindowRecord) -> None:
             count(f"flagged_{flag}")
 
 
-def write_clip(output: str, clip_id: str, elements: Iterable[Element]) -> None:
-    """Write one clip's failure records, its Parquet rows, then its metas (the marker that it is done)."""
+def write_clip(output: str, clip_id: str, elements: Iterable[Element], partition: Optional[str] = None) -> None:
+    """Write one clip's failure records, its Parquet rows, then its metas (the marker that it is done).
+
+    ``partition`` (streaming: the event-time window) puts the rows in ``captions/<partition>/``.
+    """
     elements = list(elements)
     infos = [e for e in elements if isinstance(e, ClipInfo)]
     windows = sorted((e for e in elements if isinstance(e, WindowRecord)), key=lambda w: w.window_index)
@@ -67,7 +75,8 @@ def write_clip(output: str, clip_id: str, elements: Iterable[Element]) -> None:
     if windows:
         for record in windows:
             _count_row(record)
-        write_bytes(caption_table_path(output, clip_id), parquet_bytes([caption_row(w, w.preview_uri) for w in windows]))
+        rows = parquet_bytes([caption_row(w, w.preview_uri) for w in windows])
+        write_bytes(caption_table_path(output, clip_id, partition), rows)
     count("clips")
     if not infos:
         count("clips_failed")
@@ -93,25 +102,94 @@ class SkipFinishedClips(beam.PTransform):
         return clips | "Unfinished" >> beam.Filter(_unfinished, self.output)
 
 
+def clip_complete(elements: Iterable[Element]) -> bool:
+    """Whether every element of a clip has arrived: its ``ClipInfo`` (or ``prepare`` failure) and as
+    many distinct windows as that says went out."""
+    elements = list(elements)
+    windows = {e.window_index for e in elements if isinstance(e, WindowRecord)}
+    for element in elements:
+        if isinstance(element, ClipInfo) and len(windows) >= element.num_windows:
+            return True
+        if isinstance(element, Failure) and element.stage == "prepare" and len(windows) >= element.windows_before:
+            return True
+    return False
+
+
+def time_partition(timestamp: Timestamp, window_seconds: Optional[float]) -> Optional[str]:
+    """``window=<UTC start>`` of the fixed event-time window holding ``timestamp`` (streaming), else ``None``."""
+    if not window_seconds or timestamp <= MIN_TIMESTAMP:
+        return None
+    start = Timestamp.of(float(timestamp) - float(timestamp) % window_seconds)
+    return "window=" + start.to_utc_datetime().strftime("%Y-%m-%dT%H-%M-%SZ")
+
+
+class _WriteWhenComplete(beam.DoFn):
+    """Buffers each clip's elements (keyed by clip id) and writes the clip as soon as it is complete.
+
+    Completion is known from the elements themselves, not from a watermark, so a clip's files
+    appear as soon as its last window is through, in batch and streaming alike. A clip still
+    incomplete when its window ends (batch: the end of input) is written with what arrived and
+    a ``write`` failure saying so.
+    """
+
+    BUFFER = BagStateSpec("elements", PickleCoder())
+    END = TimerSpec("end", TimeDomain.WATERMARK)
+
+    def __init__(self, output: str, window_seconds: Optional[float]):
+        self.output = output
+        self.window_seconds = window_seconds
+
+    def process(
+        self,
+        keyed,
+        timestamp=beam.DoFn.TimestampParam,
+        window=beam.DoFn.WindowParam,
+        buffer=beam.DoFn.StateParam(BUFFER),
+        end=beam.DoFn.TimerParam(END),
+    ):
+        clip_id, element = keyed
+        buffer.add((element, timestamp))
+        arrived = list(buffer.read())
+        if clip_complete(e for e, _ in arrived):
+            write_clip(self.output, clip_id, [e for e, _ in arrived], time_partition(arrived[0][1], self.window_seconds))
+            buffer.clear()
+        else:
+            end.set(window.max_timestamp())
+
+    @on_timer(END)
+    def flush(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER)):
+        arrived = list(buffer.read())
+        if not arrived:
+            return
+        elements = [e for e, _ in arrived]
+        missing = RuntimeError("the clip's elements did not all arrive; written with what did")
+        elements.append(failure_from_exception(missing, source=elements[0].source, clip_id=key, stage="write"))
+        write_clip(self.output, key, elements, time_partition(arrived[0][1], self.window_seconds))
+        buffer.clear()
+
+
 class WriteOutputs(beam.PTransform):
-    """Write everything under ``output`` (local or gs://), clip by clip.
+    """Write everything under ``output`` (local or gs://), clip by clip, as each clip completes.
 
     ``OUT/previews/<clip>/<start>_<end>.webp`` as windows pass, then per clip
     ``OUT/failures/<clip>_<where>_<stage>.json``, ``OUT/captions/<clip>.parquet`` (one row per
     window) and last ``OUT/metas/<clip>.json``: a clip with a metas file is complete, so a
     killed or retried run never leaves a clip half-written and never duplicates a row.
+
+    Streaming: with ``window_seconds`` the rows go to ``OUT/captions/window=<UTC start>/``, the
+    fixed event-time window of the clip's arrival. A clip is written as soon as it is complete,
+    never dropped for lateness: a late clip lands in its own (older) window's folder.
     """
 
-    def __init__(self, output: str):
+    def __init__(self, output: str, window_seconds: Optional[float] = None):
         super().__init__()
         self.output = output
+        self.window_seconds = window_seconds
 
     def expand(self, pcoll):
-        output = self.output
         return (
             pcoll
-            | "WritePreviews" >> beam.ParDo(_WritePreviews(output))
-            | "ByClip" >> beam.Map(lambda e: (e.clip_id, e))
-            | "GroupByClip" >> beam.GroupByKey()
-            | "WriteClip" >> beam.MapTuple(lambda clip_id, elements: write_clip(output, clip_id, elements))
+            | "WritePreviews" >> beam.ParDo(_WritePreviews(self.output))
+            | "ByClip" >> beam.Map(lambda e: (e.clip_id, e)).with_output_types(typehints.Tuple[str, typehints.Any])
+            | "WriteWhenComplete" >> beam.ParDo(_WriteWhenComplete(self.output, self.window_seconds))
         )

@@ -1,0 +1,109 @@
+"""Streaming: event-time partitions of the Parquet write (TestStream), a live watched folder, notifications."""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.transforms.window import TimestampedValue
+
+from beam_captions.records import ClipInfo, WindowRecord, clip_id_for
+from beam_captions.transforms.notifications import clip_uri_from_notification
+from beam_captions.transforms.write import WriteOutputs
+from conftest import VLLM_KWARGS
+
+T0 = 1_795_000_020  # 2026-11-18T11:07:00Z, a minute boundary
+
+
+def clip_elements(name: str, windows: int) -> list:
+    source = f"/videos/{name}.mp4"
+    clip_id = clip_id_for(source)
+    records = [WindowRecord(clip_id, source, i, i * 10, i * 10 + 9, i, i + 1.0, (i * 10, i * 10 + 9), caption=f"{name} {i}")
+               for i in range(windows)]
+    return [*records, ClipInfo(clip_id, source, 64, 48, 10.0, windows * 10, "h264", windows * 1.0, windows)]
+
+
+def test_clips_in_two_windows_land_in_two_sets_of_files_and_a_late_clip_is_kept(tmp_path):
+    out = str(tmp_path)
+    stream = (
+        TestStream()
+        .advance_watermark_to(T0)
+        .add_elements([TimestampedValue(e, T0 + 5) for e in clip_elements("first", 2)])
+        .add_elements([TimestampedValue(e, T0 + 65) for e in clip_elements("second", 3)])
+        .advance_watermark_to(T0 + 200)
+        .add_elements([TimestampedValue(e, T0 + 30) for e in clip_elements("late", 1)])  # behind the watermark
+        .advance_watermark_to_infinity()
+    )
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    with TestPipeline(options=options) as p:
+        p | stream | WriteOutputs(out, window_seconds=60)
+    partitions = {os.path.basename(d): sorted(os.listdir(d)) for d in glob.glob(os.path.join(out, "captions", "window=*"))}
+    first_window, second_window = "window=2026-11-18T11-07-00Z", "window=2026-11-18T11-08-00Z"
+    assert set(partitions) == {first_window, second_window}
+    ids = {name: clip_id_for(f"/videos/{name}.mp4") for name in ("first", "second", "late")}
+    assert partitions[first_window] == sorted([f"{ids['first']}.parquet", f"{ids['late']}.parquet"])
+    assert partitions[second_window] == [f"{ids['second']}.parquet"]
+    table = pq.read_table(os.path.join(out, "captions"))
+    assert table.num_rows == 6  # hive-style folders become a "window" column
+    assert set(table["window"].to_pylist()) == {"2026-11-18T11-07-00Z", "2026-11-18T11-08-00Z"}
+    assert len(glob.glob(os.path.join(out, "metas", "*.json"))) == 3
+
+
+@pytest.mark.parametrize("attributes, data, expected", [
+    ({"eventType": "OBJECT_FINALIZE", "bucketId": "b", "objectId": "raw/a b.mp4"}, b"", ("gs://b/raw/a b.mp4", "clip")),
+    ({"eventType": "OBJECT_FINALIZE"}, json.dumps({"bucket": "b", "name": "x/clip.MOV"}).encode(), ("gs://b/x/clip.MOV", "clip")),
+    ({"eventType": "OBJECT_FINALIZE", "bucketId": "b", "objectId": "notes.txt"}, b"", (None, "not_video")),
+    ({"eventType": "OBJECT_DELETE", "bucketId": "b", "objectId": "a.mp4"}, b"", (None, "event_object_delete")),
+    ({"eventType": "OBJECT_METADATA_UPDATE", "bucketId": "b", "objectId": "a.mp4"}, b"", (None, "event_object_metadata_update")),
+    ({"eventType": "OBJECT_FINALIZE"}, b"{not json", (None, "unreadable")),
+    ({}, b"", (None, "event_unknown")),
+])
+def test_bucket_notifications_are_parsed(attributes, data, expected):
+    assert clip_uri_from_notification(attributes, data) == expected
+
+
+def test_a_live_streaming_job_captions_clips_dropped_into_its_folder(tmp_path, captioner_dir, real_clips_dir):
+    watched, out = tmp_path / "watched", tmp_path / "out"
+    watched.mkdir()
+    command = [sys.executable, "-m", "beam_captions", "--streaming", "--input", str(watched), "--output", str(out),
+               "--watch-interval-seconds", "1", "--window-seconds", "5", "--generate-previews", "--generate-captions",
+               "--model-dir", captioner_dir, "--captioning-window-size", "64", "--captioning-remainder-threshold", "32",
+               "--captioning-max-output-tokens", "8", "--vllm-kwargs", json.dumps(VLLM_KWARGS)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(3)
+        names = ["carphone_pristine.mp4", "bikes.mp4"]
+        for name in names:  # copied, then renamed into place so the watcher never sees half a file
+            data = open(os.path.join(real_clips_dir, name), "rb").read()
+            open(watched / f".{name}.part", "wb").write(data)
+            os.replace(watched / f".{name}.part", watched / name)
+            time.sleep(2)
+        deadline = time.monotonic() + 240
+        while len(glob.glob(str(out / "metas" / "*.json"))) < len(names):
+            assert process.poll() is None, process.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "clips were not captioned within four minutes"
+            time.sleep(1)
+        time.sleep(3)  # one more poll of the folder: nothing may be processed twice
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert "beam-captions: stopped" in output
+    metas = [json.load(open(p)) for p in glob.glob(str(out / "metas" / "*.json"))]
+    assert sorted(os.path.basename(m["source"]) for m in metas) == sorted(names)
+    rows = pq.read_table(str(out / "captions")).to_pylist()
+    keys = [(r["clip_id"], r["window_index"]) for r in rows]
+    assert len(keys) == len(set(keys)) == sum(len(m["windows"]) for m in metas)
+    assert all(r["caption"] and os.path.isfile(r["preview"]) for r in rows)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ", r["window"]) for r in rows)

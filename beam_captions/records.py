@@ -31,10 +31,11 @@ class ClipRef:
 
     source: str
     clip_id: str
+    found_at: Optional[float] = None  # event time (s since the epoch) a streaming source saw the clip
 
     @classmethod
-    def from_source(cls, source: str) -> "ClipRef":
-        return cls(source=source, clip_id=clip_id_for(source))
+    def from_source(cls, source: str, found_at: Optional[float] = None) -> "ClipRef":
+        return cls(source=source, clip_id=clip_id_for(source), found_at=found_at)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,7 @@ class ClipInfo:
     duration_s: float
     num_windows: int
     warnings: tuple[str, ...] = ()
+    found_at: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class Failure:
     message: str
     window_index: Optional[int] = None
     windows_before: int = 0  # windows a clip had already given when its ``prepare`` step failed
+    found_at: Optional[float] = None  # the clip's event time, on ``prepare`` failures (streaming)
 
     def replace(self, **changes) -> "Failure":
         return dataclasses.replace(self, **changes)

@@ -19,6 +19,7 @@ from beam_captions.inference.engine import Engine, processor_pixel_bounds
 from beam_captions.media.decode import PreviewSpec
 from beam_captions.records import ClipRef, WindowRecord
 from beam_captions.transforms.prepare import PrepareConfig, prepare_clip
+
 from common import MAX_OUTPUT_TOKENS
 
 BATCH_SIZE = 8  # the job's default --captioning-batch-size

@@ -156,7 +156,9 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def interleaved(repeats: int, ours: Callable[[], float], baseline: Callable[[], float]) -> tuple[list[float], list[float]]:
+def interleaved(
+    repeats: int, ours: Callable[[], float], baseline: Callable[[], float]
+) -> tuple[list[float], list[float]]:
     """Run ``ours`` and ``baseline`` ``repeats`` times each, alternating which goes first."""
     mine, theirs = [], []
     for repeat in range(repeats):
@@ -238,7 +240,8 @@ def code_version() -> dict[str, Any]:
         out = subprocess.run(["git", "-C", REPO_DIR, *args], capture_output=True, text=True, check=False)
         return out.stdout.strip()
 
-    return {"commit": git("rev-parse", "--short", "HEAD"), "package_dirty": bool(git("status", "--porcelain", "--", "beam_captions"))}
+    dirty = bool(git("status", "--porcelain", "--", "beam_captions"))
+    return {"commit": git("rev-parse", "--short", "HEAD"), "package_dirty": dirty}
 
 
 def machine_info() -> dict[str, Any]:

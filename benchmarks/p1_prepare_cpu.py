@@ -2,8 +2,9 @@
 
 Ours: ``prepare_clip`` (the decode pass: model frames at the default pixel bound and 1 fps 240p
 preview frames) and ``preview_window`` (``encode_webp``, quality 50, compression level 6) on each
-window, in this process, counted with ``getrusage(RUSAGE_SELF)`` (all threads). Baseline: ``ffmpeg -i CLIP -f null -`` (decodes every
-frame, and the audio, and throws them away), counted with ``getrusage(RUSAGE_CHILDREN)``.
+window, in this process, counted with ``getrusage(RUSAGE_SELF)`` (all threads). Baseline:
+``ffmpeg -i CLIP -f null -`` (decodes every frame, and the audio, and throws them away), counted
+with ``getrusage(RUSAGE_CHILDREN)``.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 import av
-from common import Figure, children_cpu, ffmpeg_version, find_ffmpeg, interleaved, median_ratio, self_cpu
 
 from beam_captions.media.decode import PreviewSpec
 from beam_captions.records import ClipRef, WindowRecord
 from beam_captions.transforms.prepare import PrepareConfig, prepare_clip
 from beam_captions.transforms.previews import preview_window
+
+from common import Figure, children_cpu, ffmpeg_version, find_ffmpeg, interleaved, median_ratio, self_cpu
 
 # The pipeline's defaults: window 256, 2 fps model frames at the default (Qwen2.5-VL) pixel bound,
 # 1 fps 240p previews, WebP quality 50 at compression level 6.
@@ -72,12 +74,13 @@ def pyav_decode_only_cpu(clip: str) -> float:
 def ffmpeg_decode_cpu(ffmpeg: str, clip: str) -> float:
     """CPU seconds of ``ffmpeg -i CLIP -f null -``."""
     start = children_cpu()
-    subprocess.run([ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-i", clip, "-f", "null", "-"], check=True)
+    command = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-i", clip, "-f", "null", "-"]
+    subprocess.run(command, check=True)
     return children_cpu() - start
 
 
 def run(clip: str, repeats: int, long_clip: Optional[str] = None) -> Figure:
-    """The figure on ``clip``; ``long_clip`` adds one interleaved pair on a long clip to the details."""
+    """The figure on ``clip``; ``long_clip`` adds one pair (ours, ffmpeg) on a long clip to the details."""
     figure = Figure("P1", "decode+previews CPU / ffmpeg full decode CPU", "CPU s", ("<=", 1.3))
     ffmpeg = find_ffmpeg()
     if not ffmpeg:

@@ -17,6 +17,7 @@ import tempfile
 from common import Figure, children_cpu, ffmpeg_version, find_ffmpeg, interleaved, median_ratio
 from p1_prepare_cpu import ours_cpu
 
+
 QUIET = ["-nostdin", "-y", "-hide_banner", "-loglevel", "error"]
 
 

@@ -16,13 +16,13 @@ from contextlib import redirect_stdout
 from io import StringIO
 from typing import Any
 
-from captioning import BATCH_SIZE, engines_kept, generate_calls, job_flags, make_handler, prepare_config, warm_handler
-from common import Figure, clip_folder, interleaved, median_ratio
-
 from beam_captions.cli import run_job
 from beam_captions.records import ClipRef, WindowRecord
 from beam_captions.transforms.prepare import prepare_clip
 from beam_captions.transforms.previews import preview_window
+
+from captioning import BATCH_SIZE, engines_kept, generate_calls, job_flags, make_handler, prepare_config, warm_handler
+from common import Figure, clip_folder, interleaved, median_ratio
 
 WEBP_OPTIONS = {"quality": 50, "compression_level": 6, "threads": 4}  # the job's defaults
 
@@ -50,7 +50,8 @@ def loop_seconds(clips: list[str], model_dir: str, vllm_kwargs: dict[str, Any]) 
     captions = 0
 
     def flush() -> int:
-        done = sum(1 for record, failure in handler.run_inference(pending, engine) if failure is None and record.caption)
+        outcomes = handler.run_inference(pending, engine)
+        done = sum(1 for record, failure in outcomes if failure is None and record.caption)
         pending.clear()
         return done
 

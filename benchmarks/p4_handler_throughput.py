@@ -14,12 +14,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, ContextManager
 
-from captioning import BATCH_SIZE, prepare_config, prepared_windows, warm_handler
-from common import Figure, interleaved, median_ratio
-
 from beam_captions.inference.caption_handler import QwenVLCaptionHandler, video_input
 from beam_captions.inference.engine import Engine
 from beam_captions.records import WindowRecord
+
+from captioning import BATCH_SIZE, prepare_config, prepared_windows, warm_handler
+from common import Figure, interleaved, median_ratio
 
 SWEEP = (1, 4, 8, 16)
 

@@ -23,12 +23,13 @@ from typing import Any, Optional
 
 import av
 import psutil
-from captioning import job_flags
-from common import REPO_DIR, Figure, clip_folder
 
 from beam_captions.inference.engine import DEFAULT_PIXEL_BOUNDS, processor_pixel_bounds
 from beam_captions.media.decode import preview_size, resize_to_pixel_bound
 from beam_captions.media.windowing import compute_windows, num_preview_frames, num_sampled_frames
+
+from captioning import job_flags
+from common import REPO_DIR, Figure, clip_folder
 
 MB = 2**20
 

@@ -1,9 +1,10 @@
-"""P6 (GPU only): P4 on the GPU, GPU utilisation while captioning, and time from job start to first caption.
+"""P6 (GPU only): P4 on the GPU, GPU utilisation while captioning, time to first caption.
 
-Utilisation is sampled with ``nvidia-smi --query-gpu=utilization.gpu`` every 0.2 s during P4's timed
-captioning (handler and raw calls, after the windows are decoded; mean and median are reported). Time to first caption: ``run_job`` in this
-process on the warm engine, from the call to the first ``Engine.generate`` that returns (engine
-loading, reported separately as ``engine_load_s``, comes on top of it in a cold job).
+Utilisation is sampled with ``nvidia-smi --query-gpu=utilization.gpu`` every 0.2 s during P4's
+timed captioning (handler and raw calls, after the windows are decoded; mean and median are
+reported). Time to first caption: ``run_job`` in this process on the warm engine, from the call to
+the first ``Engine.generate`` that returns (engine loading, reported separately as
+``engine_load_s``, comes on top of it in a cold job).
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from contextlib import redirect_stdout
 from io import StringIO
 from typing import Any, Optional
 
+from beam_captions.cli import run_job
+from beam_captions.inference.engine import Engine
+
 import p4_handler_throughput
 from captioning import engines_kept, job_flags, warm_handler
 from common import Figure, clip_folder, gpu_name
-
-from beam_captions.cli import run_job
-from beam_captions.inference.engine import Engine
 
 
 class GpuSampler:
@@ -37,11 +38,14 @@ class GpuSampler:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "--id=0"],
-                capture_output=True, text=True, check=False,
-            )
-            if out.returncode == 0 and out.stdout.strip():
+            try:
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "--id=0"],
+                    capture_output=True, text=True, check=False, timeout=10,
+                )
+            except (OSError, subprocess.TimeoutExpired):
+                out = None
+            if out is not None and out.returncode == 0 and out.stdout.strip():
                 self.samples.append(float(out.stdout.split()[0]))
             self._stop.wait(self.interval_s)
 
@@ -84,7 +88,9 @@ def run(clip: str, windows: int, repeats: int, model_dir: str, vllm_kwargs: dict
         return figure
     _, _, load_s = warm_handler(model_dir, vllm_kwargs)
     sampler = GpuSampler()
-    figure = p4_handler_throughput.run(clip, windows, repeats, 1, model_dir, vllm_kwargs, name="P6", during=lambda: sampler)
+    figure = p4_handler_throughput.run(
+        clip, windows, repeats, 1, model_dir, vllm_kwargs, name="P6", during=lambda: sampler
+    )
     figure.title = "GPU: " + figure.title
     figure.details.update(
         gpu=card,

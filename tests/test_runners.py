@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -39,10 +40,18 @@ from gcs import storage_emulator
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATAFLOW_DIR = os.path.join(ROOT, "templates", "dataflow")
 FLINK_DIR = os.path.join(ROOT, "templates", "flink")
-sys.path.insert(0, DATAFLOW_DIR)
 
-import flex_main  # noqa: E402
-import make_metadata  # noqa: E402
+
+def _load(name: str):
+    """A script of templates/dataflow as a module (that folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"dataflow_template_{name}", os.path.join(DATAFLOW_DIR, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+flex_main = _load("flex_main")
+make_metadata = _load("make_metadata")
 
 ACCELERATOR_URN = "beam:resources:accelerator:v1"
 ACCELERATOR = "type:nvidia-l4;count:1;machine_type:g2-standard-8;install-nvidia-driver:5xx"
@@ -110,7 +119,7 @@ def leaf_environments(proto) -> dict[str, beam_runner_api_pb2.Environment]:
     }
 
 
-def assert_gpu_only_on_inference(proto, accelerator: str) -> None:
+def assert_gpu_only_on_inference(proto, accelerator: str, streaming: bool = False) -> None:
     leaves = leaf_environments(proto)
     gpu = {name for name, env in leaves.items() if ACCELERATOR_URN in env.resource_hints}
     inference = {name for name in leaves if is_inference(name)}
@@ -119,23 +128,27 @@ def assert_gpu_only_on_inference(proto, accelerator: str) -> None:
     for name in gpu:
         assert leaves[name].resource_hints[ACCELERATOR_URN] == accelerator.encode()
     cpu = set(leaves) - gpu
-    for step in ("ReadClips/", "PrepareWindows/", "GeneratePreviews/", "WriteOutputs/"):
+    read_step = ("WatchClips/", "ClipsFromNotifications/") if streaming else ("ReadClips/",)
+    for step in (read_step, "PrepareWindows/", "GeneratePreviews/", "WriteOutputs/"):
         assert any(n.startswith(step) for n in cpu), f"no {step} step in the graph"
     for env in leaves.values():  # every step runs the custom image, GPU or not
         assert env.urn == "beam:env:docker:v1"
         assert beam_runner_api_pb2.DockerPayload.FromString(env.payload).container_image == IMAGE
 
 
-def test_dataflow_graph_gives_the_accelerator_to_the_inference_steps_only(bucket, tiny_models):
+@pytest.mark.parametrize("mode", ["batch", "streaming"])
+def test_dataflow_graph_gives_the_accelerator_to_the_inference_steps_only(bucket, tiny_models, mode):
     proto, options = dry_run_graph(
         full_job_args(bucket, tiny_models) + dataflow_args(bucket, dry_run=True)
+        + (["--streaming", "--streaming"] if mode == "streaming" else [])  # the CLI's flag, then Beam's
     )
-    assert_gpu_only_on_inference(proto, ACCELERATOR)
+    assert_gpu_only_on_inference(proto, ACCELERATOR, streaming=mode == "streaming")
     assert any(n.startswith("EnhanceCaptions/") for n in leaf_environments(proto) if is_inference(n))
     cloud = options.get_all_options()
     # Right fitting asks for GPUs per step; the job-wide worker_accelerator option must stay unset.
     assert not any("worker_accelerator" in o for o in cloud.get("dataflow_service_options") or [])
     assert cloud["sdk_container_image"] == IMAGE and cloud["sdk_location"] == "container"
+    assert bool(cloud.get("streaming")) == (mode == "streaming")
 
 
 def test_dataflow_graph_without_accelerator_has_one_environment_without_hints(bucket, tiny_models):
@@ -333,7 +346,7 @@ def test_launch_sh_hands_gcloud_every_value_intact(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     (argv,) = calls
-    assert argv[:4] == ["dataflow", "flex-template", "run", "job-1"]
+    assert argv[:4] == ["dataflow", "flex-template", "run", "job-1"] and "--enable-streaming-engine" not in argv
     flags = dict(a.split("=", 1) for a in argv[4:])
     assert flags["--template-file-gcs-location"] == "gs://my-bucket/templates/beam-captions.json"
     assert flags["--staging-location"] == "gs://my-bucket/staging"
@@ -354,6 +367,17 @@ def test_launch_sh_hands_gcloud_every_value_intact(tmp_path):
         assert "--additional-experiments" not in flags
     # every parameter is a template parameter or a Beam option the launcher understands
     assert set(params) - names == {"sdk_container_image", "sdk_location"}
+
+
+def test_launch_sh_streaming_from_a_subscription(tmp_path):
+    done, calls = run_launch_sh(tmp_path, "run", "-", "gs://my-bucket/out", "streaming=true",
+                                "input_subscription=projects/p/subscriptions/clips")
+    assert done.returncode == 0, done.stderr
+    (argv,) = calls
+    assert "--enable-streaming-engine" in argv
+    flags = dict(a.split("=", 1) for a in argv[4:] if "=" in a)
+    params = dict(item.split("=", 1) for item in flags["--parameters"][3:].split("~"))
+    assert "input" not in params and params["input_subscription"] == "projects/p/subscriptions/clips"
 
 
 def test_launch_sh_refuses_what_it_cannot_pass(tmp_path):
@@ -387,12 +411,15 @@ def job_args(clips: str, out: str, captioner: str) -> list[str]:
     ]
 
 
-def outputs(out: str) -> dict:
+def outputs(out: str, captions: bool = True) -> dict:
     """What a run wrote, without the model's words (batching may change them slightly)."""
     rows = pq.read_table(os.path.join(out, "captions")).to_pylist()
     keys = [(r["clip_id"], r["window_index"], r["start_frame"], r["end_frame"], r["num_sampled_frames"]) for r in rows]
     assert len(keys) == len(set(keys)), "duplicate rows"
-    assert all(isinstance(r["caption"], str) and r["caption"].strip() for r in rows), "a window without caption"
+    if captions:
+        assert all(isinstance(r["caption"], str) and r["caption"].strip() for r in rows), "a window without caption"
+    else:
+        assert all(r["caption"] is None for r in rows)
     return {
         "rows": set(keys),
         "previews": {os.path.relpath(p, out) for p in glob.glob(os.path.join(out, "previews", "*", "*.webp"))},
@@ -482,7 +509,7 @@ def test_portable_runner_with_an_external_worker_pool_writes_what_the_direct_run
     counts = run_job(job_args(real_clips_dir, out, captioner_dir) + [
         "--runner=PortableRunner", f"--job_endpoint={job_endpoint}",
         "--environment_type=EXTERNAL", f"--environment_config={pool}",
-    ])
+    ], release_models=False)  # (this process has no engine of this job; keep the in-memory run's)
     assert_same_run(outputs(out), counts, in_memory_run)
     assert "worker pool: python" in open(pool_log).read()  # the SDK worker came from start_worker_pool.sh's pool
 
@@ -501,14 +528,36 @@ def test_flink_options_file_is_a_valid_flink_job(captioner_dir):
     assert str(portable.sdk_worker_parallelism) == "1"
 
 
+SHARED_ENGINE_FLAG = "--share-model-across-processes"
+
+
+def cli_has(flag: str) -> bool:
+    return any(flag in action.option_strings for action in build_parser()._actions)
+
+
 def test_multi_process_direct_runner_writes_what_the_in_memory_run_writes(
     in_memory_run, tmp_path, captioner_dir, real_clips_dir
 ):
+    """Two worker processes: everything the job sends between them must pickle.
+
+    With the CLI's shared engine, the job captions too and the two workers use one engine (so one engine
+    start). Without it, each worker would start its own engine (two minutes on a busy 2-core machine),
+    while the portable test already runs the caption step in a separate process; so previews only here.
+    """
     out = str(tmp_path / "multi-process")
-    counts = run_job(job_args(real_clips_dir, out, captioner_dir) + [
-        "--direct_running_mode=multi_processing", "--direct_num_workers=2",
-    ])
-    assert_same_run(outputs(out), counts, in_memory_run)
+    args = job_args(real_clips_dir, out, captioner_dir)
+    shared = cli_has(SHARED_ENGINE_FLAG)
+    if shared:
+        args.append(SHARED_ENGINE_FLAG)
+    else:
+        args.remove("--generate-captions")
+    counts = run_job(args + ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+                     release_models=False)
+    expected, expected_counts = in_memory_run
+    found = outputs(out, captions=shared)
+    assert found == expected
+    structural = [k for k in STRUCTURAL_COUNTERS if shared or k != "captions"]
+    assert {k: counts.get(k) for k in structural} == {k: expected_counts.get(k) for k in structural}
 
 
 @pytest.mark.xfail(strict=True, reason="a shared engine is reached through a multi_process_shared proxy, which "

@@ -26,12 +26,13 @@ from conftest import VLLM_KWARGS
 T0 = 1_795_000_020  # 2026-11-18T11:07:00Z, a minute boundary
 
 
-def clip_elements(name: str, windows: int) -> list:
+def clip_elements(name: str, windows: int, found_at: float) -> list:
     source = f"/videos/{name}.mp4"
     clip_id = clip_id_for(source)
     records = [WindowRecord(clip_id, source, i, i * 10, i * 10 + 9, i, i + 1.0, (i * 10, i * 10 + 9), caption=f"{name} {i}")
                for i in range(windows)]
-    return [*records, ClipInfo(clip_id, source, 64, 48, 10.0, windows * 10, "h264", windows * 1.0, windows)]
+    info = ClipInfo(clip_id, source, 64, 48, 10.0, windows * 10, "h264", windows * 1.0, windows, found_at=found_at)
+    return [*records, info]
 
 
 def test_clips_in_two_windows_land_in_two_sets_of_files_and_a_late_clip_is_kept(tmp_path):
@@ -39,10 +40,10 @@ def test_clips_in_two_windows_land_in_two_sets_of_files_and_a_late_clip_is_kept(
     stream = (
         TestStream()
         .advance_watermark_to(T0)
-        .add_elements([TimestampedValue(e, T0 + 5) for e in clip_elements("first", 2)])
-        .add_elements([TimestampedValue(e, T0 + 65) for e in clip_elements("second", 3)])
+        .add_elements([TimestampedValue(e, T0 + 5) for e in clip_elements("first", 2, T0 + 5)])
+        .add_elements([TimestampedValue(e, T0 + 65) for e in clip_elements("second", 3, T0 + 65)])
         .advance_watermark_to(T0 + 200)
-        .add_elements([TimestampedValue(e, T0 + 30) for e in clip_elements("late", 1)])  # behind the watermark
+        .add_elements([TimestampedValue(e, T0 + 30) for e in clip_elements("late", 1, T0 + 30)])  # behind the watermark
         .advance_watermark_to_infinity()
     )
     options = PipelineOptions()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from beam_captions.inference.engine import Engine, EngineSettings
-from beam_captions.inference.variants import canonical_variant
+from beam_captions.inference.variants import CAPTION_MODELS, canonical_variant
 from beam_captions.inference.vllm_handler import Outcome, VLLMWindowHandler
 from beam_captions.prompts import caption_prompt, stage2_prompt
 from beam_captions.quality import CaptionCheck, better_caption, check_caption
@@ -166,7 +166,6 @@ class QwenVLCaptionHandler(VLLMWindowHandler):
         share_across_processes: bool = False,
         inference_fn: Callable[[Engine, Sequence[WindowRecord], CaptionRequest], list[WindowRecord]] = caption_batch,
     ):
-        canonical_variant(model_variant)
         settings = EngineSettings(
             model_dir=model_dir,
             fp8=fp8,
@@ -175,6 +174,7 @@ class QwenVLCaptionHandler(VLLMWindowHandler):
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             trust_remote_code=trust_remote_code,
+            hub_model_id=CAPTION_MODELS[canonical_variant(model_variant)],
             extra=dict(vllm_kwargs or {}),
         )
         request = CaptionRequest(
@@ -189,6 +189,9 @@ class QwenVLCaptionHandler(VLLMWindowHandler):
             settings, request, inference_fn, batch_size=caption_batch_size, share_across_processes=share_across_processes
         )
 
+    def wants(self, element: object) -> bool:
+        return isinstance(element, WindowRecord) and element.frames is not None
+
     def on_failure(self, record: WindowRecord, engine: Engine) -> WindowRecord:
         return record.replace(frames=None, caption_model=engine.name)
 
@@ -196,4 +199,4 @@ class QwenVLCaptionHandler(VLLMWindowHandler):
         return None if record.caption else ValueError("the model returned an empty caption")
 
     def get_num_bytes(self, batch: Sequence[WindowRecord]) -> int:
-        return sum(r.frames.nbytes for r in batch if r.frames is not None)
+        return sum(r.frames.nbytes for r in batch if isinstance(r, WindowRecord) and r.frames is not None)

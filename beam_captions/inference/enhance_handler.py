@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from beam_captions.inference.caption_handler import generate_checked
 from beam_captions.inference.engine import Engine, EngineSettings
-from beam_captions.inference.variants import canonical_variant
+from beam_captions.inference.variants import ENHANCE_MODELS, canonical_variant
 from beam_captions.inference.vllm_handler import VLLMWindowHandler
 from beam_captions.prompts import enhance_prompt
 from beam_captions.records import WindowRecord
@@ -98,6 +98,7 @@ class QwenTextEnhanceHandler(VLLMWindowHandler):
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             trust_remote_code=trust_remote_code,
+            hub_model_id=ENHANCE_MODELS[canonical_variant(model_variant)],
             multimodal=False,
             extra=dict(vllm_kwargs or {}),
         )
@@ -107,6 +108,9 @@ class QwenTextEnhanceHandler(VLLMWindowHandler):
             disable_thinking=canonical_variant(model_variant) == "qwen3",
         )
         super().__init__(settings, request, inference_fn, batch_size=batch_size, share_across_processes=share_across_processes)
+
+    def wants(self, element: object) -> bool:
+        return isinstance(element, WindowRecord) and bool(source_caption(element))
 
     def check(self, record: WindowRecord) -> Optional[Exception]:
         return None if record.enhanced_caption else ValueError("the enhancer returned an empty caption")

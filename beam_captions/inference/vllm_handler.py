@@ -21,9 +21,10 @@ InferenceFn = Callable[[Engine, Sequence[WindowRecord], Any], list[WindowRecord]
 
 
 class VLLMWindowHandler(ModelHandler[WindowRecord, Outcome, Engine]):
-    """Runs ``inference_fn(engine, windows, request)`` on batches of ``WindowRecord``s.
+    """Runs ``inference_fn(engine, windows, request)`` on the ``WindowRecord``s this handler ``wants``.
 
-    A failing batch is retried window by window; a window that still fails comes back
+    Other elements of a batch (clip infos, failures, windows with nothing to do) pass through, so
+    the handler sits on the pipeline's one mixed PCollection without splitting it. A failing batch is retried window by window; a window that still fails comes back
     unchanged but for ``on_failure`` and with a ``Failure`` of this handler's ``stage``,
     so the rest of its batch keeps its results.
     """
@@ -63,14 +64,26 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, Outcome, Engine]):
             error, source=record.source, clip_id=record.clip_id, stage=self.stage, window_index=record.window_index
         )
 
+    def wants(self, element: object) -> bool:
+        """Whether ``element`` goes to the model; every other element passes through unchanged."""
+        return isinstance(element, WindowRecord)
+
     def run_inference(
-        self, batch: Sequence[WindowRecord], model: Engine, inference_args: Optional[dict] = None
+        self, batch: Sequence[object], model: Engine, inference_args: Optional[dict] = None
     ) -> Iterable[Outcome]:
-        model.start()  # a model that cannot load fails the bundle, not each window
-        results = run_isolated(lambda part: self._infer(model, part), batch)
-        for record, result in zip(batch, results):
+        wanted = [element for element in batch if self.wants(element)]
+        results = iter(())
+        if wanted:
+            model.start()  # a model that cannot load fails the bundle, not each window
+            results = iter(run_isolated(lambda part: self._infer(model, part), wanted))
+        for element in batch:
+            if not self.wants(element):
+                yield element, None
+                continue
+            count(self.done_counter)
+            result = next(results)
             if isinstance(result, Exception):
-                yield self.on_failure(record, model), self._failure(result, record)
+                yield self.on_failure(element, model), self._failure(result, element)
                 continue
             problem = self.check(result)
             yield result, (self._failure(problem, result) if problem else None)

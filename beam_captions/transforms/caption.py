@@ -7,9 +7,7 @@ from typing import Optional
 import apache_beam as beam
 
 from beam_captions.inference.caption_handler import QwenVLCaptionHandler
-from beam_captions.records import WindowRecord
 from beam_captions.transforms._inference import InferWindows
-from beam_captions.transforms._split import OnlyWhere, is_kind
 
 __all__ = ["CaptionWindows"]
 
@@ -67,4 +65,4 @@ class CaptionWindows(beam.PTransform):
         )
 
     def expand(self, pcoll):
-        return pcoll | "CaptionOnlyWindows" >> OnlyWhere(is_kind(WindowRecord), InferWindows(self.handler, self.accelerator))
+        return pcoll | "Caption" >> InferWindows(self.handler, self.accelerator)

@@ -6,16 +6,10 @@ from typing import Optional
 
 import apache_beam as beam
 
-from beam_captions.inference.enhance_handler import QwenTextEnhanceHandler, source_caption
-from beam_captions.records import WindowRecord
+from beam_captions.inference.enhance_handler import QwenTextEnhanceHandler
 from beam_captions.transforms._inference import InferWindows
-from beam_captions.transforms._split import OnlyWhere
 
 __all__ = ["EnhanceCaptions"]
-
-
-def _has_caption(element: object) -> bool:
-    return isinstance(element, WindowRecord) and bool(source_caption(element))
 
 
 class EnhanceCaptions(beam.PTransform):
@@ -59,4 +53,4 @@ class EnhanceCaptions(beam.PTransform):
         )
 
     def expand(self, pcoll):
-        return pcoll | "EnhanceCaptioned" >> OnlyWhere(_has_caption, InferWindows(self.handler, self.accelerator))
+        return pcoll | "Enhance" >> InferWindows(self.handler, self.accelerator)

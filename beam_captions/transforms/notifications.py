@@ -39,13 +39,13 @@ def clip_uri_from_notification(attributes: Mapping[str, str], data: bytes) -> tu
     return f"gs://{bucket}/{name}", "clip"
 
 
-def _to_clip(message) -> list[ClipRef]:
+def _to_clip(message, timestamp=beam.DoFn.TimestampParam) -> list[ClipRef]:
     uri, reason = clip_uri_from_notification(message.attributes or {}, message.data)
     if uri is None:
         count(f"notifications_ignored_{reason}")
         return []
     count("clips_found")
-    return [ClipRef.from_source(uri)]
+    return [ClipRef.from_source(uri, float(timestamp))]
 
 
 class ClipsFromNotifications(beam.PTransform):

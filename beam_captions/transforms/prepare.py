@@ -100,7 +100,7 @@ def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInf
                 yield _window_record(clip, item, config.preview)
     except Exception as error:  # noqa: BLE001 - any bad input becomes a failure record
         failure = failure_from_exception(error, source=clip.source, clip_id=clip.clip_id, stage="prepare")
-        yield failure.replace(windows_before=emitted)
+        yield failure.replace(windows_before=emitted, found_at=clip.found_at)
         return
     count("clips_decoded")
     warnings = preview_warnings(info, config.preview)
@@ -117,6 +117,7 @@ def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInf
         duration_s=info.duration_s,
         num_windows=emitted,
         warnings=warnings,
+        found_at=clip.found_at,
     )
 
 

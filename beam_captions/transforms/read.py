@@ -8,7 +8,7 @@ from typing import Sequence, Union
 import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.fileio import EmptyMatchTreatment
-from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
 
 from beam_captions.metrics import count
 from beam_captions.records import ClipRef
@@ -32,9 +32,9 @@ def to_match_pattern(location: str) -> str:
     return location.rstrip("/") + "/**"
 
 
-def _clip_ref(path: str) -> ClipRef:
+def _clip_ref(path: str, timestamp=beam.DoFn.TimestampParam) -> ClipRef:
     count("clips_found")
-    return ClipRef.from_source(path)
+    return ClipRef.from_source(path, float(timestamp) if timestamp > MIN_TIMESTAMP else None)
 
 
 class ReadClips(beam.PTransform):
@@ -87,5 +87,6 @@ class WatchClips(beam.PTransform):
         return (
             matches | "Merge" >> beam.Flatten()
             | "KeepVideos" >> beam.Filter(lambda metadata: is_video_path(metadata.path))
-            | "ToClipRef" >> beam.Map(lambda metadata: _clip_ref(metadata.path))
+            | "Paths" >> beam.Map(lambda metadata: metadata.path)
+            | "ToClipRef" >> beam.Map(_clip_ref)
         )

@@ -9,7 +9,7 @@ from apache_beam import typehints
 from apache_beam.coders import PickleCoder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, TimerSpec, on_timer
-from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
+from apache_beam.utils.timestamp import Timestamp
 from apache_beam.io.filesystems import FileSystems
 
 from beam_captions.io.files import write_bytes, write_json
@@ -115,11 +115,16 @@ def clip_complete(elements: Iterable[Element]) -> bool:
     return False
 
 
-def time_partition(timestamp: Timestamp, window_seconds: Optional[float]) -> Optional[str]:
-    """``window=<UTC start>`` of the fixed event-time window holding ``timestamp`` (streaming), else ``None``."""
-    if not window_seconds or timestamp <= MIN_TIMESTAMP:
+def time_partition(elements: Iterable[Element], window_seconds: Optional[float]) -> Optional[str]:
+    """``window=<UTC start>`` of the fixed event-time window of the clip's arrival (streaming), else ``None``.
+
+    The arrival time travels in the clip's ``ClipInfo`` or ``prepare`` failure: element timestamps
+    do not survive ``RunInference``, whose batching re-stamps its outputs.
+    """
+    found = [e.found_at for e in elements if isinstance(e, (ClipInfo, Failure)) and e.found_at is not None]
+    if not window_seconds or not found:
         return None
-    start = Timestamp.of(float(timestamp) - float(timestamp) % window_seconds)
+    start = Timestamp.of(found[0] - found[0] % window_seconds)
     return "window=" + start.to_utc_datetime().strftime("%Y-%m-%dT%H-%M-%SZ")
 
 
@@ -142,29 +147,27 @@ class _WriteWhenComplete(beam.DoFn):
     def process(
         self,
         keyed,
-        timestamp=beam.DoFn.TimestampParam,
         window=beam.DoFn.WindowParam,
         buffer=beam.DoFn.StateParam(BUFFER),
         end=beam.DoFn.TimerParam(END),
     ):
         clip_id, element = keyed
-        buffer.add((element, timestamp))
+        buffer.add(element)
         arrived = list(buffer.read())
-        if clip_complete(e for e, _ in arrived):
-            write_clip(self.output, clip_id, [e for e, _ in arrived], time_partition(arrived[0][1], self.window_seconds))
+        if clip_complete(arrived):
+            write_clip(self.output, clip_id, arrived, time_partition(arrived, self.window_seconds))
             buffer.clear()
         else:
             end.set(window.max_timestamp())
 
     @on_timer(END)
     def flush(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER)):
-        arrived = list(buffer.read())
-        if not arrived:
+        elements = list(buffer.read())
+        if not elements:
             return
-        elements = [e for e, _ in arrived]
         missing = RuntimeError("the clip's elements did not all arrive; written with what did")
         elements.append(failure_from_exception(missing, source=elements[0].source, clip_id=key, stage="write"))
-        write_clip(self.output, key, elements, time_partition(arrived[0][1], self.window_seconds))
+        write_clip(self.output, key, elements, time_partition(elements, self.window_seconds))
         buffer.clear()
 
 

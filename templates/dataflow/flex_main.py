@@ -4,10 +4,9 @@ The launcher runs ``python flex_main.py --input=gs://... --generate_captions=tru
 --project=... --region=... --staging_location=... --temp_location=... [--sdk_container_image=...]``: every
 template parameter of ``metadata.json`` arrives as ``--<dest>=<value>`` and a switch as ``true``/``false``.
 This turns them back into the CLI's own flags (``--generate-captions``, ``--no-skip-existing``,
-``--model-dir=...``), leaves
-Beam's options as they are, adds ``--sdk_location=container`` (the worker image already holds this Beam
-SDK, so nothing is staged) unless given, validates them exactly as ``beam-captions`` does, builds the same
-pipeline, and submits it.
+``--model-dir=...``), leaves Beam's options as they are, adds ``--sdk_location=container`` (the worker
+image already holds this Beam SDK, so nothing is staged) unless given, validates them exactly as
+``beam-captions`` does, builds the same pipeline, and submits it.
 
 It does not wait for the job to finish: the launcher's work ends once the job is handed to Dataflow
 (with ``--template_location`` set, Beam writes the job file there instead of submitting it itself), so
@@ -66,6 +65,8 @@ def main(argv: Optional[Sequence[str]] = None):
     from beam_captions.pipeline import build_pipeline
 
     config, beam_args = parse_args(to_cli_args(sys.argv[1:] if argv is None else argv))
+    if getattr(config, "streaming", False) and "--streaming" not in beam_args:
+        beam_args = [*beam_args, "--streaming"]  # as beam_captions.cli.run_job does
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
     build_pipeline(pipeline, config)
     return pipeline.run()

@@ -3,7 +3,7 @@
 #
 #   templates/dataflow/launch.sh image                      # build and push the image (Cloud Build)
 #   templates/dataflow/launch.sh template                   # write the template spec (image + metadata.json)
-#   templates/dataflow/launch.sh run INPUT OUTPUT [NAME=VALUE ...]   # start a batch job
+#   templates/dataflow/launch.sh run INPUT OUTPUT [NAME=VALUE ...]   # start a job (INPUT '-': none)
 #
 # INPUT and OUTPUT are gs:// paths; NAME=VALUE are further template parameters, named like the CLI flags
 # with underscores (metadata.json): generate_previews=true, captioning_window_size=128,
@@ -24,9 +24,10 @@
 #   LAUNCHER_MACHINE_TYPE: n2-standard-4 (the launcher pulls this large image)
 #   JOB_NAME: beam-captions-<UTC time>   SERVICE_ACCOUNT: (project default)
 #
-# Streaming: the CLI has no streaming input yet. Once it has (fileio.MatchContinuously or Pub/Sub
-# notifications), run with streaming=true and add --enable-streaming-engine below; Dataflow applies
-# right fitting to streaming jobs only with horizontal autoscaling.
+# Streaming: `run INPUT OUTPUT streaming=true` watches INPUT for new clips; for Pub/Sub notifications of
+# a bucket give `run - OUTPUT streaming=true input_subscription=projects/P/subscriptions/S`. Either adds
+# --enable-streaming-engine (Dataflow right-fits streaming jobs only with horizontal autoscaling, which
+# Streaming Engine jobs have by default).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -103,9 +104,9 @@ run_job() {
   [ "$#" -ge 2 ] || die "usage: launch.sh run INPUT OUTPUT [NAME=VALUE ...]"
   local input=$1 output=$2
   shift 2
-  local -a params=(
-    "input=$input"
-    "output=$output"
+  local -a params=("output=$output")
+  if [ "$input" != "-" ]; then params+=("input=$input"); fi
+  params+=(
     "generate_captions=true"
     "model_dir=$MODEL_DIR"
     "accelerator=$ACCELERATOR"
@@ -113,6 +114,7 @@ run_job() {
     "sdk_container_image=$IMAGE"
     "sdk_location=container"
   )
+  local streaming=no
   local -a experiments=()
   # One vLLM engine per GPU worker: Dataflow starts one SDK process per vCPU. Share one engine among
   # them when the CLI can (README.md, "One engine per GPU"); otherwise run one SDK process per worker.
@@ -129,6 +131,7 @@ run_job() {
       if [ "${params[$i]%%=*}" = "${extra%%=*}" ]; then params[i]=$extra; replaced=yes; fi
     done
     [ "$replaced" = yes ] || params+=("$extra")
+    if [ "$extra" = "streaming=true" ]; then streaming=yes; fi
   done
 
   local joined="" item
@@ -150,6 +153,9 @@ run_job() {
   )
   if [ "${#experiments[@]}" -gt 0 ]; then
     flags+=(--additional-experiments="$(IFS=,; echo "${experiments[*]}")")
+  fi
+  if [ "$streaming" = yes ]; then
+    flags+=(--enable-streaming-engine)
   fi
   if [ -n "${SERVICE_ACCOUNT:-}" ]; then
     flags+=(--service-account-email="$SERVICE_ACCOUNT")

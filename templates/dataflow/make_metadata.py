@@ -46,6 +46,7 @@ NAMED_REGEXES = {
     # Dataflow workers read and write Cloud Storage; a local path would only exist on the launcher.
     "input": r"^gs://[^/]+/.*$",
     "output": r"^gs://[^/]+/.*$",
+    "input_subscription": r"^projects/[^/]+/subscriptions/[^/]+$",
     # A Beam resource hint value: type:GPU;count:N[;machine_type:...][;install-nvidia-driver[:VERSION]]
     "accelerator": r"^type:[a-z0-9-]+;count:[1-9][0-9]*(;[a-z_-]+(:[A-Za-z0-9._-]+)?)*$",
 }
@@ -84,10 +85,18 @@ def _help(action: argparse.Action) -> str:
         text = "one of " + ", ".join(map(str, action.choices))
     else:
         text = f"value of {action.option_strings[0]}"
-    if not is_switch(action) and action.default not in (None, argparse.SUPPRESS):
-        if f"default {action.default}" not in text:
-            text += f" (default {action.default})"
+    if action.nargs in ("+", "*"):
+        text += " (one value here; the CLI takes several)"
+    if _default(action) is not None and not is_switch(action) and f"default {action.default}" not in text:
+        text += f" (default {action.default})"
     return f"{text} [{action.option_strings[0]}]"
+
+
+def _default(action: argparse.Action) -> str | None:
+    """The default as a template value, or None where there is none to show (None, [], suppressed)."""
+    if action.default in (None, argparse.SUPPRESS) or isinstance(action.default, (list, tuple)):
+        return None
+    return str(action.default)
 
 
 def parameter_for(action: argparse.Action) -> dict[str, Any]:
@@ -121,8 +130,8 @@ def parameter_for(action: argparse.Action) -> dict[str, Any]:
         param["paramType"] = "TEXT"  # free text (prompts): any value
     if action.dest == "output":
         param["paramType"] = "GCS_WRITE_FOLDER"
-    if action.default not in (None, argparse.SUPPRESS):
-        param["defaultValue"] = str(action.default)
+    if _default(action) is not None:
+        param["defaultValue"] = _default(action)
     return param
 
 

@@ -46,7 +46,7 @@ class Plan:
 
     @staticmethod
     def make(quick: bool) -> "Plan":
-        return Plan(3, 1, 2, 3, 1, 16) if quick else Plan(5, 3, 5, 5, 2, 48)
+        return Plan(3, 1, 2, 5, 1, 32) if quick else Plan(5, 3, 5, 5, 2, 48)
 
 
 def _figure_runners(quick: bool) -> dict[str, Callable[[], Figure]]:

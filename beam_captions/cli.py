@@ -78,11 +78,22 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
     finally:
         if release_models:
             release_engines()
+    if _submitted_only(pipeline.options):
+        print(f"beam-captions: job built and handed to {pipeline.options.get_all_options()['runner']}; "
+              "no run happened here, so there is no summary or gallery")
+        return {}
     counts = counters(result) if result is not None else progress.snapshot()
     gallery = write_gallery(config.output)
     print(format_summary(counts, config.output, time.monotonic() - started))
     print(f"  gallery          {gallery}")
     return counts
+
+
+def _submitted_only(options) -> bool:
+    """A dry run or a template build: the runner returns without running anything."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions, TestOptions
+
+    return bool(options.view_as(TestOptions).dry_run or options.view_as(GoogleCloudOptions).template_location)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

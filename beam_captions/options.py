@@ -69,6 +69,7 @@ class JobConfig:
     enhance_captions_gpu_memory_share: Optional[float] = None
     enhance_captions_vllm_kwargs: Optional[dict[str, Any]] = None
     accelerator: Optional[str] = None
+    share_model_across_processes: bool = False
     preview_target_fps: float = 1.0
     preview_target_height: int = 240
     preview_compression_level: int = 6
@@ -132,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="generate again (new seed, stronger repetition penalty) for empty, looping or cut captions")
     cap.add_argument("--accelerator", help="resource hint for the GPU steps, e.g. "
                      "'type:nvidia-l4;count:1;install-nvidia-driver' (Dataflow right fitting)")
+    cap.add_argument("--share-model-across-processes", action="store_true",
+                     help="one vLLM engine per machine, shared by its SDK processes (Dataflow starts one per vCPU)")
     cap.add_argument("--vllm-kwargs", default="{}", help='JSON object passed to vllm.LLM(), e.g. \'{"max_model_len": 8192}\'')
 
     cap.add_argument("--captioning-gpu-memory-share", type=float,

@@ -73,6 +73,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             gpu_memory_utilization=caption_share,
             vllm_kwargs=config.vllm_kwargs,
             accelerator=config.accelerator,
+            share_across_processes=config.share_model_across_processes,
         )
     if config.enhance_captions:
         elements = elements | "EnhanceCaptions" >> EnhanceCaptions(
@@ -87,6 +88,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             trust_remote_code=config.trust_remote_code,
             vllm_kwargs=config.vllm_kwargs if config.enhance_captions_vllm_kwargs is None else config.enhance_captions_vllm_kwargs,
             accelerator=config.accelerator,
+            share_across_processes=config.share_model_across_processes,
         )
     elements | "WriteOutputs" >> WriteOutputs(
         config.output,

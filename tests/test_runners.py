@@ -187,8 +187,6 @@ def test_flex_template_launch_writes_a_job_with_gpus_on_the_inference_steps(buck
     assert set(images) == {t.environment_id for t in proto.components.transforms.values() if t.environment_id}
 
 
-@pytest.mark.xfail(strict=True, reason="run_job reads metrics and writes the gallery even when no job ran "
-                   "(Dataflow --dry_run or a template launch): reported to the lead")
 def test_run_job_dry_run_on_dataflow_returns_without_a_gallery(bucket, tiny_models):
     run_job(full_job_args(bucket, tiny_models) + dataflow_args(bucket, dry_run=True))
     assert not FileSystems.exists(f"{bucket}/out/index.html")
@@ -353,18 +351,14 @@ def test_launch_sh_hands_gcloud_every_value_intact(tmp_path):
     assert flags["--parameters"].startswith("^~^")
     params = dict(item.split("=", 1) for item in flags["--parameters"][3:].split("~"))
     names = {p["name"] for p in make_metadata.build_metadata()["parameters"]}
-    shared = "share_model_across_processes" in names  # the CLI can share one engine among processes
     image = "us-central1-docker.pkg.dev/my-project/beam-captions/beam-captions:latest"
     assert params == {
         "input": "gs://my-bucket/raw clips/", "output": "gs://my-bucket/out", "generate_captions": "true",
         "model_dir": "/models/other", "accelerator": ACCELERATOR, "sdk_container_image": image,
         "sdk_location": "container", "vllm_kwargs": kwargs, "captioning_prompt_text": prompt,
-        **({"share_model_across_processes": "true"} if shared else {}),
+        "share_model_across_processes": "true",
     }
-    if not shared:  # then one SDK process per worker, so one engine per GPU worker
-        assert flags["--additional-experiments"] == "no_use_multiple_sdk_containers"
-    else:
-        assert "--additional-experiments" not in flags
+    assert "--additional-experiments" not in flags
     # every parameter is a template parameter or a Beam option the launcher understands
     assert set(params) - names == {"sdk_container_image", "sdk_location"}
 
@@ -531,38 +525,20 @@ def test_flink_options_file_is_a_valid_flink_job(captioner_dir):
 SHARED_ENGINE_FLAG = "--share-model-across-processes"
 
 
-def cli_has(flag: str) -> bool:
-    return any(flag in action.option_strings for action in build_parser()._actions)
-
-
 def test_multi_process_direct_runner_writes_what_the_in_memory_run_writes(
     in_memory_run, tmp_path, captioner_dir, real_clips_dir
 ):
-    """Two worker processes: everything the job sends between them must pickle.
-
-    With the CLI's shared engine, the job captions too and the two workers use one engine (so one engine
-    start). Without it, each worker would start its own engine (two minutes on a busy 2-core machine),
-    while the portable test already runs the caption step in a separate process; so previews only here.
-    """
+    """Two worker processes: everything the job sends between them must pickle; the two workers
+    caption through one engine shared across processes (one engine start)."""
     out = str(tmp_path / "multi-process")
-    args = job_args(real_clips_dir, out, captioner_dir)
-    shared = cli_has(SHARED_ENGINE_FLAG)
-    if shared:
-        args.append(SHARED_ENGINE_FLAG)
-    else:
-        args.remove("--generate-captions")
+    args = job_args(real_clips_dir, out, captioner_dir) + [SHARED_ENGINE_FLAG]
     counts = run_job(args + ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
                      release_models=False)
     expected, expected_counts = in_memory_run
-    found = outputs(out, captions=shared)
-    assert found == expected
-    structural = [k for k in STRUCTURAL_COUNTERS if shared or k != "captions"]
-    assert {k: counts.get(k) for k in structural} == {k: expected_counts.get(k) for k in structural}
+    assert outputs(out, captions=True) == expected
+    assert {k: counts.get(k) for k in STRUCTURAL_COUNTERS} == {k: expected_counts.get(k) for k in STRUCTURAL_COUNTERS}
 
 
-@pytest.mark.xfail(strict=True, reason="a shared engine is reached through a multi_process_shared proxy, which "
-                   "forwards method calls only and pickles their results; the handler calls model.start() (returns "
-                   "the Engine) and reads engine.name through it: patch for vllm_handler.py in the report")
 def test_an_engine_shared_across_processes_is_used_through_its_proxy(in_memory_run, captioner_dir):
     """share_model_across_processes: RunInference hands the handler a proxy, even in the process holding the engine.
 

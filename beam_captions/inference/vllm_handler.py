@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 from apache_beam.ml.inference.base import ModelHandler
 
@@ -12,7 +12,7 @@ from beam_captions.inference.isolation import is_engine_dead, run_isolated
 from beam_captions.metrics import count
 from beam_captions.records import Failure, WindowRecord, failure_from_exception
 
-__all__ = ["Outcome", "VLLMWindowHandler"]
+__all__ = ["Outcome", "SharedEngine", "VLLMWindowHandler"]
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +40,19 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, Outcome, Engine]):
         *,
         batch_size: int,
         share_across_processes: bool = False,
+        model_copies: Optional[int] = None,
     ):
-        super().__init__()
+        # Beam's own switches: one engine per machine shared by its processes (large_model), or exactly
+        # ``model_copies`` per machine; either way RunInference then hands run_inference a proxy.
+        super().__init__(large_model=share_across_processes, model_copies=model_copies)
         self.settings = settings
         self.request = request
         self.batch_size = batch_size
         self._inference_fn = inference_fn
-        self._share = share_across_processes
 
-    def load_model(self) -> Engine:
-        return load_engine(self.settings)
+    def load_model(self) -> Union[Engine, "SharedEngine"]:
+        engine = load_engine(self.settings)
+        return SharedEngine(self, engine) if self.share_model_across_processes() else engine
 
     def on_failure(self, record: WindowRecord, engine: Engine) -> WindowRecord:
         """The window as written when this stage failed for it."""
@@ -69,24 +72,37 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, Outcome, Engine]):
         return isinstance(element, WindowRecord)
 
     def run_inference(
-        self, batch: Sequence[object], model: Engine, inference_args: Optional[dict] = None
+        self, batch: Sequence[object], model: Any, inference_args: Optional[dict] = None
     ) -> Iterable[Outcome]:
         wanted = [element for element in batch if self.wants(element)]
-        results = iter(())
-        if wanted:
-            model.start()  # a model that cannot load fails the bundle, not each window
-            results = iter(run_isolated(lambda part: self._infer(model, part), wanted))
+        if not wanted:
+            outcomes: list[Outcome] = []
+        elif self.share_model_across_processes():
+            # ``model`` is a multi_process_shared proxy of a SharedEngine: it forwards method calls only and
+            # pickles their arguments and results, so the windows run where the engine is and come back done.
+            outcomes = model.outcomes(wanted)
+        else:
+            outcomes = self.outcomes(wanted, model)
+        done = iter(outcomes)
         for element in batch:
             if not self.wants(element):
                 yield element, None
                 continue
-            count(self.done_counter)
-            result = next(results)
+            count(self.done_counter)  # counted here: Beam's counters do not cross the proxy
+            yield next(done)
+
+    def outcomes(self, windows: Sequence[WindowRecord], model: Engine) -> list[Outcome]:
+        """(window, failure or None) for each of ``windows``; a window that fails, fails alone."""
+        model.start()  # a model that cannot load fails the bundle, not each window
+        results = run_isolated(lambda part: self._infer(model, part), windows)
+        outcomes: list[Outcome] = []
+        for window, result in zip(windows, results):
             if isinstance(result, Exception):
-                yield self.on_failure(element, model), self._failure(result, element)
+                outcomes.append((self.on_failure(window, model), self._failure(result, window)))
                 continue
             problem = self.check(result)
-            yield result, (self._failure(problem, result) if problem else None)
+            outcomes.append((result, self._failure(problem, result) if problem else None))
+        return outcomes
 
     def _infer(self, model: Engine, part: Sequence[WindowRecord]) -> list[WindowRecord]:
         """One call into the engine; an engine that died is started again and the call retried once."""
@@ -103,8 +119,22 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, Outcome, Engine]):
     def batch_elements_kwargs(self) -> dict:
         return {"min_batch_size": 1, "max_batch_size": self.batch_size}
 
-    def share_model_across_processes(self) -> bool:
-        return self._share
-
     def get_metrics_namespace(self) -> str:
         return f"beam_captions.{self.stage}"
+
+
+class SharedEngine:
+    """The engine of a handler that shares it across processes (``share_model_across_processes``).
+
+    RunInference keeps this object in one process per machine and gives every process a
+    ``multi_process_shared`` proxy to it, which forwards method calls only (no attributes) and pickles
+    their arguments and results: so whole batches run here, next to the engine, and only windows and
+    failures travel between processes.
+    """
+
+    def __init__(self, handler: VLLMWindowHandler, engine: Engine):
+        self._handler = handler
+        self._engine = engine
+
+    def outcomes(self, windows: list[WindowRecord]) -> list[Outcome]:
+        return self._handler.outcomes(windows, self._engine)

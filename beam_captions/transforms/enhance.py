@@ -33,6 +33,7 @@ class EnhanceCaptions(beam.PTransform):
         vllm_kwargs: Optional[dict] = None,
         trust_remote_code: bool = False,
         accelerator: Optional[str] = None,
+        share_across_processes: bool = False,
         handler: Optional[QwenTextEnhanceHandler] = None,
     ):
         super().__init__()
@@ -50,6 +51,7 @@ class EnhanceCaptions(beam.PTransform):
             gpu_memory_utilization=gpu_memory_utilization,
             vllm_kwargs=vllm_kwargs,
             trust_remote_code=trust_remote_code,
+            share_across_processes=share_across_processes,
         )
 
     def expand(self, pcoll):

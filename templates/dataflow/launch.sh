@@ -94,10 +94,6 @@ build_template() {
     --metadata-file="$HERE/metadata.json"
 }
 
-has_parameter() {  # is NAME a parameter of metadata.json (that is, a CLI flag)?
-  grep -q "\"name\": \"$1\"" "$HERE/metadata.json"
-}
-
 run_job() {
   need_project
   need_bucket
@@ -113,16 +109,10 @@ run_job() {
     # Beam options: the workers run this same image, which holds the Beam SDK.
     "sdk_container_image=$IMAGE"
     "sdk_location=container"
+    # One vLLM engine per GPU worker: Dataflow starts one SDK process per vCPU; they share one engine.
+    "share_model_across_processes=true"
   )
   local streaming=no
-  local -a experiments=()
-  # One vLLM engine per GPU worker: Dataflow starts one SDK process per vCPU. Share one engine among
-  # them when the CLI can (README.md, "One engine per GPU"); otherwise run one SDK process per worker.
-  if has_parameter share_model_across_processes; then
-    params+=("share_model_across_processes=true")
-  else
-    experiments+=("no_use_multiple_sdk_containers")
-  fi
   local extra i replaced
   for extra in "$@"; do  # NAME=VALUE: adds a parameter, or replaces the default of the same name
     case "$extra" in *=*) ;; *) die "expected NAME=VALUE, got '$extra'" ;; esac
@@ -151,9 +141,6 @@ run_job() {
     --max-workers="$MAX_WORKERS"
     --parameters="^~^$joined"
   )
-  if [ "${#experiments[@]}" -gt 0 ]; then
-    flags+=(--additional-experiments="$(IFS=,; echo "${experiments[*]}")")
-  fi
   if [ "$streaming" = yes ]; then
     flags+=(--enable-streaming-engine)
   fi

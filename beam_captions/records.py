@@ -84,10 +84,6 @@ class WindowRecord:
     prompt_variant: Optional[str] = None
 
     @property
-    def key(self) -> tuple[str, int]:
-        return (self.clip_id, self.window_index)
-
-    @property
     def num_sampled_frames(self) -> int:
         return len(self.frame_indices)
 

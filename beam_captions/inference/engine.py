@@ -76,10 +76,6 @@ class Engine:
         self._generate_lock = threading.Lock()
 
     @property
-    def started(self) -> bool:
-        return self._llm is not None
-
-    @property
     def llm(self) -> Any:
         """The ``vllm.LLM``, started now if it was not yet."""
         with self._start_lock:

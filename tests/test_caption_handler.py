@@ -131,7 +131,7 @@ def test_retry_flagged_generates_again_with_new_seed_and_penalty(engine, caption
 
 def test_batching_follows_the_batch_size_and_counts_frame_bytes():
     handler = QwenVLCaptionHandler("unused", caption_batch_size=3)
-    assert handler.batch_elements_kwargs() == {"min_batch_size": 1, "max_batch_size": 3}
+    assert handler.batch_elements_kwargs() == {"min_batch_size": 3, "max_batch_size": 3}
     assert handler.get_num_bytes([window(0), window(1)]) == 2 * 4 * 56 * 56 * 3
 
 

@@ -327,18 +327,29 @@ def test_preview_size(size: tuple[int, int], target_height: int, expected: tuple
     assert preview_size(*size, target_height) == expected
 
 
-def test_streamed_long_clips_give_the_same_windows_as_buffered_ones(tmp_path):
-    path = make_clip(str(tmp_path / "long.mp4"), 150, 25.0, 96, 64)
-    options = dict(window_size=40, remainder_threshold=20, sampling_fps=4.0, min_pixels=64, max_pixels=96 * 64,
-                   preview=PreviewSpec(target_fps=2.0, target_height=32))
-    *buffered, info = iter_decode(path, **options)
-    *streamed, streamed_info = iter_decode(path, buffer_bytes=0, **options)
-    assert streamed_info == info and info.num_frames == 150
-    assert [w.window for w in streamed] == [w.window for w in buffered] == compute_windows(150, 40, 20)
-    for a, b in zip(buffered, streamed):
-        assert a.frame_indices == b.frame_indices
-        assert np.array_equal(a.frames, b.frames) and np.array_equal(a.preview_frames, b.preview_frames)
-        assert b.start_s == a.window.start / 25.0
+def test_windows_stream_out_during_the_decode_so_memory_stays_bounded(tmp_path):
+    import tracemalloc
+
+    path = make_clip(str(tmp_path / "long.mp4"), 400, 25.0, 160, 120)
+    options = dict(window_size=40, remainder_threshold=20, sampling_fps=25.0, min_pixels=64, max_pixels=160 * 120)
+    every_window_bytes = 0
+    tracemalloc.start()
+    try:
+        *windows, info = (w for w in iter_decode(path, **options) if _drop_frames(w))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    every_window_bytes = sum(len(w.frame_indices) for w in windows) * 160 * 120 * 3
+    assert [w.window for w in windows] == compute_windows(400, 40, 20) and info.num_frames == 400
+    assert peak < every_window_bytes / 3, (peak, every_window_bytes)
+
+
+def _drop_frames(window) -> bool:
+    """Keep only the window's metadata, as a consumer that hands windows on would."""
+    if isinstance(window, DecodedWindow):
+        assert window.frames.shape[0] == len(window.frame_indices)
+        window.frames = None
+    return True
 
 
 def test_previews_only_skips_model_frames(tmp_path):

@@ -117,7 +117,9 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, Outcome, Engine]):
             return self._inference_fn(model, part, self.request)
 
     def batch_elements_kwargs(self) -> dict:
-        return {"min_batch_size": 1, "max_batch_size": self.batch_size}
+        """Full batches: Beam's adaptive batching would start at one window per engine call. A bundle's
+        last batch is flushed at the bundle's end, so nothing waits for a batch to fill (streaming too)."""
+        return {"min_batch_size": self.batch_size, "max_batch_size": self.batch_size}
 
     def get_metrics_namespace(self) -> str:
         return f"beam_captions.{self.stage}"

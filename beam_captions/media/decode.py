@@ -3,11 +3,11 @@
 A cheap demux-only pass counts the video packets, which fixes the windows and
 the set of wanted frames (model samples and preview frames). One decoding pass
 then converts only the wanted frames to RGB, resized in the same swscale call.
-When the decoded frame count differs from the packet count (corrupt or cut
-streams), the windows are recomputed from the decoded count and the clip is
-decoded a second time. Clips whose wanted frames would not fit a memory budget
-are streamed instead: counted by a conversion-free decode, then decoded with
-each window handed out as soon as it is complete.
+Windows are handed out during that pass as soon as they are complete and final:
+only the last one or two windows of a clip depend on its frame count. When the
+decoded frame count differs from the packet count (corrupt or cut streams), the
+windows not yet handed out are recomputed from the decoded count and decoded
+in a second pass.
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MIN_PIXELS = 128 * 28 * 28
 DEFAULT_MAX_PIXELS = 768 * 28 * 28
 _INTERPOLATION = "AREA"
-DEFAULT_BUFFER_BYTES = 512 * 2**20
 
 Source = Union[str, os.PathLike, BinaryIO]
 Size = tuple[int, int]
@@ -114,6 +113,11 @@ class _Plan:
     windows: list[FrameWindow]
     model_indices: list[list[int]]
     preview_indices: list[list[int]] | None
+
+    def after(self, count: int) -> "_Plan":
+        """The plan without its first ``count`` windows."""
+        previews = None if self.preview_indices is None else self.preview_indices[count:]
+        return _Plan(self.fps, self.windows[count:], self.model_indices[count:], previews)
 
 
 def _floor_even(value: float) -> int:
@@ -258,15 +262,6 @@ def _plan(
     return _Plan(fps, windows, model, previews)
 
 
-def _planned_bytes(plan: _Plan, model_size: Size | None, preview: Size | None) -> int:
-    """Bytes that holding every window of ``plan`` at once would take."""
-    per_model = 0 if model_size is None else model_size[0] * model_size[1] * 3
-    per_preview = 0 if preview is None else preview[0] * preview[1] * 3
-    model = sum(len(indices) for indices in plan.model_indices) * per_model
-    previews = sum(len(indices) for indices in plan.preview_indices or ()) * per_preview
-    return model + previews
-
-
 def _targets(plan: _Plan, with_model: bool) -> dict[int, list[tuple[int, str, int]]]:
     """Map a source frame index to the (window, kind, slot) places it fills."""
     targets: dict[int, list[tuple[int, str, int]]] = {}
@@ -281,13 +276,10 @@ def _targets(plan: _Plan, with_model: bool) -> dict[int, list[tuple[int, str, in
 class _WindowBuffers:
     """Output arrays of the windows being filled; a window is allocated at its first frame."""
 
-    def __init__(self, plan: _Plan, model_size: Size | None, preview: Size | None):
+    def __init__(self, plan: _Plan, model_size: Size | None, preview: Size | None, ready_at: list[int]):
         self.plan, self.model_size, self.preview = plan, model_size, preview
         self.open: dict[int, DecodedWindow] = {}
-        self.last_index = [
-            max(plan.model_indices[i] + (plan.preview_indices[i] if plan.preview_indices else []))
-            for i in range(len(plan.windows))
-        ]
+        self.ready_at = ready_at
 
     def _new(self, i: int) -> DecodedWindow:
         plan, model, preview = self.plan, self.model_size, self.preview
@@ -301,22 +293,50 @@ class _WindowBuffers:
         window = self.open.get(i) or self.open.setdefault(i, self._new(i))
         return window.frames if kind == "model" else window.preview_frames
 
-    def finished(self, decoded_count: int) -> Iterator[DecodedWindow]:
-        """Windows whose last wanted frame has been decoded, in order, released from the buffer."""
+    def ready(self, decoded_count: int) -> Iterator[DecodedWindow]:
+        """Windows that are ready at ``decoded_count`` decoded frames, in order, released from the buffer."""
         for i in sorted(self.open):
-            if self.last_index[i] < decoded_count:
+            if self.ready_at[i] <= decoded_count:
                 yield self.open.pop(i)
 
 
-def _decode_pass(
-    source: Source, plan: _Plan, model_size: Size | None, preview: Size | None, deadline: "_Deadline"
-) -> Iterator[DecodedWindow]:
-    """Decode every frame, keep the planned ones, yield each window once its frames are in.
+def _last_wanted(plan: _Plan, i: int) -> int:
+    return max(plan.model_indices[i] + (plan.preview_indices[i] if plan.preview_indices else []))
 
-    Returns (as the generator's value) the decoded frame count. Kept frames go through one
-    reformatter per output size, so swscale contexts are reused.
+
+def _complete_at(plan: _Plan) -> list[int]:
+    """Decoded count at which each window of ``plan`` has all its frames."""
+    return [_last_wanted(plan, i) + 1 for i in range(len(plan.windows))]
+
+
+def _final_at(plan: _Plan, window_size: int, remainder_threshold: int) -> list[int]:
+    """Decoded count at which each window is complete and can no longer change, whatever the clip's total.
+
+    Only the last windows depend on the total: once ``(k + 1) * window_size + remainder_threshold``
+    frames exist, window ``k`` is followed by a full window or by a remainder long enough to be its
+    own, so it keeps its span and samples.
     """
-    buffers = _WindowBuffers(plan, model_size, preview)
+    return [
+        max(_last_wanted(plan, i) + 1, (window.index + 1) * window_size + remainder_threshold)
+        for i, window in enumerate(plan.windows)
+    ]
+
+
+def _decode_pass(
+    source: Source,
+    plan: _Plan,
+    model_size: Size | None,
+    preview: Size | None,
+    deadline: "_Deadline",
+    ready_at: list[int],
+) -> Iterator[DecodedWindow]:
+    """Decode every frame, keep the planned ones, yield each window once ``ready_at`` frames are decoded.
+
+    Returns (as the generator's value) the decoded frame count and the windows not yielded. Kept
+    frames go through one reformatter per output size, so swscale contexts are reused.
+    """
+    buffers = _WindowBuffers(plan, model_size, preview, ready_at)
+    pending = sorted(set(ready_at))
     targets = _targets(plan, with_model=model_size is not None)
     reformatters = {size: VideoReformatter() for size in (model_size, preview) if size is not None}
     count = 0
@@ -331,18 +351,10 @@ def _decode_pass(
                 rgb = reformatters[width, height].reformat(frame, width, height, "rgb24", interpolation=_INTERPOLATION)
                 array[slot] = rgb.to_ndarray()
             count += 1
-            if places:
-                yield from buffers.finished(count)
-    yield from buffers.finished(count)  # windows past a short stream's end stay unfilled: the caller replans
-    return count
-
-
-def _count_decoded(source: Source, deadline: "_Deadline") -> int:
-    """Decode without converting anything, only to count frames."""
-    with _open(source) as container:
-        stream = _video_stream(container, _describe(source))
-        stream.thread_type = "AUTO"
-        return sum(1 for _ in _decoded_frames(container, stream, deadline))
+            if pending and count >= pending[0]:
+                pending = [n for n in pending if n > count]
+                yield from buffers.ready(count)
+    return count, [buffers.open[i] for i in sorted(buffers.open)]
 
 
 class _Deadline:
@@ -395,16 +407,13 @@ def iter_decode(
     preview: PreviewSpec | None = None,
     model_frames: bool = True,
     max_pixels_per_frame_source: int | None = None,
-    buffer_bytes: int = DEFAULT_BUFFER_BYTES,
     time_budget_s: float | None = None,
 ) -> Iterator[Union[DecodedWindow, VideoInfo]]:
     """Cut a clip into caption windows and decode their model (and preview) frames.
 
-    Yields ``DecodedWindow``s and, last, the clip's ``VideoInfo``. When all planned
-    frames fit in ``buffer_bytes`` the clip is decoded once and its windows are checked
-    against the decoded count before any is yielded. A longer clip is first decoded
-    without conversion to count its frames, then each window is yielded as soon as it
-    is complete, so memory stays bounded whatever the clip's length. ``model_frames=False``
+    Yields ``DecodedWindow``s and, last, the clip's ``VideoInfo``. Each window is yielded
+    as soon as its frames are in and no frame count could change it, so memory holds a
+    window or two whatever the clip's length. ``model_frames=False``
     skips the model frames (previews only). ``max_pixels_per_frame_source`` refuses
     clips with larger frames before decoding; ``time_budget_s`` stops a clip that decodes
     too slowly. ``source`` is a path or a seekable binary file object holding the whole
@@ -418,34 +427,22 @@ def iter_decode(
     small = None if preview is None else preview_size(width, height, preview.target_height)
     options = (fps, window_size, remainder_threshold, sampling_fps, preview)
     plan = _plan(packet_count, *options)
-    if _planned_bytes(plan, model_size, small) <= buffer_bytes:
-        windows, decoded = _drain(_decode_pass(source, plan, model_size, small, deadline))
-        if decoded != packet_count:
-            _require_min_frames(decoded)
-            log.warning(
-                "%s: decoded %d frames but demuxed %d packets; decoding again with corrected windows",
-                _describe(source), decoded, packet_count,
-            )
-            windows, redecoded = _drain(_decode_pass(source, _plan(decoded, *options), model_size, small, deadline))
-            _require_repeatable(source, decoded, redecoded)
-        _require_min_frames(decoded)
-        yield from windows
+    final_at = _final_at(plan, window_size, remainder_threshold)
+    decoded, rest = yield from _decode_pass(source, plan, model_size, small, deadline, final_at)
+    _require_min_frames(decoded)
+    if decoded == packet_count:
+        yield from rest
     else:
-        decoded = _count_decoded(source, deadline)
-        _require_min_frames(decoded)
-        redecoded = yield from _decode_pass(source, _plan(decoded, *options), model_size, small, deadline)
+        given = len(plan.windows) - len(rest)  # a prefix, each final whatever the total
+        log.warning(
+            "%s: decoded %d frames but demuxed %d packets; decoding again for the windows from #%d",
+            _describe(source), decoded, packet_count, given,
+        )
+        tail = _plan(decoded, *options).after(given)
+        redecoded, unfilled = yield from _decode_pass(source, tail, model_size, small, deadline, _complete_at(tail))
         _require_repeatable(source, decoded, redecoded)
+        yield from unfilled
     yield VideoInfo(width, height, fps, decoded, codec, decoded / fps)
-
-
-def _drain(windows: Iterator[DecodedWindow]) -> tuple[list[DecodedWindow], int]:
-    """All windows of a decoding pass and its frame count."""
-    collected = []
-    while True:
-        try:
-            collected.append(next(windows))
-        except StopIteration as done:
-            return collected, done.value
 
 
 def _require_repeatable(source: Source, first: int, second: int) -> None:

@@ -4,10 +4,10 @@ A caption is flagged ``empty`` (nothing but whitespace), ``repetition`` (a loop 
 repeated unit covers most of it), ``truncated`` (generation stopped at the token limit)
 or ``refusal`` (the model declined instead of describing). Flags never drop a caption.
 
-Repetition measure: for every period ``p`` (1 to 25 words, and 1 to 40 characters for
-texts without spaces) find the longest run where each unit equals the one ``p`` before
-it. The run plus its first period is the loop; the caption is flagged when one loop
-covers at least half of the text and repeats its unit at least three times.
+Repetition measure: for every period ``p`` (1 to 25 words; separately 1 to 40 characters,
+for run-together text) every run where each unit equals the one ``p`` before it, plus its
+first period, is a loop when it repeats its unit at least three times. The caption is
+flagged when loops cover at least half of it (in words or in characters).
 """
 
 from __future__ import annotations
@@ -30,28 +30,32 @@ _REFUSAL = re.compile(
 )
 
 
-def _longest_loop(units: Sequence[str], max_period: int) -> tuple[int, int]:
-    """(units covered, period) of the longest periodic run in ``units``."""
-    best = (0, 1)
+def _loop_mask(units: Sequence[str], max_period: int) -> list[bool]:
+    """Which units belong to a loop: a run of at least ``MIN_REPEATS`` copies of one unit sequence."""
+    covered = [False] * len(units)
     for period in range(1, min(max_period, len(units) // MIN_REPEATS) + 1):
         run = 0
-        for i in range(period, len(units)):
-            run = run + 1 if units[i] == units[i - period] else 0
-            if run + period > best[0] and (run + period) >= MIN_REPEATS * period:
-                best = (run + period, period)
-    return best
+        for i in range(period, len(units) + 1):
+            if i < len(units) and units[i] == units[i - period]:
+                run += 1
+                continue
+            if run + period >= MIN_REPEATS * period:  # the run ended at i - 1: mark it with its first copy
+                for j in range(i - run - period, i):
+                    covered[j] = True
+            run = 0
+    return covered
+
+
+def _share(units: Sequence[str], max_period: int) -> float:
+    return sum(_loop_mask(units, max_period)) / len(units)
 
 
 def loop_coverage(text: str) -> float:
-    """Share of ``text`` (in words, or characters when it has few words) covered by one repeated loop."""
+    """Share of ``text`` (in words, or in characters for run-together text) that sits inside loops."""
     words = _WORD.findall(text.lower())
-    if len(words) >= 6:
-        covered, _ = _longest_loop(words, 25)
-        word_share = covered / len(words)
-    else:
-        word_share = 0.0
+    word_share = _share(words, 25) if len(words) >= 6 else 0.0
     chars = re.sub(r"\s+", "", text.lower())
-    char_share = _longest_loop(chars, 40)[0] / len(chars) if len(chars) >= 24 else 0.0
+    char_share = _share(chars, 40) if len(chars) >= 24 else 0.0
     return max(word_share, char_share)
 
 

@@ -36,6 +36,12 @@ def test_loops_covering_most_of_the_text_are_flagged(text):
     assert "repetition" in check_caption(text, 80, "stop").flags
 
 
+def test_several_loops_that_together_cover_most_of_the_text_are_flagged():
+    text = ("om veoat " + "cl ne " * 6 + "clisin " * 4 + "cl of " * 7 + "undingein " + "undin " * 9
+            + "a car turns left at the light")
+    assert loop_coverage(text) >= 0.5 and "repetition" in check_caption(text).flags
+
+
 def test_a_short_repeat_inside_a_long_caption_is_not_a_loop():
     text = SOUND[0] + " " + "The dog barks. " * 3 + SOUND[1] + " " + SOUND[2]
     assert loop_coverage(text) < 0.5 and check_caption(text).flags == ()

@@ -261,3 +261,10 @@ def test_the_engine_starts_vllm_on_the_local_copy(models_bucket, captioner_dir, 
     (kwargs,) = started
     assert kwargs["model"].startswith(str(tmp_path / "cache")) and same_tree(captioner_dir, kwargs["model"])
     assert kwargs["enforce_eager"] is True and engine.name == "captioner"
+
+
+def test_pixel_bounds_are_read_from_a_gs_model_prefix(models_bucket, captioner_dir):
+    from beam_captions.inference.engine import DEFAULT_PIXEL_BOUNDS, processor_pixel_bounds
+
+    bounds = processor_pixel_bounds(models_bucket, "qwen2.5")
+    assert bounds == processor_pixel_bounds(captioner_dir, "qwen2.5") != DEFAULT_PIXEL_BOUNDS["qwen2.5"]

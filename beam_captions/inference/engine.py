@@ -9,7 +9,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from apache_beam.io.filesystems import FileSystems
+
 from beam_captions.inference.variants import canonical_variant
+from beam_captions.io.files import read_json
 from beam_captions.media.windowing import MIN_FRAMES
 
 __all__ = ["EngineSettings", "Engine", "llm_kwargs", "load_engine", "release_engines", "processor_pixel_bounds"]
@@ -169,10 +172,9 @@ def processor_pixel_bounds(model_dir: Optional[str], algorithm: str = "qwen2.5")
     variant = canonical_variant(algorithm)
     default_low, default_high = DEFAULT_PIXEL_BOUNDS[variant]
     for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-        path = os.path.join(model_dir or "", name)
-        if model_dir and os.path.isfile(path):
-            with open(path, encoding="utf-8") as handle:
-                bounds = _bounds_from(json.load(handle))
+        path = FileSystems.join(model_dir, name) if model_dir else None
+        if path and FileSystems.exists(path):  # a local directory or a gs:// prefix
+            bounds = _bounds_from(read_json(path))
             if bounds and variant == "qwen3":
                 high = min(default_high, bounds[1] // MIN_FRAMES)
                 return min(default_low, bounds[0], high), high

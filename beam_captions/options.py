@@ -181,6 +181,7 @@ def validate(config: JobConfig) -> None:
     """Raise ``ConfigError`` for the first value that cannot work."""
     _check(bool(config.input) != bool(config.input_subscription), "give --input or --input-subscription (one of them)")
     _check(not config.input_subscription or config.streaming, "--input-subscription needs --streaming")
+    _check(not config.streaming or len(config.input) <= 1, "--streaming watches one --input location")
     _check(not config.input_subscription or config.input_subscription.startswith("projects/"),
            "--input-subscription must look like projects/<project>/subscriptions/<name>")
     _check(config.watch_interval_seconds > 0, "--watch-interval-seconds must be positive")

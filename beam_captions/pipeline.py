@@ -28,7 +28,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     if config.input_subscription:
         clips = pipeline | "ClipsFromNotifications" >> ClipsFromNotifications(config.input_subscription)
     elif config.streaming:
-        clips = pipeline | "WatchClips" >> WatchClips(config.input, config.watch_interval_seconds)
+        clips = pipeline | "WatchClips" >> WatchClips(config.input[0], config.watch_interval_seconds)
     else:
         clips = pipeline | "ReadClips" >> ReadClips(config.input)
     elements = (

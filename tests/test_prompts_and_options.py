@@ -97,3 +97,10 @@ def test_enhancement_flags_and_shared_gpu_budget(captioner_dir, tiny_models):
             "--input", "i", "--output", "o", "--generate-captions", "--model-dir", captioner_dir, "--enhance-captions",
             "--enhance-captions-model-dir", tiny_models["enhancer"], "--captioning-gpu-memory-share", "0.6",
         ])
+
+
+def test_streaming_watches_one_location():
+    with pytest.raises(SystemExit):
+        parse_args(["--input", "a/", "--input", "b/", "--output", "o", "--streaming"])
+    config, _ = parse_args(["--input", "a/", "--output", "o", "--streaming"])
+    assert config.streaming and config.input == ("a/",)

@@ -8,7 +8,7 @@ from typing import Sequence, Union
 import apache_beam as beam
 from apache_beam.io import fileio
 from apache_beam.io.fileio import EmptyMatchTreatment
-from apache_beam.utils.timestamp import MIN_TIMESTAMP, Timestamp
+from apache_beam.utils.timestamp import Timestamp
 
 from beam_captions.metrics import count
 from beam_captions.records import ClipRef
@@ -32,9 +32,9 @@ def to_match_pattern(location: str) -> str:
     return location.rstrip("/") + "/**"
 
 
-def _clip_ref(path: str, timestamp=beam.DoFn.TimestampParam) -> ClipRef:
+def _clip_ref(path: str) -> ClipRef:
     count("clips_found")
-    return ClipRef.from_source(path, float(timestamp) if timestamp > MIN_TIMESTAMP else None)
+    return ClipRef.from_source(path)
 
 
 class ReadClips(beam.PTransform):
@@ -60,33 +60,34 @@ class ReadClips(beam.PTransform):
         )
 
 
-class WatchClips(beam.PTransform):
-    """``ClipRef``s of video files as they appear under ``input_pattern``, checked every ``interval_s``.
+def _watched_clip_ref(metadata, timestamp=beam.DoFn.TimestampParam) -> ClipRef:
+    """The clip's event time is the file's modification time, so a file reported twice lands in the
+    same event-time window (its outputs are then rewritten, never duplicated)."""
+    count("clips_found")
+    return ClipRef.from_source(metadata.path, metadata.last_updated_in_seconds or float(timestamp))
 
-    Unbounded (streaming). A file seen again in a later check is not emitted twice; each clip's
-    timestamp is the time it was found.
+
+class WatchClips(beam.PTransform):
+    """``ClipRef``s of video files as they appear under one location, checked every ``interval_s``.
+
+    Unbounded (streaming). A file seen again in a later check is not emitted twice.
     """
 
-    def __init__(self, input_pattern: Union[str, Sequence[str]], interval_s: float = 10.0):
+    def __init__(self, input_pattern: str, interval_s: float = 10.0):
         super().__init__()
-        self.patterns = [input_pattern] if isinstance(input_pattern, str) else list(input_pattern)
+        self.pattern = input_pattern
         self.interval_s = interval_s
 
     def expand(self, pbegin):
-        matches = [
+        return (
             pbegin
-            | f"Watch{i}" >> fileio.MatchContinuously(
-                to_match_pattern(pattern),
+            | "Watch" >> fileio.MatchContinuously(
+                to_match_pattern(self.pattern),
                 interval=self.interval_s,
                 has_deduplication=True,
                 start_timestamp=Timestamp.now(),
                 empty_match_treatment=EmptyMatchTreatment.ALLOW,
             )
-            for i, pattern in enumerate(self.patterns)
-        ]
-        return (
-            matches | "Merge" >> beam.Flatten()
             | "KeepVideos" >> beam.Filter(lambda metadata: is_video_path(metadata.path))
-            | "Paths" >> beam.Map(lambda metadata: metadata.path)
-            | "ToClipRef" >> beam.Map(_clip_ref)
+            | "ToClipRef" >> beam.Map(_watched_clip_ref)
         )

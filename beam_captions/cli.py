@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 __all__ = ["main", "run_job"]
 
@@ -66,27 +67,71 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
     started = time.monotonic()
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
     build_pipeline(pipeline, config)
+
+    def finish(result) -> dict[str, int]:
+        if release_models:
+            release_engines()
+        counts = counters(result) if result is not None else progress.snapshot()
+        gallery = write_gallery(config.output)
+        print(format_summary(counts, config.output, time.monotonic() - started))
+        print(f"  gallery          {gallery}", flush=True)
+        return counts
+
     result = None
     try:
-        with ProgressReporter():
+        with ProgressReporter(), _StopOnSignal(lambda: finish(None)):
             result = pipeline.run()
             result.wait_until_finish()
-    except KeyboardInterrupt:  # Ctrl-C (or SIGTERM, see main) ends a local streaming run
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM ends a local streaming run
         print("\nbeam-captions: stopped", file=sys.stderr)
         if result is not None:
             result.cancel()
-    finally:
+    if _submitted_only(pipeline.options):
         if release_models:
             release_engines()
-    if _submitted_only(pipeline.options):
         print(f"beam-captions: job built and handed to {pipeline.options.get_all_options()['runner']}; "
               "no run happened here, so there is no summary or gallery")
         return {}
-    counts = counters(result) if result is not None else progress.snapshot()
-    gallery = write_gallery(config.output)
-    print(format_summary(counts, config.output, time.monotonic() - started))
-    print(f"  gallery          {gallery}")
-    return counts
+    return finish(result)
+
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM stop a local run: the first raises ``KeyboardInterrupt`` in the main thread.
+
+    A runner may swallow that exception inside a bundle and keep going; if the run has not ended
+    ``grace_s`` later, ``finish`` (summary, gallery) runs from a watchdog thread and the process exits.
+    Only installed in the main thread (signal handlers cannot be set elsewhere).
+    """
+
+    def __init__(self, finish: Callable[[], object], grace_s: float = 20.0):
+        self.finish, self.grace_s = finish, grace_s
+        self.done = threading.Event()
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _on_signal(self, signum, frame) -> None:
+        threading.Thread(target=self._force_after_grace, daemon=True).start()
+        raise KeyboardInterrupt
+
+    def _force_after_grace(self) -> None:
+        if self.done.wait(self.grace_s):
+            return
+        print("\nbeam-captions: stopped (the runner kept going; finishing from the watchdog)", file=sys.stderr)
+        threading.Timer(self.grace_s, os._exit, [1]).start()  # should finishing hang too
+        try:
+            self.finish()
+        finally:
+            os._exit(0)
 
 
 def _submitted_only(options) -> bool:
@@ -100,7 +145,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a local stop request ends the run cleanly
     commands = {"tiny-models": _tiny_models, "sample-clips": _sample_clips}
     if argv[:1] and argv[0] in commands:
         return commands[argv[0]](argv[1:])

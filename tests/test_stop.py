@@ -13,7 +13,8 @@ with _StopOnSignal(lambda: print("FINISHED", flush=True), grace_s=1.0):
     while True:  # a runner that catches the interrupt inside a bundle and keeps going
         try:
             if not ready:
-                ready = print("READY", flush=True) or True
+                ready = True
+                print("READY", flush=True)
             time.sleep(0.05)
         except KeyboardInterrupt:
             print("SWALLOWED", flush=True)

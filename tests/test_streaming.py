@@ -108,3 +108,13 @@ def test_a_live_streaming_job_captions_clips_dropped_into_its_folder(tmp_path, c
     assert len(keys) == len(set(keys)) == sum(len(m["windows"]) for m in metas)
     assert all(r["caption"] and os.path.isfile(r["preview"]) for r in rows)
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ", r["window"]) for r in rows)
+
+
+def test_a_clip_delivered_twice_is_written_once(tmp_path):
+    from beam_captions.transforms.write import write_clip
+
+    elements = clip_elements("twice", 2, T0)
+    write_clip(str(tmp_path), elements[0].clip_id, elements + elements)
+    rows = pq.read_table(str(tmp_path / "captions")).to_pylist()
+    assert [r["window_index"] for r in rows] == [0, 1]
+    assert len(json.load(open(glob.glob(str(tmp_path / "metas" / "*.json"))[0]))["windows"]) == 2

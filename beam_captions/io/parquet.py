@@ -56,7 +56,7 @@ def check_columns(kind: str, check: Optional[CaptionCheck]) -> dict[str, Any]:
     }
 
 
-def caption_row(record: WindowRecord, preview_uri: Optional[str]) -> dict[str, Any]:
+def caption_row(record: WindowRecord) -> dict[str, Any]:
     """The Parquet row of a window."""
     row = {
         "clip_id": record.clip_id,
@@ -73,7 +73,7 @@ def caption_row(record: WindowRecord, preview_uri: Optional[str]) -> dict[str, A
         "caption_model": record.caption_model,
         "enhance_model": record.enhance_model,
         "prompt_variant": record.prompt_variant,
-        "preview": preview_uri,
+        "preview": record.preview_uri,
         "caption_retried": record.caption_retried,
     }
     for kind, check in record.checks().items():

@@ -67,15 +67,19 @@ def write_clip(output: str, clip_id: str, elements: Iterable[Element], partition
     """
     elements = list(elements)
     infos = [e for e in elements if isinstance(e, ClipInfo)]
-    windows = sorted((e for e in elements if isinstance(e, WindowRecord)), key=lambda w: w.window_index)
-    failures = [e for e in elements if isinstance(e, Failure)]
+    by_index: dict[int, WindowRecord] = {}
+    for element in elements:  # a window delivered twice (a retried bundle, a re-reported file) counts once
+        if isinstance(element, WindowRecord):
+            by_index.setdefault(element.window_index, element)
+    windows = [by_index[i] for i in sorted(by_index)]
+    failures = list({f.name: f for f in elements if isinstance(f, Failure)}.values())
     for failure in failures:
         count(f"failures_{failure.stage}")
         write_json(failure_path(output, failure.name), failure_meta(failure))
     if windows:
         for record in windows:
             _count_row(record)
-        rows = parquet_bytes([caption_row(w, w.preview_uri) for w in windows])
+        rows = parquet_bytes([caption_row(w) for w in windows])
         write_bytes(caption_table_path(output, clip_id, partition), rows)
     count("clips")
     if not infos:

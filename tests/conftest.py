@@ -6,6 +6,7 @@ engine cache (``beam_captions.inference.engine.load_engine``) loads the engine o
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 for _name, _value in {
@@ -45,3 +46,20 @@ def real_clips_dir(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("clips")
     copy_sample_clips(str(folder), with_broken=True)
     return str(folder)
+
+
+@contextlib.contextmanager
+def spying_on(engine):
+    """Record every ``engine.generate`` call as ``(inputs, sampling_params)``; the real engine still answers."""
+    calls: list = []
+    original = engine.generate
+
+    def spy(inputs, params):
+        calls.append((list(inputs), params))
+        return original(inputs, params)
+
+    engine.generate = spy
+    try:
+        yield calls
+    finally:
+        del engine.generate

@@ -11,7 +11,7 @@ from beam_captions.inference.caption_handler import QwenVLCaptionHandler, video_
 from beam_captions.inference.engine import processor_pixel_bounds, release_engines
 from beam_captions.prompts import CAPTION_PROMPTS, caption_prompt
 from beam_captions.records import WindowRecord
-from conftest import VLLM_KWARGS
+from conftest import VLLM_KWARGS, spying_on
 
 
 def window(index: int, frames: int = 4, size: int = 56) -> WindowRecord:
@@ -50,18 +50,9 @@ def test_real_engine_captions_and_stage2_sees_the_stage1_caption(engine, caption
         captioner_dir, vllm_kwargs=VLLM_KWARGS, generate_stage2_caption=True,
         stage2_prompt_text="Refine this:\n", max_output_tokens=16,
     )
-    seen: list[str] = []
-    original = engine.generate
-
-    def spy(inputs, params):
-        seen.extend(i["prompt"] for i in inputs)
-        return original(inputs, params)
-
-    engine.generate = spy
-    try:
+    with spying_on(engine) as calls:
         results = list(handler.run_inference([window(0), window(1)], engine))
-    finally:
-        del engine.generate
+    seen = [i["prompt"] for inputs, _ in calls for i in inputs]
     assert [failure for _, failure in results] == [None, None]
     records = [record for record, _ in results]
     assert all(r.caption and r.caption_stage2 and r.frames is None for r in records)
@@ -111,19 +102,9 @@ def test_finish_reason_and_token_count_come_from_the_engine(engine, captioner_di
 
 def test_retry_flagged_generates_again_with_new_seed_and_penalty(engine, captioner_dir):
     handler = QwenVLCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, max_output_tokens=6, retry_flagged=True)
-    calls = []
-    original = engine.generate
-
-    def spy(inputs, params):
-        calls.append((len(inputs), params.seed, params.repetition_penalty))
-        return original(inputs, params)
-
-    engine.generate = spy
-    try:
+    with spying_on(engine) as calls:
         results = list(handler.run_inference([window(0), window(1)], engine))
-    finally:
-        del engine.generate
-    assert calls == [(2, None, 1.05), (2, 1, 1.3)]  # every tiny-model caption hits the limit, so all are retried
+    assert [(len(i), p.seed, p.repetition_penalty) for i, p in calls] == [(2, None, 1.05), (2, 1, 1.3)]  # every tiny-model caption hits the limit, so all are retried
     assert all(record.caption_retried and record.caption for record, _ in results)
     plain = QwenVLCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, max_output_tokens=6)
     assert not any(record.caption_retried for record, _ in plain.run_inference([window(0)], engine))

@@ -13,7 +13,7 @@ from beam_captions.inference.enhance_handler import EnhanceRequest, QwenTextEnha
 from beam_captions.prompts import ENHANCE_PROMPTS, enhance_prompt
 from beam_captions.records import Failure, WindowRecord
 from beam_captions.transforms.enhance import EnhanceCaptions
-from conftest import VLLM_KWARGS
+from conftest import VLLM_KWARGS, spying_on
 
 SENT: list[int] = []
 
@@ -42,13 +42,9 @@ def test_each_prompt_variant_reaches_the_engine(engine, enhancer_dir, variant):
         enhancer_dir, vllm_kwargs=VLLM_KWARGS, prompt_variant="default" if text else variant, prompt_text=text,
         max_output_tokens=12,
     )
-    seen = []
-    original = engine.generate
-    engine.generate = lambda inputs, params: seen.extend(i["prompt"] for i in inputs) or original(inputs, params)
-    try:
+    with spying_on(engine) as calls:
         (record, failure), = handler.run_inference([captioned(0, stage2="Refined: a red car turns left.")], engine)
-    finally:
-        del engine.generate
+    seen = [i["prompt"] for inputs, _ in calls for i in inputs]
     assert failure is None and record.enhanced_caption and record.enhance_model == "enhancer"
     assert record.caption == "A red car turns left at a green light."  # the stage-1 caption is kept
     (prompt,) = seen

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import beam_captions.inference.engine as engine_module
 from beam_captions.inference.caption_handler import QwenVLCaptionHandler
 from beam_captions.inference.engine import Engine, processor_pixel_bounds
 from beam_captions.media.decode import PreviewSpec
@@ -87,18 +86,3 @@ def generate_calls() -> Iterator[list[int]]:
         yield sizes
     finally:
         Engine.generate = original
-
-
-@contextmanager
-def engines_kept() -> Iterator[None]:
-    """Keep engines alive across ``run_job`` calls (it shuts every engine down when it finishes).
-
-    ``run_job`` imports ``release_engines`` from ``beam_captions.inference.engine`` at call time,
-    so swapping the module attribute is enough.
-    """
-    original = engine_module.release_engines
-    engine_module.release_engines = lambda: None
-    try:
-        yield
-    finally:
-        engine_module.release_engines = original

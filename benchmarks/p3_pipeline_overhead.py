@@ -21,7 +21,7 @@ from beam_captions.records import ClipRef, WindowRecord
 from beam_captions.transforms.prepare import prepare_clip
 from beam_captions.transforms.previews import preview_window
 
-from captioning import BATCH_SIZE, engines_kept, generate_calls, job_flags, make_handler, prepare_config, warm_handler
+from captioning import BATCH_SIZE, generate_calls, job_flags, make_handler, prepare_config, warm_handler
 from common import Figure, clip_folder, interleaved, median_ratio
 
 WEBP_OPTIONS = {"quality": 50, "compression_level": 6, "threads": 4}  # the job's defaults
@@ -33,7 +33,7 @@ def job_seconds(input_dir: str, model_dir: str, vllm_kwargs: dict[str, Any]) -> 
     try:
         with redirect_stdout(StringIO()):  # the job's summary
             start = time.perf_counter()
-            counts = run_job(job_flags(input_dir, output, model_dir, vllm_kwargs))
+            counts = run_job(job_flags(input_dir, output, model_dir, vllm_kwargs), release_models=False)
             elapsed = time.perf_counter() - start
     finally:
         shutil.rmtree(output, ignore_errors=True)
@@ -89,9 +89,8 @@ def run(clips: list[str], repeats: int, model_dir: str, vllm_kwargs: dict[str, A
         batches["loop"] = sizes
         return elapsed
 
-    with engines_kept():
-        ours(), baseline()  # warm-up: imports, Beam's first pipeline, page cache
-        mine, theirs = interleaved(repeats, ours, baseline)
+    ours(), baseline()  # warm-up: imports, Beam's first pipeline, page cache
+    mine, theirs = interleaved(repeats, ours, baseline)
     figure.ours, figure.baseline = statistics.median(mine), statistics.median(theirs)
     figure.ratio = median_ratio(mine, theirs)
     figure.details = {

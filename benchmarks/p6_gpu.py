@@ -23,7 +23,7 @@ from beam_captions.cli import run_job
 from beam_captions.inference.engine import Engine
 
 import p4_handler_throughput
-from captioning import engines_kept, job_flags, warm_handler
+from captioning import job_flags, warm_handler
 from common import Figure, clip_folder, gpu_name
 
 
@@ -71,9 +71,9 @@ def first_caption_s(clips: list[str], model_dir: str, vllm_kwargs: dict[str, Any
     output = tempfile.mkdtemp(prefix="p6-job-")
     Engine.generate = timed
     try:
-        with engines_kept(), redirect_stdout(StringIO()):
+        with redirect_stdout(StringIO()):
             start = time.perf_counter()
-            run_job(job_flags(clip_folder("p6", clips), output, model_dir, vllm_kwargs))
+            run_job(job_flags(clip_folder("p6", clips), output, model_dir, vllm_kwargs), release_models=False)
     finally:
         Engine.generate = original
         shutil.rmtree(output, ignore_errors=True)

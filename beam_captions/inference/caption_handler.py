@@ -13,15 +13,12 @@ from typing import Any, Callable, Optional, Sequence
 
 from beam_captions.inference.engine import Engine, EngineSettings
 from beam_captions.inference.variants import CAPTION_MODELS, canonical_variant
-from beam_captions.inference.vllm_handler import Outcome, VLLMWindowHandler
+from beam_captions.inference.vllm_handler import VLLMWindowHandler
 from beam_captions.prompts import caption_prompt, stage2_prompt
 from beam_captions.quality import CaptionCheck, better_caption, check_caption
 from beam_captions.records import WindowRecord
 
-__all__ = ["CaptionRequest", "CaptionOutcome", "Generated", "QwenVLCaptionHandler", "caption_batch", "generate_checked", "video_input"]
-
-CaptionOutcome = Outcome
-
+__all__ = ["CaptionRequest", "Generated", "QwenVLCaptionHandler", "caption_batch", "generate_checked", "video_input"]
 
 @dataclass(frozen=True)
 class CaptionRequest:

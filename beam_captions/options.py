@@ -49,7 +49,7 @@ class JobConfig:
     captioning_remainder_threshold: int = 128
     captioning_sampling_fps: float = 2.0
     captioning_preprocess_dtype: str = "auto"
-    captioning_batch_size: int = 8
+    captioning_batch_size: int = 64
     captioning_max_output_tokens: int = 512
     captioning_use_fp8_weights: bool = False
     captioning_use_vllm_mmcache: bool = False
@@ -123,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--captioning-sampling-fps", type=float, default=2.0, help="model frames per second (default 2)")
     cap.add_argument("--captioning-preprocess-dtype", choices=ENGINE_DTYPES, default="auto",
                      help="dtype vLLM computes in (frames are handed over as uint8)")
-    cap.add_argument("--captioning-batch-size", type=int, default=8, help="windows per vLLM call (default 8)")
+    cap.add_argument("--captioning-batch-size", type=int, default=64,
+                     help="windows a worker process keeps in flight to vLLM, which batches them continuously "
+                          "(default 64; each holds its sampled frames in memory)")
     cap.add_argument("--captioning-max-output-tokens", type=int, default=512)
     cap.add_argument("--captioning-use-fp8-weights", action="store_true", help="fp8 weight quantization")
     cap.add_argument("--captioning-use-vllm-mmcache", action="store_true", help="keep vLLM's multimodal processor cache on")
@@ -146,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     enh.add_argument("--enhance-captions-model-dir", help="Hugging Face model directory of the text model")
     enh.add_argument("--enhance-captions-prompt-variant", choices=tuple(ENHANCE_PROMPTS), default="default")
     enh.add_argument("--enhance-captions-prompt-text", help="custom enhancement instruction; overrides the variant")
-    enh.add_argument("--enhance-captions-batch-size", type=int, default=128)
+    enh.add_argument("--enhance-captions-batch-size", type=int, default=128,
+                     help="captions a worker process keeps in flight to the text model (default 128)")
     enh.add_argument("--enhance-captions-max-output-tokens", type=int, default=512)
     enh.add_argument("--enhance-captions-use-fp8-weights", action="store_true")
     enh.add_argument("--enhance-captions-gpu-memory-share", type=float,

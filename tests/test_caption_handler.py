@@ -155,7 +155,7 @@ def test_a_dead_engine_is_started_again_and_the_batch_retried():
             raise EngineDeadError()
         return [r.replace(frames=None, caption="back") for r in batch]
 
-    def restart():
+    def restart(generation=None):
         state["alive"], state["restarts"] = True, state["restarts"] + 1
 
     engine = SimpleNamespace(name="m", start=lambda: None, restart=restart)

@@ -247,14 +247,14 @@ def test_the_cli_picks_the_hub_model_of_the_algorithm(tmp_path, captioner_dir, c
 
 
 def test_the_engine_starts_vllm_on_the_local_copy(models_bucket, captioner_dir, tmp_path, monkeypatch):
-    """``Engine.llm`` hands vLLM the resolved local folder, never the gs:// URI (vLLM itself faked)."""
+    """``Engine.start`` hands vLLM the resolved local folder, never the gs:// URI (vLLM itself faked)."""
     import vllm
 
     from beam_captions.inference.engine import Engine, EngineSettings
 
     monkeypatch.setenv("BEAM_CAPTIONS_CACHE", str(tmp_path / "cache"))
     started = []
-    monkeypatch.setattr(vllm, "LLM", lambda **kwargs: started.append(kwargs) or object())
+    monkeypatch.setattr(vllm.AsyncLLMEngine, "from_engine_args", lambda args: started.append(vars(args)) or object())
     settings = EngineSettings(model_dir=models_bucket, hub_model_id=CAPTIONER, extra={"enforce_eager": True})
     engine = Engine(settings)
     engine.start()

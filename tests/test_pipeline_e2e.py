@@ -127,7 +127,7 @@ def test_a_rerun_over_finished_clips_loads_no_model(job, tiny_models, captioner_
         raise AssertionError("a model was loaded although every clip was done")
 
     monkeypatch.setattr(engine, "_engines", {})
-    monkeypatch.setattr(vllm, "LLM", refuse)
+    monkeypatch.setattr(vllm.AsyncLLMEngine, "from_engine_args", refuse)
     counts = run_job(job_argv(out, tiny_models, captioner_dir, real_clips_dir), release_models=False)
     assert counts["clips_skipped"] == 4 and counts.get("windows", 0) == 0
     assert pq.read_table(os.path.join(out, "captions")).num_rows == len(rows)

@@ -49,7 +49,7 @@ def test_flags_have_the_reference_defaults_and_beam_flags_pass_through(tmp_path)
     config, rest = parse_args(["--input", "in", "--output", "out", "--runner", "DirectRunner"])
     assert rest == ["--runner", "DirectRunner"]
     assert (config.captioning_window_size, config.captioning_remainder_threshold) == (256, 128)
-    assert (config.captioning_sampling_fps, config.captioning_batch_size, config.captioning_max_output_tokens) == (2.0, 8, 512)
+    assert (config.captioning_sampling_fps, config.captioning_batch_size, config.captioning_max_output_tokens) == (2.0, 64, 512)
     assert (config.preview_target_fps, config.preview_target_height) == (1.0, 240)
     assert (config.preview_compression_level, config.preview_quality, config.preview_num_cpus_per_worker) == (6, 50, 4)
     assert not config.captioning_use_vllm_mmcache and config.vllm_kwargs == {}

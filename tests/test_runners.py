@@ -106,7 +106,7 @@ def dry_run_graph(argv: list[str]):
 
 
 def is_inference(name: str) -> bool:
-    return "RunInference" in name.split("/")
+    return "ServeModel" in name.split("/")
 
 
 def leaf_environments(proto) -> dict[str, beam_runner_api_pb2.Environment]:

@@ -148,7 +148,7 @@ class QwenVLCaptionHandler(VLLMWindowHandler):
         model_variant: str = "qwen2.5",
         prompt_variant: str = "default",
         prompt_text: Optional[str] = None,
-        caption_batch_size: int = 8,
+        caption_batch_size: int = 64,
         max_output_tokens: int = 512,
         fp8: bool = False,
         disable_mmcache: bool = True,

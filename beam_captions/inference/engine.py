@@ -1,11 +1,15 @@
-"""Building a vLLM engine: the settings it gets, and a thread-safe wrapper around it."""
+"""A vLLM engine served from its own event-loop thread: the settings it gets, and the engine itself."""
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import json
 import logging
 import os
 import threading
+import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -28,7 +32,7 @@ DEFAULT_PIXEL_BOUNDS = {
 
 @dataclass(frozen=True)
 class EngineSettings:
-    """What ``vllm.LLM`` is built with; ``extra`` (``--vllm-kwargs``) overrides the rest."""
+    """What the vLLM engine is built with; ``extra`` (``--vllm-kwargs``) overrides the rest."""
 
     model_dir: str
     fp8: bool = False
@@ -45,7 +49,7 @@ class EngineSettings:
 
 
 def llm_kwargs(settings: EngineSettings) -> dict[str, Any]:
-    """Keyword arguments for ``vllm.LLM`` (the reference's settings, then the user's overrides)."""
+    """Engine arguments for vLLM (the reference's settings, then the user's overrides)."""
     kwargs: dict[str, Any] = {
         "model": settings.model_dir,
         "dtype": settings.dtype,
@@ -53,6 +57,7 @@ def llm_kwargs(settings: EngineSettings) -> dict[str, Any]:
         "max_num_batched_tokens": settings.max_model_len,
         "gpu_memory_utilization": settings.gpu_memory_utilization,
         "trust_remote_code": settings.trust_remote_code,
+        "disable_log_stats": True,
     }
     if settings.multimodal:
         kwargs["limit_mm_per_prompt"] = {"image": 0, "video": 1}
@@ -64,72 +69,163 @@ def llm_kwargs(settings: EngineSettings) -> dict[str, Any]:
     return kwargs
 
 
-class Engine:
-    """A ``vllm.LLM`` started on first use; ``generate`` is safe to call from several threads.
+def _final_only(params: Any) -> Any:
+    """``params`` asking for the finished output only (no per-token partial outputs to move around)."""
+    from vllm.sampling_params import RequestOutputKind
 
-    Starting lazily means a worker that gets no window (say, a re-run where every clip is
-    already done) never loads the model.
+    if params.output_kind == RequestOutputKind.FINAL_ONLY:
+        return params
+    params = params.clone()
+    params.output_kind = RequestOutputKind.FINAL_ONLY
+    return params
+
+
+async def _final_output(llm: Any, prompt: dict, params: Any) -> Any:
+    final = None
+    async for output in llm.generate(prompt, params, request_id=uuid.uuid4().hex):
+        final = output
+    return final
+
+
+async def _generate_all(llm: Any, inputs: Sequence[dict], params: Any) -> list:
+    """Every input as its own request, all in flight at once; the first error cancels the rest."""
+    tasks = [asyncio.ensure_future(_final_output(llm, prompt, params)) for prompt in inputs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+
+
+class Engine:
+    """vLLM's async engine on its own event-loop thread, started on first use.
+
+    ``generate`` may be called from any number of threads at once, with no lock: each call's
+    requests join the engine's running batch and vLLM schedules them together (continuous
+    batching), so a caller waits for its own requests only. Starting lazily means a worker that
+    gets no window (a re-run where every clip is already done) never loads the model.
     """
 
     def __init__(self, settings: EngineSettings):
         self.settings = settings
         self.name = os.path.basename(os.path.normpath(settings.model_dir))
+        self.generation = 0  # bumped at every start, so a restart can tell whether the engine it saw die is gone
         self._llm: Any = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
         self._start_lock = threading.Lock()
-        self._generate_lock = threading.Lock()
-
-    @property
-    def llm(self) -> Any:
-        """The ``vllm.LLM``, started now if it was not yet."""
-        with self._start_lock:
-            if self._llm is None:
-                from vllm import LLM
-
-                from beam_captions.inference.model_source import resolve_model_dir
-
-                kwargs = llm_kwargs(self.settings)
-                settings = self.settings
-                if "model" not in settings.extra:  # a gs:// prefix or an empty folder becomes local weights
-                    kwargs["model"] = resolve_model_dir(
-                        settings.model_dir, model_id=settings.hub_model_id, revision=settings.hub_revision
-                    )
-                log.info("starting vLLM: %s", json.dumps(kwargs, default=str))
-                self._llm = LLM(**kwargs)
-            return self._llm
 
     def start(self) -> "Engine":
-        self.llm
+        """Start the engine if it is not running."""
+        with self._start_lock:
+            if self._llm is None:
+                self._start()
         return self
+
+    def _engine_kwargs(self) -> dict[str, Any]:
+        from beam_captions.inference.model_source import resolve_model_dir
+
+        kwargs = llm_kwargs(self.settings)
+        settings = self.settings
+        if "model" not in settings.extra:  # a gs:// prefix or an empty folder becomes local weights
+            kwargs["model"] = resolve_model_dir(
+                settings.model_dir, model_id=settings.hub_model_id, revision=settings.hub_revision
+            )
+        return kwargs
+
+    def _start(self) -> None:
+        kwargs = self._engine_kwargs()
+        log.info("starting vLLM: %s", json.dumps(kwargs, default=str))
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name=f"vllm-{self.name}", daemon=True)
+        thread.start()
+
+        async def build() -> Any:  # built inside the loop, so its output handler runs there
+            from vllm import AsyncEngineArgs, AsyncLLMEngine
+
+            return AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**kwargs))
+
+        try:
+            llm = asyncio.run_coroutine_threadsafe(build(), loop).result()
+        except BaseException:
+            _stop_loop(loop, thread)
+            raise
+        self._llm, self._loop, self._thread = llm, loop, thread
+        self.generation += 1
+
+    def _running(self) -> tuple[Any, asyncio.AbstractEventLoop]:
+        self.start()
+        llm, loop = self._llm, self._loop
+        if llm is None or loop is None:  # shut down by another thread in between
+            raise RuntimeError(f"the {self.name} engine was shut down")
+        return llm, loop
 
     @property
     def tokenizer(self) -> Any:
-        return self.llm.get_tokenizer()
+        return self._running()[0].get_tokenizer()
+
+    def submit(self, inputs: Sequence[dict], sampling_params: Any) -> "Future[list]":
+        """Send ``inputs`` to the engine now; the future gives one final ``RequestOutput`` per input."""
+        llm, loop = self._running()
+        params = _final_only(sampling_params)
+        return asyncio.run_coroutine_threadsafe(_generate_all(llm, list(inputs), params), loop)
 
     def generate(self, inputs: Sequence[dict], sampling_params: Any) -> list:
-        llm = self.llm
-        with self._generate_lock:
-            return llm.generate(list(inputs), sampling_params, use_tqdm=False)
+        """One final ``RequestOutput`` per input, in order (blocks this thread only)."""
+        return self.submit(inputs, sampling_params).result()
 
-    def restart(self) -> "Engine":
-        """Shut the engine down and start a new one (after it died)."""
+    def restart(self, generation: Optional[int] = None) -> "Engine":
+        """Start a new engine after this one died.
+
+        ``generation`` is the one the caller saw die: when several threads see the same death,
+        the first restarts the engine and the others find it already replaced.
+        """
         with self._start_lock:
-            self.shutdown()
-        return self.start()
+            if generation is None or generation == self.generation:
+                self._stop()
+                self._start()
+        return self
 
     def shutdown(self) -> None:
-        core = getattr(getattr(self._llm, "llm_engine", None), "engine_core", None)
-        self._llm = None
-        if core is not None:
+        with self._start_lock:
+            self._stop()
+
+    def _stop(self) -> None:
+        llm, loop, thread = self._llm, self._loop, self._thread
+        self._llm = self._loop = self._thread = None
+        if llm is not None:
             try:
-                core.shutdown()
+                llm.shutdown()
             except Exception as error:  # noqa: BLE001 - a dead engine may not shut down cleanly
                 log.warning("engine shutdown: %s", error)
+        if loop is not None and thread is not None:
+            _stop_loop(loop, thread)
 
     def render_chat(self, messages: list[dict], **template_kwargs: Any) -> str:
         """``messages`` rendered with the model directory's chat template, ready for generation."""
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True, **template_kwargs
         )
+
+
+async def _cancel_tasks() -> None:
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    """Let the loop's tasks (vLLM's output handler among them) finish cancelling, then stop it."""
+    try:
+        asyncio.run_coroutine_threadsafe(_cancel_tasks(), loop).result(timeout=10)
+    except Exception as error:  # noqa: BLE001 - stopping goes on whatever the tasks do
+        log.debug("cancelling engine tasks: %s", error)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout=30)
+    if not thread.is_alive():
+        loop.close()
 
 
 _engines: dict[str, Engine] = {}
@@ -152,6 +248,9 @@ def release_engines(only: Optional[Engine] = None) -> None:
         engines = [_engines.pop(key) for key in keys]
     for engine in engines:
         engine.shutdown()
+
+
+atexit.register(release_engines)  # before interpreter teardown, while vLLM can still shut down cleanly
 
 
 def _bounds_from(config: dict) -> Optional[tuple[int, int]]:

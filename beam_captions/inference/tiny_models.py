@@ -39,6 +39,9 @@ MAX_POSITIONS = 32768
 MIN_FRAME_TOKENS = 4
 MAX_FRAME_TOKENS = 32
 
+STOP_WORD = " the"  # answers end where the model would say this word (see ``_random_model``)
+STOP_SCALE = 1.03
+
 SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -218,18 +221,24 @@ def _non_word_ids(tokenizer: Any) -> list[int]:
 
 
 def _random_model(model_cls: type, config: Any, tokenizer: Any, seed: int) -> Any:
-    """Instantiate seeded random bf16 weights that only ever emit word pieces.
+    """Instantiate seeded random bf16 weights that emit word pieces and stop at varied lengths.
 
     Zeroing the output rows of special and non-word tokens pins their logits
-    at 0 while word pieces get random ones, so near-greedy decoding always
-    yields visible word-like text (and runs to ``max_tokens``).
+    at 0 while word pieces get random ones, so near-greedy decoding yields
+    visible word-like text. The end-of-turn row is then a slightly scaled copy
+    of the row of ``STOP_WORD``: the model ends its answer where it would have
+    said that word, which depends on the input, so answers end at varied
+    lengths (a few tokens to past the limit), as a real model's do.
     """
     import torch
 
     torch.manual_seed(seed)
     model = model_cls(config).to(torch.bfloat16).eval()
     with torch.no_grad():
-        model.get_output_embeddings().weight[_non_word_ids(tokenizer)] = 0
+        rows = model.get_output_embeddings().weight
+        rows[_non_word_ids(tokenizer)] = 0
+        (stop_word,) = tokenizer.encode(STOP_WORD, add_special_tokens=False)
+        rows[_token_id(tokenizer, "<|im_end|>")] = rows[stop_word] * STOP_SCALE
     model.generation_config = _generation_config(tokenizer)
     return model
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 from apache_beam.ml.inference.base import ModelHandler
 
-from beam_captions.inference.engine import Engine, EngineSettings, load_engine
+from beam_captions.inference.engine import Engine, EngineSettings, llm_kwargs, load_engine
 from beam_captions.inference.isolation import is_engine_dead, run_isolated
 from beam_captions.metrics import count
 from beam_captions.records import Failure, WindowRecord, failure_from_exception
@@ -106,6 +107,7 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, Outcome, Engine]):
 
     def _infer(self, model: Engine, part: Sequence[WindowRecord]) -> list[WindowRecord]:
         """One call into the engine; an engine that died is started again and the call retried once."""
+        seen = getattr(model, "generation", None)
         try:
             return self._inference_fn(model, part, self.request)
         except Exception as error:
@@ -113,13 +115,22 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, Outcome, Engine]):
                 raise
             log.warning("the %s engine died (%s); starting it again", self.stage, error)
             count("engine_restarts")
-            model.restart()
+            model.restart(seen)  # threads that saw the same death restart it once
             return self._inference_fn(model, part, self.request)
 
     def batch_elements_kwargs(self) -> dict:
-        """Full batches: Beam's adaptive batching would start at one window per engine call. A bundle's
-        last batch is flushed at the bundle's end, so nothing waits for a batch to fill (streaming too)."""
+        """For use with ``RunInference``: full batches (Beam's adaptive batching would start at one window
+        per engine call); a bundle's last batch is flushed at the bundle's end."""
         return {"min_batch_size": self.batch_size, "max_batch_size": self.batch_size}
+
+    @property
+    def max_in_flight(self) -> int:
+        """Windows a worker process keeps in flight to the engine (``ServeWindows``): the batch size."""
+        return self.batch_size
+
+    def engine_key(self) -> str:
+        """Names this handler's engine: handlers with the same key share one engine (and one bound)."""
+        return f"{self.stage}:{json.dumps(llm_kwargs(self.settings), sort_keys=True, default=str)}"
 
     def get_metrics_namespace(self) -> str:
         return f"beam_captions.{self.stage}"

@@ -2,7 +2,7 @@
 
 Both caption the same prepared windows in batches of the same size with the same sampling
 parameters. Ours: ``handler.run_inference(batch, engine)`` (builds each vLLM input, calls the engine,
-checks and copies the records). Baseline: ``engine.llm.generate(batch_inputs, params)`` on input
+checks and copies the records). Baseline: ``engine.generate(batch_inputs, params)`` (vLLM directly) on input
 dicts built once beforehand with ``video_input``. Also reports both at batch sizes 1, 4, 8, 16.
 """
 
@@ -39,10 +39,10 @@ def handler_rate(handler: QwenVLCaptionHandler, engine: Engine, records: list[Wi
 
 
 def raw_rate(engine: Engine, inputs: list[dict], params: Any, batch: int) -> float:
-    """Windows per second through ``vllm.LLM.generate`` on ready-made inputs."""
+    """Windows per second through the engine (vLLM's async engine, a batch at a time) on ready-made inputs."""
     start = time.perf_counter()
     for part in _batches(inputs, batch):
-        engine.llm.generate(list(part), params, use_tqdm=False)
+        engine.generate(list(part), params)
     return len(inputs) / (time.perf_counter() - start)
 
 

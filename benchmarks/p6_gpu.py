@@ -1,14 +1,17 @@
-"""P6 (GPU only): P4 on the GPU, GPU utilisation while captioning, time to first caption.
+"""P6: the whole caption job's windows/s over raw vLLM's, GPU busy fraction and peak GPU memory.
 
-Utilisation is sampled with ``nvidia-smi --query-gpu=utilization.gpu`` every 0.2 s during P4's
-timed captioning (handler and raw calls, after the windows are decoded; mean and median are
-reported). Time to first caption: ``run_job`` in this process on the warm engine, from the call to
-the first ``Engine.generate`` that returns (engine loading, reported separately as
-``engine_load_s``, comes on top of it in a cold job).
+ours: ``run_job`` (DirectRunner, captions only, job defaults but the engine settings) on copies of
+the trailer, windows/s from the job's start to its end, the engine already loaded. ceiling: the
+same clips' windows, prepared beforehand, handed to the engine all at once (``Engine.generate``).
+While each runs, ``nvidia-smi`` is sampled every 0.2 s for ``utilization.gpu`` (busy fraction) and
+``memory.used`` (peak). Without a GPU the same code runs on the CPU path and the GPU columns are null:
+``benchmarks/gpu_check.sh`` is the one command to run on a GPU machine.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -20,19 +23,21 @@ from io import StringIO
 from typing import Any, Optional
 
 from beam_captions.cli import run_job
-from beam_captions.inference.engine import Engine
+from beam_captions.inference.caption_handler import QwenVLCaptionHandler, video_input
 
-import p4_handler_throughput
-from captioning import job_flags, warm_handler
-from common import Figure, clip_folder, gpu_name
+from captioning import prepare_config, prepared_windows
+from common import Figure, clip_folder, gpu_name, interleaved, median_ratio
+
+MAX_TOKENS = 512  # the job's default
 
 
 class GpuSampler:
-    """Samples ``utilization.gpu`` of GPU 0 in a thread while active (a context manager)."""
+    """Samples GPU 0's ``utilization.gpu`` and ``memory.used`` in a thread while active (a context manager)."""
 
     def __init__(self, interval_s: float = 0.2):
         self.interval_s = interval_s
-        self.samples: list[float] = []
+        self.busy: list[float] = []
+        self.memory_mib: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -40,13 +45,15 @@ class GpuSampler:
         while not self._stop.is_set():
             try:
                 out = subprocess.run(
-                    ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "--id=0"],
-                    capture_output=True, text=True, check=False, timeout=10,
+                    ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+                     "--id=0"], capture_output=True, text=True, check=False, timeout=10,
                 )
             except (OSError, subprocess.TimeoutExpired):
-                out = None
-            if out is not None and out.returncode == 0 and out.stdout.strip():
-                self.samples.append(float(out.stdout.split()[0]))
+                return  # no nvidia-smi: the CPU path
+            if out.returncode == 0 and out.stdout.strip():
+                busy, memory = (float(v) for v in out.stdout.split(","))
+                self.busy.append(busy)
+                self.memory_mib.append(memory)
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> "GpuSampler":
@@ -57,47 +64,67 @@ class GpuSampler:
         self._stop.set()
         self._thread.join()
 
-
-def first_caption_s(clips: list[str], model_dir: str, vllm_kwargs: dict[str, Any]) -> Optional[float]:
-    """Seconds from calling ``run_job`` to the first caption batch coming back (warm engine)."""
-    first: list[float] = []
-    original = Engine.generate
-
-    def timed(self: Engine, inputs, sampling_params):
-        result = original(self, inputs, sampling_params)
-        first.append(time.perf_counter())
-        return result
-
-    output = tempfile.mkdtemp(prefix="p6-job-")
-    Engine.generate = timed
-    try:
-        with redirect_stdout(StringIO()):
-            start = time.perf_counter()
-            run_job(job_flags(clip_folder("p6", clips), output, model_dir, vllm_kwargs), release_models=False)
-    finally:
-        Engine.generate = original
-        shutil.rmtree(output, ignore_errors=True)
-    return first[0] - start if first else None
+    def summary(self) -> dict[str, Optional[float]]:
+        return {
+            "gpu_busy_mean_pct": statistics.fmean(self.busy) if self.busy else None,
+            "gpu_busy_fraction": sum(b > 0 for b in self.busy) / len(self.busy) if self.busy else None,
+            "gpu_memory_peak_mib": max(self.memory_mib) if self.memory_mib else None,
+            "samples": len(self.busy),
+        }
 
 
-def run(clip: str, windows: int, repeats: int, model_dir: str, vllm_kwargs: dict[str, Any]) -> Figure:
+def run(clip: str, copies: int, repeats: int, model_dir: str, vllm_kwargs: dict[str, Any]) -> Figure:
     card = gpu_name()
-    if card is None:
-        figure = Figure("P6", "GPU: handler windows/s / raw LLM.generate windows/s", "windows/s", (">=", 0.9))
-        figure.skipped = "skipped: no GPU"
-        return figure
-    _, _, load_s = warm_handler(model_dir, vllm_kwargs)
-    sampler = GpuSampler()
-    figure = p4_handler_throughput.run(
-        clip, windows, repeats, 1, model_dir, vllm_kwargs, name="P6", during=lambda: sampler
-    )
-    figure.title = "GPU: " + figure.title
-    figure.details.update(
-        gpu=card,
-        engine_load_s=load_s,
-        gpu_util_mean_pct=statistics.fmean(sampler.samples) if sampler.samples else None,
-        gpu_util_median_pct=statistics.median(sampler.samples) if sampler.samples else None,
-        gpu_util_samples=len(sampler.samples),
-        first_caption_after_job_start_s=first_caption_s([clip], model_dir, vllm_kwargs),
-    )
+    figure = Figure("P6", f"job windows/s / raw vLLM all-at-once windows/s ({card or 'CPU path, no GPU'})",
+                    "windows/s", (">=", 0.85))
+    handler = QwenVLCaptionHandler(model_dir, max_output_tokens=MAX_TOKENS, vllm_kwargs=vllm_kwargs)
+    start = time.perf_counter()
+    engine = handler.load_model().start()
+    load_s = time.perf_counter() - start
+    folder = clip_folder("p6", [])
+    for i in range(copies):
+        os.symlink(os.path.abspath(clip), os.path.join(folder, f"copy{i}.mp4"))
+    windows = prepared_windows(clip, prepare_config(model_dir)) * copies
+    inputs = [video_input(engine, r, handler.request.prompt) for r in windows]
+    params = handler.request.sampling_params()
+    flags = [
+        "--input", folder, "--generate-captions", "--model-dir", model_dir, "--no-skip-existing",
+        "--captioning-max-output-tokens", str(MAX_TOKENS), "--vllm-kwargs", json.dumps(vllm_kwargs),
+    ]
+    samplers: dict[str, list[GpuSampler]] = {"job": [], "raw": []}
+
+    def job() -> float:
+        output = tempfile.mkdtemp(prefix="p6-job-")
+        with GpuSampler() as sampler, redirect_stdout(StringIO()):
+            t0 = time.perf_counter()
+            counts = run_job([*flags, "--output", output], release_models=False)
+            seconds = time.perf_counter() - t0
+        shutil.rmtree(output, ignore_errors=True)
+        samplers["job"].append(sampler)
+        if counts.get("captions", 0) != len(windows):
+            raise RuntimeError(f"the job captioned {counts.get('captions', 0)} of {len(windows)} windows")
+        return len(windows) / seconds
+
+    def raw() -> float:
+        with GpuSampler() as sampler:
+            t0 = time.perf_counter()
+            engine.generate(inputs, params)
+            seconds = time.perf_counter() - t0
+        samplers["raw"].append(sampler)
+        return len(inputs) / seconds
+
+    raw()  # warm-up
+    ours, theirs = interleaved(repeats, job, raw)
+    figure.ours, figure.baseline = statistics.median(ours), statistics.median(theirs)
+    figure.ratio = median_ratio(ours, theirs)
+    figure.details = {
+        "gpu": card,
+        "clips": copies,
+        "windows": len(windows),
+        "engine_load_s": load_s,
+        "job_windows_per_s": ours,
+        "raw_windows_per_s": theirs,
+        "job_gpu": [s.summary() for s in samplers["job"]],
+        "raw_gpu": [s.summary() for s in samplers["raw"]],
+    }
     return figure

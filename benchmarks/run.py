@@ -30,7 +30,7 @@ from common import (
     trailer_clip,
 )
 
-FIGURES = ("P1", "P2", "P3", "P4", "P5", "P6")
+FIGURES = ("P1", "P2", "P3", "P4", "P4B", "P5", "P6")
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,12 @@ class Plan:
     repeats_captions: int  # P4, P6
     sweep_repeats: int  # P4 batch-size sweep
     caption_windows: int  # P4, P6
+    pipeline_windows: int  # P4b
+    job_copies: int  # P6: copies of the trailer in the job
 
     @staticmethod
     def make(quick: bool) -> "Plan":
-        return Plan(3, 1, 2, 5, 1, 32) if quick else Plan(5, 3, 5, 5, 2, 48)
+        return Plan(3, 1, 2, 5, 1, 32, 64, 4) if quick else Plan(5, 3, 5, 5, 2, 48, 128, 8)
 
 
 def _figure_runners(quick: bool) -> dict[str, Callable[[], Figure]]:
@@ -78,6 +80,13 @@ def _figure_runners(quick: bool) -> dict[str, Callable[[], Figure]]:
             trailer_clip(), plan.caption_windows, plan.repeats_captions, plan.sweep_repeats, captioner_dir(), kwargs
         )
 
+    def p4b() -> Figure:
+        import p4b_pipeline_throughput
+
+        return p4b_pipeline_throughput.run(
+            trailer_clip(), plan.pipeline_windows, plan.repeats_captions, captioner_dir(), kwargs
+        )
+
     def p5() -> Figure:
         import p5_memory
 
@@ -87,9 +96,9 @@ def _figure_runners(quick: bool) -> dict[str, Callable[[], Figure]]:
     def p6() -> Figure:
         import p6_gpu
 
-        return p6_gpu.run(trailer_clip(), plan.caption_windows, plan.repeats_captions, captioner_dir(), kwargs)
+        return p6_gpu.run(trailer_clip(), plan.job_copies, plan.repeats_job, captioner_dir(), kwargs)
 
-    return {"P1": p1, "P2": p2, "P3": p3, "P4": p4, "P5": p5, "P6": p6}
+    return {"P1": p1, "P2": p2, "P3": p3, "P4": p4, "P4B": p4b, "P5": p5, "P6": p6}
 
 
 def _target(figure: Figure) -> str:

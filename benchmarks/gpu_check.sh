@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The GPU benchmark in one command (under 8 minutes on one GPU): install the GPU build of vLLM (make setup picks
+# it when nvidia-smi sees a GPU), build the tiny models, then P4b (pipeline vs vLLM's continuous-batching
+# ceiling) and P6 (the whole job vs raw vLLM, GPU busy fraction, peak GPU memory). Without a GPU it runs the
+# same code on the CPU path. Results: benchmarks/results/latest.json; the card's name is in each figure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+nvidia-smi -L 2>/dev/null || echo "gpu_check: no GPU visible; running the CPU path"
+make setup
+.venv/bin/python benchmarks/run.py --quick --only P4B,P6

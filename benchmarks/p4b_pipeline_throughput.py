@@ -1,0 +1,109 @@
+"""P4b: caption throughput inside a running pipeline over vLLM's continuous-batching ceiling.
+
+Windows are prepared beforehand (so decoding does not compete for the CPU) from the trailer cut
+into short windows, so that they differ and their captions end at different lengths (the tiny
+models stop at varied lengths; captions may run to the job's default 512 tokens).
+
+- ours: a DirectRunner pipeline ``Create(windows) | CaptionWindows(handler)`` (``ServeWindows``:
+  each window submitted as it arrives, results as they finish), wall time of ``pipeline.run()``.
+- old: the same pipeline through Beam's ``RunInference(handler)`` in batches of 8, each batch one
+  blocking engine call (the path before continuous batching).
+- ceiling: every window's input dict handed to the engine at once in one call
+  (``Engine.generate``: vLLM's async engine with all requests in flight), inputs built beforehand.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.ml.inference.base import RunInference
+
+from beam_captions.inference.caption_handler import QwenVLCaptionHandler, video_input
+from beam_captions.records import WindowRecord
+from beam_captions.transforms.caption import CaptionWindows
+
+from captioning import prepare_config, prepared_windows
+from common import Figure, interleaved, median_ratio
+
+OLD_BATCH = 8  # the old default --captioning-batch-size
+MAX_TOKENS = 512  # the job's default --captioning-max-output-tokens
+WINDOW_SIZE = 48  # short windows: more distinct windows out of one clip
+
+
+def _pipeline_rate(records: list[WindowRecord], caption: beam.PTransform) -> tuple[float, list[int]]:
+    """Windows/s of a pipeline that captions ``records``; also each caption's token count."""
+    lengths: list[int] = []
+
+    def collect(element: Any) -> None:
+        record = element[0] if isinstance(element, tuple) else element
+        if isinstance(record, WindowRecord):
+            if not record.caption:
+                raise RuntimeError(f"window {record.window_index} got no caption")
+            lengths.append(record.caption_check.num_tokens)
+
+    start = time.perf_counter()
+    with beam.Pipeline() as pipeline:
+        _ = pipeline | beam.Create(records, reshuffle=False) | caption | beam.Map(collect)
+    seconds = time.perf_counter() - start
+    if len(lengths) != len(records):
+        raise RuntimeError(f"{len(lengths)} captions for {len(records)} windows")
+    return len(records) / seconds, lengths
+
+
+def run(clip: str, windows: int, repeats: int, model_dir: str, vllm_kwargs: dict[str, Any]) -> Figure:
+    figure = Figure(
+        "P4b", "pipeline captions windows/s / vLLM all-at-once windows/s (continuous-batching ceiling)",
+        "windows/s", (">=", 0.85),
+    )
+    handler = QwenVLCaptionHandler(
+        model_dir, max_output_tokens=MAX_TOKENS, caption_batch_size=max(64, windows), vllm_kwargs=vllm_kwargs
+    )
+    old_handler = QwenVLCaptionHandler(
+        model_dir, max_output_tokens=MAX_TOKENS, caption_batch_size=OLD_BATCH, vllm_kwargs=vllm_kwargs
+    )
+    engine = handler.load_model().start()
+    start = time.perf_counter()
+    prepared = prepared_windows(clip, prepare_config(model_dir, window_size=WINDOW_SIZE))
+    prepare_s = time.perf_counter() - start
+    records = [prepared[i % len(prepared)] for i in range(windows)]
+    inputs = [video_input(engine, r, handler.request.prompt) for r in records]
+    params = handler.request.sampling_params()
+
+    def ceiling() -> float:
+        start = time.perf_counter()
+        engine.generate(inputs, params)
+        return len(inputs) / (time.perf_counter() - start)
+
+    lengths: list[int] = []
+
+    def ours() -> float:
+        rate, lengths[:] = _pipeline_rate(records, CaptionWindows(handler=handler))
+        return rate
+
+    def old() -> float:
+        return _pipeline_rate(records, RunInference(old_handler))[0]
+
+    ceiling(), ours()  # warm-up (and the pipeline machinery's first import)
+    mine, theirs = interleaved(repeats, ours, ceiling)
+    previous = [old() for _ in range(max(1, repeats // 2))]
+    figure.ours, figure.baseline = statistics.median(mine), statistics.median(theirs)
+    figure.ratio = median_ratio(mine, theirs)
+    figure.details = {
+        "clip": clip,
+        "windows": windows,
+        "distinct_windows": len(prepared),
+        "window_size": WINDOW_SIZE,
+        "frames_per_window": prepared[0].frames.shape[0],
+        "frame_size": list(prepared[0].frames.shape[1:3]),
+        "prepare_s": prepare_s,
+        "max_output_tokens": MAX_TOKENS,
+        "caption_tokens": {"min": min(lengths), "median": statistics.median(lengths), "max": max(lengths)},
+        "pipeline_windows_per_s": mine,
+        "ceiling_windows_per_s": theirs,
+        "old_runinference_batch8_windows_per_s": previous,
+        "old_over_ceiling": statistics.median(previous) / figure.baseline,
+    }
+    return figure

@@ -96,16 +96,22 @@ def test_metas_describe_each_clip(job):
 
 def test_sanity_columns_are_filled_and_counted(job):
     out, counts, rows = job
+    truncated = 0
     for row in rows:
-        # The tiny model never emits end-of-sequence, so every caption stops at the 24-token limit.
-        assert row["caption_num_tokens"] == 24 and row["caption_finish_reason"] == "length"
-        assert "truncated" in row["caption_flags"] and row["caption_sound"] is False
-        assert row["caption_stage2_num_tokens"] == 24 and "truncated" in row["caption_stage2_flags"]
-        assert row["enhanced_caption_num_tokens"] == 16 and "truncated" in row["enhanced_caption_flags"]
+        # The tiny models stop at varied lengths: a caption is cut (flagged) exactly when it hit the limit.
+        for kind, limit in (("caption", 24), ("caption_stage2", 24), ("enhanced_caption", 16)):
+            tokens, reason, flags = (row[f"{kind}_num_tokens"], row[f"{kind}_finish_reason"], row[f"{kind}_flags"])
+            assert 0 < tokens <= limit and reason in ("stop", "length")
+            assert ("truncated" in flags) == (reason == "length")
+            assert tokens == limit if reason == "length" else tokens <= limit
+            assert row[f"{kind}_sound"] is (not flags)
+            truncated += "truncated" in flags
         assert row["caption_retried"] is False
-    assert counts["flagged_truncated"] == 3 * len(rows)
-    meta = json.load(open(glob.glob(os.path.join(out, "metas", rows[0]["clip_id"] + ".json"))[0]))
-    assert "truncated" in meta["windows"][0]["caption_flags"]
+    assert truncated > 0 and counts.get("flagged_truncated", 0) == truncated
+    cut = next(row for row in rows if "truncated" in row["caption_flags"])
+    meta = json.load(open(glob.glob(os.path.join(out, "metas", cut["clip_id"] + ".json"))[0]))
+    window = next(w for w in meta["windows"] if w["window_index"] == cut["window_index"])
+    assert "truncated" in window["caption_flags"]
 
 
 def test_the_gallery_is_written_with_every_clip(job):

@@ -147,3 +147,17 @@ def test_two_threads_that_see_one_death_restart_the_engine_once(monkeypatch):
     engine.shutdown()
     assert len(built) == 2 and engine.generation == 2
     assert [record.caption for record, failure in results] == ["ok", "ok"]
+
+
+def test_windows_reach_an_engine_shared_across_processes(captioner_dir, handler):
+    """share_model_across_processes: ServeWindows talks to the engine through Beam's proxy."""
+    shared = QwenVLCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, share_across_processes=True)
+    assert shared.share_model_across_processes()
+    with beam.Pipeline() as pipeline:
+        out = (
+            pipeline
+            | beam.Create([window(i) for i in range(3)], reshuffle=False)
+            | CaptionWindows(handler=shared)
+            | beam.Map(lambda r: (r.window_index, bool(r.caption), r.caption_model, r.frames is None))
+        )
+        assert_that(out, equal_to([(i, True, "captioner", True) for i in range(3)]))

@@ -44,7 +44,7 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, Outcome, Engine]):
         model_copies: Optional[int] = None,
     ):
         # Beam's own switches: one engine per machine shared by its processes (large_model), or exactly
-        # ``model_copies`` per machine; either way RunInference then hands run_inference a proxy.
+        # ``model_copies`` per machine; either way RunInference (and ServeWindows) then use a proxy.
         super().__init__(large_model=share_across_processes, model_copies=model_copies)
         self.settings = settings
         self.request = request

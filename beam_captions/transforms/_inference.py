@@ -9,6 +9,7 @@ on windows in flight keeps frame memory flat and pushes back on the decode upstr
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -34,6 +35,11 @@ class _Slots:
 
 _slots: dict[str, _Slots] = {}
 _slots_lock = threading.Lock()
+
+
+def _digest(key: str) -> str:
+    """A short, file-name-safe name for ``key`` (Beam's cross-process lock is a file named after the tag)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
 def _slots_for(key: str, bound: int) -> _Slots:
@@ -62,7 +68,7 @@ class ServeWindows(beam.DoFn):
         handler = self.handler
         if handler.share_model_across_processes():
             shared = multi_process_shared.MultiProcessShared(
-                handler.load_model, tag=f"beam-captions:{handler.engine_key()}", always_proxy=True
+                handler.load_model, tag=f"beam-captions-{_digest(handler.engine_key())}", always_proxy=True
             )
             self._model = shared.acquire()
         else:

@@ -1,4 +1,4 @@
-"""CaptionWindows: RunInference with the Qwen-VL handler over every window that carries frames."""
+"""CaptionWindows: the Qwen-VL handler served every window that carries frames (``ServeWindows``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""EnhanceCaptions: RunInference with a text-only Qwen handler over every captioned window."""
+"""EnhanceCaptions: a text-only Qwen handler served every captioned window (``ServeWindows``)."""
 
 from __future__ import annotations
 

@@ -123,7 +123,7 @@ def time_partition(elements: Iterable[Element], window_seconds: Optional[float])
     """``window=<UTC start>`` of the fixed event-time window of the clip's arrival (streaming), else ``None``.
 
     The arrival time travels in the clip's ``ClipInfo`` or ``prepare`` failure: element timestamps
-    do not survive ``RunInference``, whose batching re-stamps its outputs.
+    are not relied on past the model steps, which hand windows on as they finish.
     """
     found = [e.found_at for e in elements if isinstance(e, (ClipInfo, Failure)) and e.found_at is not None]
     if not window_seconds or not found:

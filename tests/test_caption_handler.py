@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from beam_captions.inference.caption_handler import QwenVLCaptionHandler, video_input
-from beam_captions.inference.engine import processor_pixel_bounds, release_engines
+from beam_captions.inference.engine import release_engines
+from beam_captions.inference.frame_bounds import model_frame_bounds
 from beam_captions.prompts import CAPTION_PROMPTS, caption_prompt
 from beam_captions.records import WindowRecord
 from conftest import VLLM_KWARGS, spying_on
@@ -118,8 +119,7 @@ def test_batching_follows_the_batch_size_and_counts_frame_bytes():
 
 def test_qwen3_vl_goes_through_the_same_handler(tiny_models):
     qwen3_dir = tiny_models["captioner-qwen3"]
-    low, high = processor_pixel_bounds(qwen3_dir, "qwen3")
-    assert low <= high <= 32 * 32 * 32 // 4
+    assert model_frame_bounds(qwen3_dir, "qwen3").pixels(4) == (32 * 32 * 32 // 4,) * 2  # its clip bound, shared
     handler = QwenVLCaptionHandler(qwen3_dir, model_variant="qwen3", vllm_kwargs=VLLM_KWARGS, max_output_tokens=12)
     engine = handler.load_model()
     try:

@@ -30,6 +30,7 @@ def test_stage2_prompt_carries_instruction_and_caption():
 def test_llm_kwargs_follow_the_reference_and_user_overrides_win():
     kwargs = llm_kwargs(EngineSettings("m", fp8=True, extra={"max_model_len": 4096, "enforce_eager": True}))
     assert kwargs["limit_mm_per_prompt"] == {"image": 0, "video": 1}
+    assert kwargs["mm_processor_kwargs"] == {"cap_pixels_per_frame": True}
     assert kwargs["quantization"] == "fp8"
     assert kwargs["mm_processor_cache_gb"] == 0
     assert kwargs["gpu_memory_utilization"] == 0.85

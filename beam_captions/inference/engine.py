@@ -44,6 +44,7 @@ def llm_kwargs(settings: EngineSettings) -> dict[str, Any]:
     }
     if settings.multimodal:
         kwargs["limit_mm_per_prompt"] = {"image": 0, "video": 1}
+        kwargs["mm_processor_kwargs"] = {"cap_pixels_per_frame": True}  # the reference's (qwen-vl-utils) frame cap
         if settings.disable_mmcache:
             kwargs["mm_processor_cache_gb"] = 0
     if settings.fp8:

@@ -103,9 +103,13 @@ def test_sanity_columns_are_filled_and_counted(job):
         assert row["caption_stage2_num_tokens"] == 24 and "truncated" in row["caption_stage2_flags"]
         assert row["enhanced_caption_num_tokens"] == 16 and "truncated" in row["enhanced_caption_flags"]
         assert row["caption_retried"] is False
+        assert row["caption_prompt_tokens"] > 4 * row["num_sampled_frames"] // 2  # text + >= 4 tokens a frame pair
     assert counts["flagged_truncated"] == 3 * len(rows)
+    assert counts["caption_prompt_tokens"] == sum(row["caption_prompt_tokens"] for row in rows)
     meta = json.load(open(glob.glob(os.path.join(out, "metas", rows[0]["clip_id"] + ".json"))[0]))
     assert "truncated" in meta["windows"][0]["caption_flags"]
+    by_window = {w["window_index"]: w["caption_prompt_tokens"] for w in meta["windows"]}
+    assert by_window[rows[0]["window_index"]] == rows[0]["caption_prompt_tokens"]
 
 
 def test_the_gallery_is_written_with_every_clip(job):

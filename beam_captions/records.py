@@ -79,6 +79,7 @@ class WindowRecord:
     caption_stage2_check: Optional[CaptionCheck] = None
     enhanced_caption_check: Optional[CaptionCheck] = None
     caption_retried: bool = False
+    caption_prompt_tokens: Optional[int] = None  # tokens the captioner took in for stage 1, video included
     caption_model: Optional[str] = None
     enhance_model: Optional[str] = None
     prompt_variant: Optional[str] = None

@@ -11,6 +11,7 @@ def format_summary(counts: dict[str, int], output: str, seconds: float) -> str:
     by_stage = ", ".join(f"{stage} {n}" for stage, n in failures.items())
     flagged = ", ".join(f"{name[len('flagged_'):]} {n}" for name, n in sorted(counts.items()) if name.startswith("flagged_"))
     captions = counts.get("captions", 0)
+    prompt_tokens = counts.get("caption_prompt_tokens", 0)
     lines = [
         f"beam-captions finished in {seconds:.1f} s",
         f"  clips found      {counts.get('clips_found', 0)}",
@@ -18,6 +19,7 @@ def format_summary(counts: dict[str, int], output: str, seconds: float) -> str:
         f"  clips failed     {counts.get('clips_failed', 0)}",
         f"  windows          {counts.get('windows', 0)}",
         f"  captions         {captions} ({captions / seconds if seconds > 0 else 0:.2f}/s)",
+        f"  prompt tokens    {prompt_tokens} ({prompt_tokens // captions if captions else 0} per window)",
         f"  flagged captions {flagged or 'none'}",
         f"  previews         {counts.get('previews', 0)}",
         f"  failures         {sum(failures.values())}" + (f" ({by_stage})" if by_stage else ""),

@@ -14,7 +14,8 @@ from contextlib import contextmanager
 from typing import Any
 
 from beam_captions.inference.caption_handler import QwenVLCaptionHandler
-from beam_captions.inference.engine import Engine, processor_pixel_bounds
+from beam_captions.inference.engine import Engine
+from beam_captions.inference.frame_bounds import model_frame_bounds
 from beam_captions.media.decode import PreviewSpec
 from beam_captions.records import ClipRef, WindowRecord
 from beam_captions.transforms.prepare import PrepareConfig, prepare_clip
@@ -58,9 +59,9 @@ def job_flags(input_path: str, output: str, model_dir: str, vllm_kwargs: dict[st
 
 
 def prepare_config(model_dir: str, window_size: int = 256) -> PrepareConfig:
-    """What ``PrepareWindows`` uses in the job: the model's pixel bound and 1 fps 240p previews."""
-    low, high = processor_pixel_bounds(model_dir, "qwen")
-    return PrepareConfig(window_size=window_size, min_pixels=low, max_pixels=high, preview=PreviewSpec(1.0, 240))
+    """What ``PrepareWindows`` uses in the job: the model's frame bounds and 1 fps 240p previews."""
+    bounds = model_frame_bounds(model_dir, "qwen")
+    return PrepareConfig(window_size=window_size, frame_bounds=bounds, preview=PreviewSpec(1.0, 240))
 
 
 def prepared_windows(clip: str, config: PrepareConfig) -> list[WindowRecord]:

@@ -7,8 +7,8 @@ recorded: the job process's own peak. (``ru_maxrss`` is not used: a child starts
 the parent it was forked from, which here is a benchmark process holding vLLM.)
 Each clip also gets a previews-only job (no vLLM), whose ratio shows the decode pass's growth
 without vLLM's fixed ~2.5 GB around it. ``all_windows_arrays_mb`` is what all of a clip's windows
-weigh as numpy arrays (model + preview frames), at the tiny model's pixel bound and at the real
-Qwen2.5-VL default bound: what a decode that keeps a clip's windows all at once would hold.
+weigh as numpy arrays (model + preview frames), at the tiny model's frame bounds and at the
+reference's Qwen2.5-VL bounds: what a decode that keeps a clip's windows all at once would hold.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import Any, Optional
 import av
 import psutil
 
-from beam_captions.inference.engine import DEFAULT_PIXEL_BOUNDS, processor_pixel_bounds
-from beam_captions.media.decode import preview_size, resize_to_pixel_bound
+from beam_captions.inference.frame_bounds import FrameBounds, model_frame_bounds, reference_bounds
+from beam_captions.media.decode import preview_size
 from beam_captions.media.windowing import compute_windows, num_preview_frames, num_sampled_frames
 
 from captioning import job_flags
@@ -86,17 +86,18 @@ def job_peak_memory(input_dir: str, model_dir: Optional[str], vllm_kwargs: dict[
     }
 
 
-def all_windows_arrays_mb(clip: str, bounds: tuple[int, int]) -> float:
+def all_windows_arrays_mb(clip: str, bounds: FrameBounds) -> float:
     """MiB of model + preview frames ``decode_windows`` holds for ``clip`` (defaults, 1 fps 240p previews)."""
     with av.open(clip) as container:
         stream = container.streams.video[0]
         total = stream.frames or sum(1 for p in container.demux(stream) if p.size)
         fps, width, height = float(stream.average_rate), stream.codec_context.width, stream.codec_context.height
-    model_w, model_h = resize_to_pixel_bound(width, height, *bounds)
     small_w, small_h = preview_size(width, height, 240)
     size = 0
     for window in compute_windows(total, 256, 128):
-        size += num_sampled_frames(window.num_frames, fps, 2.0) * model_w * model_h * 3
+        sampled = num_sampled_frames(window.num_frames, fps, 2.0)
+        model_w, model_h = bounds.frame_size(width, height, sampled)
+        size += sampled * model_w * model_h * 3
         size += num_preview_frames(window.num_frames, fps, 1.0) * small_w * small_h * 3
     return size / MB
 
@@ -111,8 +112,8 @@ def run(long: str, short: str, model_dir: str, vllm_kwargs: dict[str, Any]) -> F
             "captions_job": job_peak_memory(folder, model_dir, vllm_kwargs),
             "previews_only_job": job_peak_memory(folder, None, vllm_kwargs),
             "all_windows_arrays_mb": {
-                "tiny_model_bound": all_windows_arrays_mb(clip, processor_pixel_bounds(model_dir, "qwen")),
-                "qwen2.5_default_bound": all_windows_arrays_mb(clip, DEFAULT_PIXEL_BOUNDS["qwen2.5"]),
+                "tiny_model_bound": all_windows_arrays_mb(clip, model_frame_bounds(model_dir, "qwen")),
+                "qwen2.5_default_bound": all_windows_arrays_mb(clip, reference_bounds("qwen2.5")),
             },
         }
     long_run, short_run = runs["long"], runs["short"]

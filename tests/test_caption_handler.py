@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from beam_captions.inference.caption_handler import QwenVLCaptionHandler, video_input
-from beam_captions.inference.engine import processor_pixel_bounds, release_engines
+from beam_captions.inference.engine import release_engines
+from beam_captions.inference.frame_bounds import model_frame_bounds
 from beam_captions.prompts import CAPTION_PROMPTS, caption_prompt
 from beam_captions.records import WindowRecord
 from conftest import VLLM_KWARGS, spying_on
@@ -81,11 +82,14 @@ def test_one_failing_window_does_not_sink_its_batch():
 
 
 def test_empty_caption_is_kept_flagged_and_recorded_as_a_failure(engine):
-    blank = SimpleNamespace(outputs=[SimpleNamespace(text="   ", token_ids=[7], finish_reason="stop")])
+    blank = SimpleNamespace(
+        prompt_token_ids=[1, 2, 3], outputs=[SimpleNamespace(text="   ", token_ids=[7], finish_reason="stop")]
+    )
     broken = SimpleNamespace(name="m", start=lambda: None, render_chat=engine.render_chat,
                              generate=lambda inputs, params: [blank] * len(inputs))
     (record, failure), = QwenVLCaptionHandler("unused").run_inference([window(0)], broken)
     assert record.caption == "" and record.caption_check.flags == ("empty",)
+    assert record.caption_prompt_tokens == 3
     assert failure.stage == "caption" and "empty caption" in failure.message
 
 
@@ -95,6 +99,9 @@ def test_finish_reason_and_token_count_come_from_the_engine(engine, captioner_di
     assert failure is None
     check = record.caption_check
     assert check.finish_reason == "length" and check.num_tokens == 6 and "truncated" in check.flags
+    text = video_input(engine, window(3), caption_prompt("default"))["prompt"]
+    video_tokens = 2 * (56 // 28) ** 2  # 4 frames of 56x56: 2 frame pairs of 2x2 merged patches
+    assert record.caption_prompt_tokens == len(engine.tokenizer.encode(text)) - 1 + video_tokens
     long = QwenVLCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, max_output_tokens=40)
     (record, _), = long.run_inference([window(3)], engine)
     assert record.caption_check.num_tokens == 40 and len(record.caption) > 0
@@ -118,8 +125,7 @@ def test_batching_follows_the_batch_size_and_counts_frame_bytes():
 
 def test_qwen3_vl_goes_through_the_same_handler(tiny_models):
     qwen3_dir = tiny_models["captioner-qwen3"]
-    low, high = processor_pixel_bounds(qwen3_dir, "qwen3")
-    assert low <= high <= 32 * 32 * 32 // 4
+    assert model_frame_bounds(qwen3_dir, "qwen3").pixels(4) == (32 * 32 * 32 // 4,) * 2  # its clip bound, shared
     handler = QwenVLCaptionHandler(qwen3_dir, model_variant="qwen3", vllm_kwargs=VLLM_KWARGS, max_output_tokens=12)
     engine = handler.load_model()
     try:

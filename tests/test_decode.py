@@ -14,9 +14,8 @@ from clips import dataset_clip, make_audio_file, make_clip, make_png, read_frame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from beam_captions.inference.frame_bounds import DEFAULT_FRAME_BOUNDS, FrameBounds, resize_to_pixel_bound
 from beam_captions.media.decode import (
-    DEFAULT_MAX_PIXELS,
-    DEFAULT_MIN_PIXELS,
     DecodedWindow,
     DecodeError,
     PreviewSpec,
@@ -24,7 +23,6 @@ from beam_captions.media.decode import (
     decode_windows,
     iter_decode,
     preview_size,
-    resize_to_pixel_bound,
 )
 from beam_captions.media.windowing import (
     compute_windows,
@@ -33,7 +31,8 @@ from beam_captions.media.windowing import (
     sample_frame_indices,
 )
 
-SMALL = {"min_pixels": 24 * 16, "max_pixels": 48 * 32}  # keeps decoded arrays tiny
+SMALL = {"frame_bounds": FrameBounds(24 * 16, 48 * 32)}  # keeps decoded arrays tiny
+DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS = DEFAULT_FRAME_BOUNDS.min_pixels, DEFAULT_FRAME_BOUNDS.max_pixels
 PREVIEW = PreviewSpec(target_fps=2.0, target_height=32)
 
 
@@ -91,7 +90,7 @@ def test_windows_samples_and_content(
     )
     for decoded in windows:
         _, height, width, channels = decoded.frames.shape
-        assert channels == 3 and SMALL["min_pixels"] <= height * width <= SMALL["max_pixels"]
+        assert channels == 3 and 24 * 16 <= height * width <= 48 * 32
         assert_frames_show(decoded.frames, decoded.frame_indices)
         assert decoded.preview_frames is not None
         assert decoded.preview_frames.shape[1:] == (32, 48, 3)
@@ -111,7 +110,7 @@ def test_default_pixel_bounds_upscale_small_clips(tmp_path: Path) -> None:
     _, [decoded] = decode_windows(clip)
     _, height, width, _ = decoded.frames.shape
     assert DEFAULT_MIN_PIXELS <= height * width <= DEFAULT_MAX_PIXELS
-    assert abs(width / height - 1.5) < 0.01
+    assert (width, height) == (392, 280)  # 96x64 scaled up to the reference's minimum, sides multiples of 28
     assert_frames_show(decoded.frames, decoded.frame_indices)
 
 
@@ -268,7 +267,7 @@ def test_real_clip_bigbuckbunny() -> None:
     )
     [decoded] = windows
     _, height, width, _ = decoded.frames.shape
-    assert (width, height) == resize_to_pixel_bound(1280, 720, DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
+    assert (width, height) == DEFAULT_FRAME_BOUNDS.frame_size(1280, 720, len(decoded.frame_indices)) == (1008, 560)
     assert decoded.preview_frames is not None and decoded.preview_frames.shape == (5, 240, 426, 3)
     for slot, index in enumerate(decoded.frame_indices):
         expected = reference[index].to_ndarray(format="rgb24", width=width, height=height, interpolation="AREA")
@@ -278,15 +277,22 @@ def test_real_clip_bigbuckbunny() -> None:
 @pytest.mark.parametrize(
     ("size", "bounds", "expected"),
     [
-        ((1280, 720), (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS), (1034, 580)),
-        ((176, 144), (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS), (352, 288)),
-        ((640, 272), (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS), (640, 272)),
-        ((641, 273), (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS), (640, 272)),
-        ((1, 1), (0, 100), (2, 2)),
+        ((1280, 720), (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS, 2), (1034, 580)),
+        ((176, 144), (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS, 2), (352, 288)),
+        ((640, 272), (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS, 2), (640, 272)),
+        ((641, 273), (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS, 2), (640, 272)),
+        ((1, 1), (0, 100, 2), (2, 2)),
+        # qwen-vl-utils' smart_resize at the reference's per-frame bounds (sides multiples of 28)
+        ((1920, 1080), (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS, 28), (1008, 560)),
+        ((3840, 2160), (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS, 28), (1008, 560)),
+        ((640, 272), (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS, 28), (644, 280)),
+        ((176, 144), (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS, 28), (364, 308)),
+        # no size fits both bounds: the maximum wins
+        ((96, 64), (25088, 25088, 28), (168, 112)),
     ],
 )
 def test_resize_to_pixel_bound_examples(
-    size: tuple[int, int], bounds: tuple[int, int], expected: tuple[int, int]
+    size: tuple[int, int], bounds: tuple[int, int, int], expected: tuple[int, int]
 ) -> None:
     assert resize_to_pixel_bound(*size, *bounds) == expected
 
@@ -303,9 +309,8 @@ def test_resize_to_pixel_bound_properties(width: int, aspect: float, min_pixels:
     assert new_width % 2 == 0 and new_height % 2 == 0 and min(new_width, new_height) >= 2
     assert min_pixels <= new_width * new_height <= max_pixels
     assert abs(new_width - new_height * ratio) <= 2 + 2 * ratio
-    if min_pixels <= width * height <= max_pixels:
-        evened = {(width - width % 2, height - height % 2), (width + width % 2, height + height % 2)}
-        assert (new_width, new_height) in evened  # already within bounds: only rounded to even
+    if min_pixels <= width * height <= max_pixels:  # already within bounds: each side only rounded to even
+        assert abs(new_width - width) <= 2 and abs(new_height - height) <= 2
 
 
 @pytest.mark.parametrize("bad", [(0, 10, 0, 100), (10, 10, 50, 10), (10, 10, -1, 10)])
@@ -331,7 +336,7 @@ def test_windows_stream_out_during_the_decode_so_memory_stays_bounded(tmp_path):
     import tracemalloc
 
     path = make_clip(str(tmp_path / "long.mp4"), 400, 25.0, 160, 120)
-    options = dict(window_size=40, remainder_threshold=20, sampling_fps=25.0, min_pixels=64, max_pixels=160 * 120)
+    options = dict(window_size=40, remainder_threshold=20, sampling_fps=25.0, frame_bounds=FrameBounds(64, 160 * 120))
     every_window_bytes = 0
     tracemalloc.start()
     try:

@@ -264,7 +264,8 @@ def test_the_engine_starts_vllm_on_the_local_copy(models_bucket, captioner_dir, 
 
 
 def test_pixel_bounds_are_read_from_a_gs_model_prefix(models_bucket, captioner_dir):
-    from beam_captions.inference.engine import DEFAULT_PIXEL_BOUNDS, processor_pixel_bounds
+    from beam_captions.inference.frame_bounds import model_frame_bounds, reference_bounds
 
-    bounds = processor_pixel_bounds(models_bucket, "qwen2.5")
-    assert bounds == processor_pixel_bounds(captioner_dir, "qwen2.5") != DEFAULT_PIXEL_BOUNDS["qwen2.5"]
+    bounds = model_frame_bounds(models_bucket, "qwen2.5")  # the tiny model's video config tightens the reference's
+    assert bounds == model_frame_bounds(captioner_dir, "qwen2.5") != reference_bounds("qwen2.5")
+    assert bounds.pixels(8) != reference_bounds("qwen2.5").pixels(8)

@@ -107,11 +107,13 @@ def test_sanity_columns_are_filled_and_counted(job):
             assert row[f"{kind}_sound"] is (not flags)
             truncated += "truncated" in flags
         assert row["caption_retried"] is False
+        assert row["caption_prompt_tokens"] > 4 * row["num_sampled_frames"] // 2  # text + >= 4 tokens a frame pair
     assert truncated > 0 and counts.get("flagged_truncated", 0) == truncated
+    assert counts["caption_prompt_tokens"] == sum(row["caption_prompt_tokens"] for row in rows)
     cut = next(row for row in rows if "truncated" in row["caption_flags"])
     meta = json.load(open(glob.glob(os.path.join(out, "metas", cut["clip_id"] + ".json"))[0]))
     window = next(w for w in meta["windows"] if w["window_index"] == cut["window_index"])
-    assert "truncated" in window["caption_flags"]
+    assert "truncated" in window["caption_flags"] and window["caption_prompt_tokens"] == cut["caption_prompt_tokens"]
 
 
 def test_the_gallery_is_written_with_every_clip(job):

@@ -24,6 +24,8 @@ def test_reporter_writes_plain_lines_when_not_a_terminal():
 
 def test_summary_counts_failures_by_stage_and_flags():
     text = format_summary({"clips_found": 3, "clips_failed": 1, "windows": 4, "captions": 4, "failures_prepare": 1,
-                           "failures_caption": 2, "flagged_truncated": 4, "flagged_refusal": 1}, "out", 8.0)
+                           "failures_caption": 2, "flagged_truncated": 4, "flagged_refusal": 1,
+                           "caption_prompt_tokens": 12350}, "out", 8.0)
     assert "failures         3 (caption 2, prepare 1)" in text
+    assert "prompt tokens    12350 (3087 per window)" in text
     assert "flagged captions refusal 1, truncated 4" in text and "captions         4 (0.50/s)" in text

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from beam_captions.inference.engine import EngineSettings, llm_kwargs, processor_pixel_bounds
+from beam_captions.inference.engine import EngineSettings, llm_kwargs
 from beam_captions.options import parse_args
 from beam_captions.prompts import CAPTION_PROMPTS, ENHANCE_PROMPTS, caption_prompt, enhance_prompt, stage2_prompt
 
@@ -30,19 +30,13 @@ def test_stage2_prompt_carries_instruction_and_caption():
 def test_llm_kwargs_follow_the_reference_and_user_overrides_win():
     kwargs = llm_kwargs(EngineSettings("m", fp8=True, extra={"max_model_len": 4096, "enforce_eager": True}))
     assert kwargs["limit_mm_per_prompt"] == {"image": 0, "video": 1}
+    assert kwargs["mm_processor_kwargs"] == {"cap_pixels_per_frame": True}
     assert kwargs["quantization"] == "fp8"
     assert kwargs["mm_processor_cache_gb"] == 0
     assert kwargs["gpu_memory_utilization"] == 0.85
     assert kwargs["max_model_len"] == 4096 and kwargs["enforce_eager"] is True
     assert "mm_processor_cache_gb" not in llm_kwargs(EngineSettings("m", disable_mmcache=False))
     assert "quantization" not in llm_kwargs(EngineSettings("m"))
-
-
-def test_pixel_bounds_come_from_the_model_directory(tmp_path, captioner_dir):
-    low, high = processor_pixel_bounds(captioner_dir)
-    assert 0 < low < high < 128 * 28 * 28
-    assert processor_pixel_bounds(str(tmp_path), "qwen3") == (128 * 32 * 32, 768 * 32 * 32)
-    assert processor_pixel_bounds(None, "qwen") == (128 * 28 * 28, 768 * 28 * 28)
 
 
 def test_flags_have_the_reference_defaults_and_beam_flags_pass_through(tmp_path):

@@ -51,10 +51,11 @@ class CaptionRequest:
 
 @dataclass(frozen=True)
 class Generated:
-    """One generated text and its sanity check."""
+    """One generated text, its sanity check and the prompt's token count (video tokens included)."""
 
     text: str
     check: CaptionCheck
+    prompt_tokens: int
 
 
 RETRY_FLAGS = frozenset({"empty", "repetition", "truncated"})
@@ -80,12 +81,13 @@ def video_input(engine: Engine, record: WindowRecord, prompt: str) -> dict:
 
 
 def generate_checked(engine: Engine, inputs: list[dict], params: Any) -> list[Generated]:
-    """Generate one text per input, each with its token count, finish reason and flags."""
+    """Generate one text per input, each with its token count, finish reason, flags and prompt size."""
     results = []
     for output in engine.generate(inputs, params):
         completion = output.outputs[0]
         text = completion.text.strip()
-        results.append(Generated(text, check_caption(text, len(completion.token_ids), completion.finish_reason)))
+        check = check_caption(text, len(completion.token_ids), completion.finish_reason)
+        results.append(Generated(text, check, len(output.prompt_token_ids)))
     return results
 
 
@@ -123,6 +125,7 @@ def caption_batch(engine: Engine, batch: Sequence[WindowRecord], request: Captio
             caption_stage2=second.text if second else None,
             caption_stage2_check=second.check if second else None,
             caption_retried=again,
+            caption_prompt_tokens=first.prompt_tokens,
             caption_model=engine.name,
             prompt_variant=request.prompt_variant,
         )

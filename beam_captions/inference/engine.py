@@ -13,21 +13,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from apache_beam.io.filesystems import FileSystems
-
-from beam_captions.inference.variants import canonical_variant
-from beam_captions.io.files import read_json
-from beam_captions.media.windowing import MIN_FRAMES
-
-__all__ = ["EngineSettings", "Engine", "llm_kwargs", "load_engine", "release_engines", "processor_pixel_bounds"]
+__all__ = ["EngineSettings", "Engine", "llm_kwargs", "load_engine", "release_engines"]
 
 log = logging.getLogger(__name__)
-
-# Per-frame pixel bounds of the real processors (patch 14 x merge 2 = 28 for Qwen2.5-VL, 32 for Qwen3-VL).
-DEFAULT_PIXEL_BOUNDS = {
-    "qwen2.5": (128 * 28 * 28, 768 * 28 * 28),
-    "qwen3": (128 * 32 * 32, 768 * 32 * 32),
-}
 
 
 @dataclass(frozen=True)
@@ -61,6 +49,7 @@ def llm_kwargs(settings: EngineSettings) -> dict[str, Any]:
     }
     if settings.multimodal:
         kwargs["limit_mm_per_prompt"] = {"image": 0, "video": 1}
+        kwargs["mm_processor_kwargs"] = {"cap_pixels_per_frame": True}  # the reference's (qwen-vl-utils) frame cap
         if settings.disable_mmcache:
             kwargs["mm_processor_cache_gb"] = 0
     if settings.fp8:
@@ -251,32 +240,3 @@ def release_engines(only: Optional[Engine] = None) -> None:
 
 
 atexit.register(release_engines)  # before interpreter teardown, while vLLM can still shut down cleanly
-
-
-def _bounds_from(config: dict) -> Optional[tuple[int, int]]:
-    size = config.get("size") or {}
-    low = config.get("min_pixels") or size.get("shortest_edge")
-    high = config.get("max_pixels") or size.get("longest_edge")
-    if low and high:
-        return int(low), int(high)
-    return None
-
-
-def processor_pixel_bounds(model_dir: Optional[str], algorithm: str = "qwen2.5") -> tuple[int, int]:
-    """Per-frame (min, max) pixels of the model's video processor, from its config files or the defaults.
-
-    Qwen2.5-VL states per-frame bounds. Qwen3-VL's video bounds cover the whole clip, so its
-    per-frame bound is the clip bound over the fewest frames a window has, capped by the default.
-    """
-    variant = canonical_variant(algorithm)
-    default_low, default_high = DEFAULT_PIXEL_BOUNDS[variant]
-    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-        path = FileSystems.join(model_dir, name) if model_dir else None
-        if path and FileSystems.exists(path):  # a local directory or a gs:// prefix
-            bounds = _bounds_from(read_json(path))
-            if bounds and variant == "qwen3":
-                high = min(default_high, bounds[1] // MIN_FRAMES)
-                return min(default_low, bounds[0], high), high
-            if bounds:
-                return bounds
-    return default_low, default_high

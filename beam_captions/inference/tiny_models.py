@@ -25,6 +25,7 @@ __all__ = [
     "build_tiny_qwen2_text",
     "build_tiny_qwen3_text",
     "build_tiny_qwen3_vl",
+    "with_real_processor_config",
 ]
 
 MARKER_FILE = ".tiny-model-complete"
@@ -53,6 +54,20 @@ SPECIAL_TOKENS = (
 )
 THINK_TOKENS = ("<think>", "</think>")
 _WORD_PIECE = re.compile(r"[ A-Za-z]{2,}")
+
+# preprocessor_config.json of Qwen/Qwen2.5-VL-7B-Instruct, which ships no video processor config:
+# image bounds (3136 to 16384 * 28 * 28 pixels) that transformers then applies to video frames too.
+QWEN25_VL_7B_PREPROCESSOR = {
+    "min_pixels": 3136,
+    "max_pixels": 12845056,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor",
+    "processor_class": "Qwen2_5_VLProcessor",
+}
 
 CORPUS = """\
 The video shows a red car driving down a busy city street at night. Bright lights
@@ -396,6 +411,36 @@ def _write_text(path: Path, seed: int, qwen3: bool) -> None:
         model_cls = Qwen2ForCausalLM
     _random_model(model_cls, config, tokenizer, seed).save_pretrained(path)
     tokenizer.save_pretrained(path)
+
+
+def _write_real_processor_config(path: Path, qwen3: bool) -> None:
+    """Replace a tiny captioner's processor configs by the real checkpoint's (Qwen3-VL: transformers' defaults)."""
+    if qwen3:
+        from transformers import Qwen3VLVideoProcessor
+
+        Qwen3VLVideoProcessor().save_pretrained(path)  # bounds over the whole clip: 128 to 768 x 32 x 32 pixels
+        name = path / "video_preprocessor_config.json"
+        data = json.loads(name.read_text())
+        name.write_text(json.dumps({**data, "processor_class": "Qwen3VLProcessor"}, indent=2, sort_keys=True) + "\n")
+    else:
+        (path / "video_preprocessor_config.json").unlink(missing_ok=True)
+        text = json.dumps(QWEN25_VL_7B_PREPROCESSOR, indent=2, sort_keys=True) + "\n"
+        (path / "preprocessor_config.json").write_text(text)
+
+
+def with_real_processor_config(model_dir: str, out_dir: str, qwen3: bool = False) -> str:
+    """Copy tiny captioner ``model_dir`` to ``out_dir`` with the real checkpoint's processor configs; return it.
+
+    Qwen2.5-VL: Qwen2.5-VL-7B-Instruct's image-only ``preprocessor_config.json`` and no video
+    processor config. Qwen3-VL (``qwen3``): the installed transformers' Qwen3-VL video
+    processor defaults. The weights stay tiny and random.
+    """
+
+    def write(path: Path) -> None:
+        shutil.copytree(model_dir, path, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MARKER_FILE))
+        _write_real_processor_config(path, qwen3)
+
+    return _build_once(out_dir, write)
 
 
 def build_tiny_qwen25_vl(out_dir: str, seed: int = 0) -> str:

@@ -28,6 +28,7 @@ def window_meta(record: WindowRecord) -> dict[str, Any]:
         "prompt_variant": record.prompt_variant,
         "preview": record.preview_uri,
         "caption_retried": record.caption_retried,
+        "caption_prompt_tokens": record.caption_prompt_tokens,
     }
     for kind, check in record.checks().items():
         document.update(check_columns(kind, check))

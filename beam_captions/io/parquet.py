@@ -32,6 +32,7 @@ CAPTION_SCHEMA = pa.schema(
         ("prompt_variant", pa.string()),
         ("preview", pa.string()),
         ("caption_retried", pa.bool_()),
+        ("caption_prompt_tokens", pa.int32()),
     ]
     + [
         column
@@ -75,6 +76,7 @@ def caption_row(record: WindowRecord) -> dict[str, Any]:
         "prompt_variant": record.prompt_variant,
         "preview": record.preview_uri,
         "caption_retried": record.caption_retried,
+        "caption_prompt_tokens": record.caption_prompt_tokens,
     }
     for kind, check in record.checks().items():
         row.update(check_columns(kind, check))

@@ -13,18 +13,19 @@ in a second pass.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import BinaryIO, Union
 
 import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from beam_captions.inference.frame_bounds import DEFAULT_FRAME_BOUNDS, FrameBounds
 from beam_captions.media.windowing import (
     MIN_FRAMES,
     FrameWindow,
@@ -34,13 +35,10 @@ from beam_captions.media.windowing import (
 )
 
 __all__ = [
-    "DEFAULT_MIN_PIXELS",
-    "DEFAULT_MAX_PIXELS",
     "DecodeError",
     "VideoInfo",
     "PreviewSpec",
     "DecodedWindow",
-    "resize_to_pixel_bound",
     "preview_size",
     "decode_windows",
     "iter_decode",
@@ -48,12 +46,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MIN_PIXELS = 128 * 28 * 28
-DEFAULT_MAX_PIXELS = 768 * 28 * 28
 _INTERPOLATION = "AREA"
 
 Source = Union[str, os.PathLike, BinaryIO]
 Size = tuple[int, int]
+ModelSize = Callable[[int], Size]  # a window's sampled frame count -> its model frames' (width, height)
 
 
 class DecodeError(Exception):
@@ -118,35 +115,6 @@ class _Plan:
         """The plan without its first ``count`` windows."""
         previews = None if self.preview_indices is None else self.preview_indices[count:]
         return _Plan(self.fps, self.windows[count:], self.model_indices[count:], previews)
-
-
-def _floor_even(value: float) -> int:
-    return max(2, int(value) // 2 * 2)
-
-
-def _ceil_even(value: float) -> int:
-    return max(2, math.ceil(value / 2) * 2)
-
-
-def resize_to_pixel_bound(width: int, height: int, min_pixels: int, max_pixels: int) -> Size:
-    """Keep the aspect ratio and bring ``width * height`` into ``[min_pixels, max_pixels]``.
-
-    Both results are even and at least 2.
-    """
-    if width <= 0 or height <= 0:
-        raise ValueError(f"frame size must be positive, got {width}x{height}")
-    if not 0 <= min_pixels <= max_pixels:
-        raise ValueError(f"need 0 <= min_pixels <= max_pixels, got {min_pixels}, {max_pixels}")
-    pixels = width * height
-    scale = 1.0
-    if pixels > max_pixels:
-        scale = math.sqrt(max_pixels / pixels)
-    elif pixels < min_pixels:
-        scale = math.sqrt(min_pixels / pixels)
-    size = _floor_even(width * scale), _floor_even(height * scale)
-    if size[0] * size[1] < min_pixels:
-        size = _ceil_even(width * scale), _ceil_even(height * scale)
-    return size
 
 
 def preview_size(width: int, height: int, target_height: int) -> Size:
@@ -276,14 +244,17 @@ def _targets(plan: _Plan, with_model: bool) -> dict[int, list[tuple[int, str, in
 class _WindowBuffers:
     """Output arrays of the windows being filled; a window is allocated at its first frame."""
 
-    def __init__(self, plan: _Plan, model_size: Size | None, preview: Size | None, ready_at: list[int]):
+    def __init__(self, plan: _Plan, model_size: ModelSize | None, preview: Size | None, ready_at: list[int]):
         self.plan, self.model_size, self.preview = plan, model_size, preview
         self.open: dict[int, DecodedWindow] = {}
         self.ready_at = ready_at
 
     def _new(self, i: int) -> DecodedWindow:
         plan, model, preview = self.plan, self.model_size, self.preview
-        frames = None if model is None else np.empty((len(plan.model_indices[i]), model[1], model[0], 3), np.uint8)
+        frames = None
+        if model is not None:
+            width, height = model(len(plan.model_indices[i]))
+            frames = np.empty((len(plan.model_indices[i]), height, width, 3), np.uint8)
         previews = None
         if plan.preview_indices is not None and preview is not None:
             previews = np.empty((len(plan.preview_indices[i]), preview[1], preview[0], 3), np.uint8)
@@ -325,7 +296,7 @@ def _final_at(plan: _Plan, window_size: int, remainder_threshold: int) -> list[i
 def _decode_pass(
     source: Source,
     plan: _Plan,
-    model_size: Size | None,
+    model_size: ModelSize | None,
     preview: Size | None,
     deadline: "_Deadline",
     ready_at: list[int],
@@ -334,11 +305,12 @@ def _decode_pass(
 
     Returns (as the generator's value) the decoded frame count and the windows not yielded. Kept
     frames go through one reformatter per output size, so swscale contexts are reused.
+    ``model_size`` gives each window's model frame size from its sampled frame count.
     """
     buffers = _WindowBuffers(plan, model_size, preview, ready_at)
     pending = sorted(set(ready_at))
     targets = _targets(plan, with_model=model_size is not None)
-    reformatters = {size: VideoReformatter() for size in (model_size, preview) if size is not None}
+    reformatters: dict[Size, VideoReformatter] = {}
     count = 0
     with _open(source) as container:
         stream = _video_stream(container, _describe(source))
@@ -348,6 +320,8 @@ def _decode_pass(
             for i, kind, slot in places:
                 array = buffers.array(i, kind)
                 height, width = array.shape[1:3]
+                if (width, height) not in reformatters:
+                    reformatters[width, height] = VideoReformatter()
                 rgb = reformatters[width, height].reformat(frame, width, height, "rgb24", interpolation=_INTERPOLATION)
                 array[slot] = rgb.to_ndarray()
             count += 1
@@ -402,8 +376,7 @@ def iter_decode(
     window_size: int = 256,
     remainder_threshold: int = 128,
     sampling_fps: float = 2.0,
-    min_pixels: int = DEFAULT_MIN_PIXELS,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
+    frame_bounds: FrameBounds = DEFAULT_FRAME_BOUNDS,
     preview: PreviewSpec | None = None,
     model_frames: bool = True,
     max_pixels_per_frame_source: int | None = None,
@@ -413,7 +386,8 @@ def iter_decode(
 
     Yields ``DecodedWindow``s and, last, the clip's ``VideoInfo``. Each window is yielded
     as soon as its frames are in and no frame count could change it, so memory holds a
-    window or two whatever the clip's length. ``model_frames=False``
+    window or two whatever the clip's length. Each window's model frames are sized by
+    ``frame_bounds`` for its own sampled frame count. ``model_frames=False``
     skips the model frames (previews only). ``max_pixels_per_frame_source`` refuses
     clips with larger frames before decoding; ``time_budget_s`` stops a clip that decodes
     too slowly. ``source`` is a path or a seekable binary file object holding the whole
@@ -423,7 +397,7 @@ def iter_decode(
     _check_options(sampling_fps, max_pixels_per_frame_source)
     _check_not_empty(source)
     width, height, codec, packet_count, fps = _probe(source, max_pixels_per_frame_source)
-    model_size = resize_to_pixel_bound(width, height, min_pixels, max_pixels) if model_frames else None
+    model_size = partial(frame_bounds.frame_size, width, height) if model_frames else None
     small = None if preview is None else preview_size(width, height, preview.target_height)
     options = (fps, window_size, remainder_threshold, sampling_fps, preview)
     plan = _plan(packet_count, *options)

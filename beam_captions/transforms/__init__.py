@@ -1,10 +1,24 @@
-"""One PTransform per stage: read, prepare, preview, caption, enhance, write."""
+"""One PTransform per stage: read, prepare, preview, caption, enhance, write.
 
-from beam_captions.transforms.caption import CaptionWindows
-from beam_captions.transforms.enhance import EnhanceCaptions
-from beam_captions.transforms.prepare import PrepareWindows
-from beam_captions.transforms.previews import GeneratePreviews
-from beam_captions.transforms.read import ReadClips
-from beam_captions.transforms.write import WriteOutputs
+Each is imported on first use, so that importing one stage (say ``prepare`` on a CPU worker)
+does not import the others' machinery (the inference engine).
+"""
 
-__all__ = ["ReadClips", "PrepareWindows", "GeneratePreviews", "CaptionWindows", "EnhanceCaptions", "WriteOutputs"]
+import importlib
+
+_MODULES = {
+    "ReadClips": "read",
+    "PrepareWindows": "prepare",
+    "GeneratePreviews": "previews",
+    "CaptionWindows": "caption",
+    "EnhanceCaptions": "enhance",
+    "WriteOutputs": "write",
+}
+
+__all__ = list(_MODULES)
+
+
+def __getattr__(name: str):
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)

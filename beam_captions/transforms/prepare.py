@@ -9,7 +9,7 @@ from typing import Iterator, Optional, Union
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from beam_captions.inference.engine import processor_pixel_bounds
+from beam_captions.inference.frame_bounds import DEFAULT_FRAME_BOUNDS, FrameBounds, model_frame_bounds
 from beam_captions.media.decode import DecodedWindow, PreviewSpec, VideoInfo, iter_decode
 from beam_captions.metrics import count
 from beam_captions.records import ClipInfo, ClipRef, Failure, WindowRecord, failure_from_exception
@@ -29,8 +29,7 @@ class PrepareConfig:
     window_size: int = 256
     remainder_threshold: int = 128
     sampling_fps: float = 2.0
-    min_pixels: int = 128 * 28 * 28
-    max_pixels: int = 768 * 28 * 28
+    frame_bounds: FrameBounds = DEFAULT_FRAME_BOUNDS
     preview: Optional[PreviewSpec] = None
     model_frames: bool = True
     max_frame_pixels: Optional[int] = DEFAULT_MAX_FRAME_PIXELS
@@ -85,8 +84,7 @@ def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInf
             window_size=config.window_size,
             remainder_threshold=config.remainder_threshold,
             sampling_fps=config.sampling_fps,
-            min_pixels=config.min_pixels,
-            max_pixels=config.max_pixels,
+            frame_bounds=config.frame_bounds,
             preview=config.preview,
             model_frames=config.model_frames,
             max_pixels_per_frame_source=config.max_frame_pixels,
@@ -124,8 +122,10 @@ def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInf
 class PrepareWindows(beam.PTransform):
     """``ClipRef`` -> ``ClipInfo`` + ``WindowRecord``s (frames resized to the model's bound) or ``Failure``.
 
-    Example: ``clips | PrepareWindows(window_size=256, model_dir="models/captioner")``. The pixel
-    bound comes from the model directory's processor config unless ``pixel_bounds`` is given.
+    Example: ``clips | PrepareWindows(window_size=256, model_dir="models/captioner")``. Model frames
+    get the reference's bounds for ``model_variant``, tightened by the model directory's video
+    processor config, unless ``pixel_bounds`` is given (fixed per-frame ``(min, max)`` pixels, or
+    ``FrameBounds``).
     """
 
     def __init__(
@@ -136,16 +136,19 @@ class PrepareWindows(beam.PTransform):
         sampling_fps: float = 2.0,
         model_dir: Optional[str] = None,
         model_variant: str = "qwen2.5",
-        pixel_bounds: Optional[tuple[int, int]] = None,
+        pixel_bounds: Union[tuple[int, int], FrameBounds, None] = None,
         preview: Optional[PreviewSpec] = None,
         model_frames: bool = True,
         max_frame_pixels: Optional[int] = DEFAULT_MAX_FRAME_PIXELS,
         time_budget_s: Optional[float] = DEFAULT_TIME_BUDGET_S,
     ):
         super().__init__()
-        low, high = pixel_bounds or processor_pixel_bounds(model_dir, model_variant)
+        if pixel_bounds is None:
+            pixel_bounds = model_frame_bounds(model_dir, model_variant)
+        elif not isinstance(pixel_bounds, FrameBounds):
+            pixel_bounds = FrameBounds(*pixel_bounds)
         self.config = PrepareConfig(
-            window_size, remainder_threshold, sampling_fps, low, high, preview, model_frames,
+            window_size, remainder_threshold, sampling_fps, pixel_bounds, preview, model_frames,
             max_frame_pixels, time_budget_s,
         )
 

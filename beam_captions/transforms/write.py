@@ -55,6 +55,7 @@ def _count_row(record: WindowRecord) -> None:
     count("windows")
     if record.caption:
         count("captions")
+        count("caption_prompt_tokens", record.caption_prompt_tokens or 0)
     for check in record.checks().values():
         for flag in check.flags if check else ():
             count(f"flagged_{flag}")

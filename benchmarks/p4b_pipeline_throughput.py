@@ -4,7 +4,7 @@ Windows are prepared beforehand (so decoding does not compete for the CPU) from 
 into short windows, so that they differ and their captions end at different lengths (the tiny
 models stop at varied lengths; captions may run to the job's default 512 tokens).
 
-- ours: a DirectRunner pipeline ``Create(windows) | CaptionWindows(handler)`` (``ServeWindows``:
+- ours: a DirectRunner pipeline ``windows | CaptionWindows(handler)`` (``ServeWindows``:
   each window submitted as it arrives, results as they finish), wall time of ``pipeline.run()``.
 - old: the same pipeline through Beam's ``RunInference(handler)`` in batches of 8, each batch one
   blocking engine call (the path before continuous batching).
@@ -33,24 +33,37 @@ MAX_TOKENS = 512  # the job's default --captioning-max-output-tokens
 WINDOW_SIZE = 48  # short windows: more distinct windows out of one clip
 
 
+# The pipeline runs in this process: windows enter it by index (``_window``) rather than inside ``Create``,
+# which would pickle every frame into the pipeline graph (seconds per run, not what a job pays: there the
+# windows come out of the decode step fused with the caption step).
+_windows: list[WindowRecord] = []
+_lengths: list[int] = []  # filled by ``_collect``
+
+
+def _window(index: int) -> WindowRecord:
+    return _windows[index]
+
+
+
+def _collect(element: Any) -> None:
+    record = element[0] if isinstance(element, tuple) else element  # RunInference yields (record, failure)
+    if isinstance(record, WindowRecord):
+        if not record.caption:
+            raise RuntimeError(f"window {record.window_index} got no caption")
+        _lengths.append(record.caption_check.num_tokens)
+
+
 def _pipeline_rate(records: list[WindowRecord], caption: beam.PTransform) -> tuple[float, list[int]]:
     """Windows/s of a pipeline that captions ``records``; also each caption's token count."""
-    lengths: list[int] = []
-
-    def collect(element: Any) -> None:
-        record = element[0] if isinstance(element, tuple) else element
-        if isinstance(record, WindowRecord):
-            if not record.caption:
-                raise RuntimeError(f"window {record.window_index} got no caption")
-            lengths.append(record.caption_check.num_tokens)
-
+    _windows[:], _lengths[:] = records, []
     start = time.perf_counter()
     with beam.Pipeline() as pipeline:
-        _ = pipeline | beam.Create(records, reshuffle=False) | caption | beam.Map(collect)
+        indices = pipeline | beam.Create(list(range(len(records))), reshuffle=False) | beam.Map(_window)
+        _ = indices | caption | beam.Map(_collect)
     seconds = time.perf_counter() - start
-    if len(lengths) != len(records):
-        raise RuntimeError(f"{len(lengths)} captions for {len(records)} windows")
-    return len(records) / seconds, lengths
+    if len(_lengths) != len(records):
+        raise RuntimeError(f"{len(_lengths)} captions for {len(records)} windows")
+    return len(records) / seconds, list(_lengths)
 
 
 def run(clip: str, windows: int, repeats: int, model_dir: str, vllm_kwargs: dict[str, Any]) -> Figure:

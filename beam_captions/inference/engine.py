@@ -183,6 +183,8 @@ class Engine:
     def _stop(self) -> None:
         llm, loop, thread = self._llm, self._loop, self._thread
         self._llm = self._loop = self._thread = None
+        if loop is not None:  # first the loop's tasks (vLLM's output handler), so none sees the core go
+            _cancel_tasks_of(loop)
         if llm is not None:
             try:
                 llm.shutdown()
@@ -205,12 +207,16 @@ async def _cancel_tasks() -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
-    """Let the loop's tasks (vLLM's output handler among them) finish cancelling, then stop it."""
+def _cancel_tasks_of(loop: asyncio.AbstractEventLoop) -> None:
     try:
         asyncio.run_coroutine_threadsafe(_cancel_tasks(), loop).result(timeout=10)
     except Exception as error:  # noqa: BLE001 - stopping goes on whatever the tasks do
         log.debug("cancelling engine tasks: %s", error)
+
+
+def _stop_loop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    """Let the loop's remaining tasks finish cancelling, then stop it."""
+    _cancel_tasks_of(loop)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(timeout=30)
     if not thread.is_alive():

@@ -106,22 +106,27 @@ def test_clips_are_decoded_on_several_threads_with_the_same_outputs_and_counts(t
 
 
 def test_one_engine_serves_every_worker(tmp_path, real_clips_dir, captioner_dir, monkeypatch):
-    calls: list[tuple[int, str]] = []
-    generate = Engine.generate
+    decoders: set[str] = set()
+    engines: set[int] = set()
+    iter_decode, generate = prepare.iter_decode, Engine.generate
 
-    def recording(self, inputs, sampling_params):
-        calls.append((id(self), threading.current_thread().name))
+    def decoding(*args, **kwargs):
+        decoders.add(threading.current_thread().name)
+        return iter_decode(*args, **kwargs)
+
+    def generating(self, inputs, sampling_params):
+        engines.add(id(self))
         return generate(self, inputs, sampling_params)
 
-    monkeypatch.setattr(Engine, "generate", recording)
+    monkeypatch.setattr(prepare, "iter_decode", decoding)
+    monkeypatch.setattr(Engine, "generate", generating)
     counts = run_job([
         "--input", real_clips_dir, "--output", str(tmp_path), "--generate-captions", "--model-dir", captioner_dir,
         "--vllm-kwargs", json.dumps(VLLM_KWARGS), "--captioning-window-size", "64",
-        "--captioning-remainder-threshold", "32", "--captioning-max-output-tokens", "8",
-        "--captioning-batch-size", "2", "--local-workers", "2",
+        "--captioning-remainder-threshold", "32", "--captioning-max-output-tokens", "8", "--local-workers", "2",
     ], release_models=False)
     assert counts["captions"] == counts["windows"] >= 6
-    assert len({engine for engine, _ in calls}) == 1 and len({thread for _, thread in calls}) == 2
+    assert len(decoders) == 2 and len(engines) == 1
 
 
 def test_a_clip_whose_elements_span_bundles_is_completed_by_the_keyed_write(tmp_path):

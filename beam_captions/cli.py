@@ -54,6 +54,7 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
 
     from beam_captions.inference.engine import release_engines
     from beam_captions.io.gallery import write_gallery
+    from beam_captions.local import local_beam_args
     from beam_captions.metrics import counters
     from beam_captions.options import parse_args
     from beam_captions.pipeline import build_pipeline
@@ -62,6 +63,7 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
     from beam_captions.summary import format_summary
 
     config, beam_args = parse_args(argv)
+    beam_args = local_beam_args(beam_args, config.local_workers, config.streaming)
     if config.streaming:
         beam_args = [*beam_args, "--streaming"]
     started = time.monotonic()

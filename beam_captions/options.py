@@ -39,6 +39,7 @@ class JobConfig:
     max_frame_pixels: int = 8192 * 4320
     clip_time_budget_seconds: float = 900.0
     trust_remote_code: bool = False
+    local_workers: Optional[int] = None
     generate_captions: bool = False
     generate_previews: bool = False
     model_dir: Optional[str] = None
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="stop decoding a clip after this long and record a failure (default 900)")
     io.add_argument("--trust-remote-code", action="store_true",
                     help="let model directories run their own Python code (off by default)")
+    io.add_argument("--local-workers", type=int,
+                    help="local (DirectRunner) runs: decode and encode previews on this many threads "
+                         "(default: every core), sharing one engine per model")
 
     cap = parser.add_argument_group("captions")
     cap.add_argument("--generate-captions", action="store_true", help="caption every window")
@@ -191,6 +195,7 @@ def validate(config: JobConfig) -> None:
     _check(config.window_seconds > 0, "--window-seconds must be positive")
     _check(config.max_frame_pixels >= 1, "--max-frame-pixels must be positive")
     _check(config.clip_time_budget_seconds > 0, "--clip-time-budget-seconds must be positive")
+    _check(config.local_workers is None or config.local_workers >= 1, "--local-workers must be at least 1")
     _check(config.captioning_window_size >= 4, "--captioning-window-size must be at least 4")
     _check(0 <= config.captioning_remainder_threshold <= config.captioning_window_size,
            "--captioning-remainder-threshold must be between 0 and the window size")

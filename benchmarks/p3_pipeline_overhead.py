@@ -1,7 +1,8 @@
 """P3: wall time of the whole DirectRunner job over the same stage functions in a plain Python loop.
 
-Ours: ``run_job`` with previews and captions (tiny captioner) on a folder of clips; it also matches
-the files, writes Parquet, WebP files and JSON metas. Baseline: ``prepare_clip`` -> ``preview_window``
+Ours: ``run_job`` with previews and captions (tiny captioner) on a folder of clips, on one local worker
+like the loop (P7 measures the workers); it also matches the files, writes Parquet, WebP files and
+JSON metas. Baseline: ``prepare_clip`` -> ``preview_window``
 -> ``handler.run_inference`` in batches of 8, called directly, writing nothing. Both run in this
 process on the one warm engine; engine loading is excluded from both.
 """
@@ -33,7 +34,8 @@ def job_seconds(input_dir: str, model_dir: str, vllm_kwargs: dict[str, Any]) -> 
     try:
         with redirect_stdout(StringIO()):  # the job's summary
             start = time.perf_counter()
-            counts = run_job(job_flags(input_dir, output, model_dir, vllm_kwargs), release_models=False)
+            flags = [*job_flags(input_dir, output, model_dir, vllm_kwargs), "--local-workers", "1"]  # as the loop
+            counts = run_job(flags, release_models=False)
             elapsed = time.perf_counter() - start
     finally:
         shutil.rmtree(output, ignore_errors=True)

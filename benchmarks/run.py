@@ -30,7 +30,7 @@ from common import (
     trailer_clip,
 )
 
-FIGURES = ("P1", "P2", "P3", "P4", "P4B", "P5", "P6")
+FIGURES = ("P1", "P2", "P7", "P3", "P4", "P4B", "P5", "P6")
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,11 @@ class Plan:
     caption_windows: int  # P4, P6
     pipeline_windows: int  # P4b
     job_copies: int  # P6: copies of the trailer in the job
+    repeats_cores: int  # P7
 
     @staticmethod
     def make(quick: bool) -> "Plan":
-        return Plan(3, 1, 2, 5, 1, 32, 64, 4) if quick else Plan(5, 3, 5, 5, 2, 48, 128, 8)
+        return Plan(3, 1, 2, 5, 1, 32, 64, 4, 2) if quick else Plan(5, 3, 5, 5, 2, 48, 128, 8, 3)
 
 
 def _figure_runners(quick: bool) -> dict[str, Callable[[], Figure]]:
@@ -93,12 +94,17 @@ def _figure_runners(quick: bool) -> dict[str, Callable[[], Figure]]:
         long, short = (trailer_clip(), short_720p_clip()) if quick else (long_clip(), trailer_clip())
         return p5_memory.run(long, short, captioner_dir(), kwargs)
 
+    def p7() -> Figure:
+        import p7_local_cores
+
+        return p7_local_cores.run(reference_clip(), 8, plan.repeats_cores)
+
     def p6() -> Figure:
         import p6_gpu
 
         return p6_gpu.run(trailer_clip(), plan.job_copies, plan.repeats_job, captioner_dir(), kwargs)
 
-    return {"P1": p1, "P2": p2, "P3": p3, "P4": p4, "P4B": p4b, "P5": p5, "P6": p6}
+    return {"P1": p1, "P2": p2, "P3": p3, "P4": p4, "P4B": p4b, "P5": p5, "P6": p6, "P7": p7}
 
 
 def _target(figure: Figure) -> str:

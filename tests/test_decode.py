@@ -363,3 +363,34 @@ def test_previews_only_skips_model_frames(tmp_path):
                                    model_frames=False)
     assert windows and all(w.frames is None and w.preview_frames is not None for w in windows)
     assert all(w.frame_indices for w in windows)
+
+
+def test_time_budget_leaves_out_the_time_the_consumer_holds_windows(tmp_path):
+    """Captioning a window can take longer than the budget: only decoding counts against it."""
+    import time
+
+    path = make_clip(str(tmp_path / "b.mp4"), 60, 10.0, 64, 48)
+    windows = []
+    for item in iter_decode(path, window_size=16, remainder_threshold=8, time_budget_s=0.5, **SMALL):
+        if isinstance(item, DecodedWindow):
+            windows.append(item)
+            time.sleep(0.6)
+    assert [w.window for w in windows] == compute_windows(60, 16, 8)
+
+
+def test_time_budget_stops_a_slow_decode(tmp_path, monkeypatch):
+    import time
+
+    import beam_captions.media.decode as decode
+
+    path = make_clip(str(tmp_path / "slow.mp4"), 60, 10.0, 64, 48)
+    packets = decode._packets
+
+    def slow_packets(container, stream):
+        for packet in packets(container, stream):
+            time.sleep(0.02)
+            yield packet
+
+    monkeypatch.setattr(decode, "_packets", slow_packets)
+    with pytest.raises(DecodeError, match="time budget of 0.5 s"):
+        decode_windows(path, window_size=16, remainder_threshold=8, time_budget_s=0.5, **SMALL)

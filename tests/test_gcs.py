@@ -148,3 +148,50 @@ def test_the_gallery_is_in_the_bucket(gcs, gcs_job, rows):  # noqa: F811
     assert page.count('<div class="window"') == len(rows)
     assert "previews/" in page and f"{OUT}/previews" not in page  # relative links
     assert BROKEN in page and "Failures (1)" in page
+
+
+
+def test_a_gs_clip_is_fetched_once_and_every_handle_closed(gcs, real_clips_dir, monkeypatch, tmp_path):  # noqa: F811
+    """Decoding probes a clip, then decodes it: the object's bytes still cross the network once, and no
+    file object or temporary copy outlives the clip, whether it decodes, fails or is abandoned part way."""
+    from apache_beam.io.filesystems import FileSystems
+    from gcp_storage_emulator.server import Response
+
+    from beam_captions.media.decode import PreviewSpec
+    from beam_captions.records import ClipInfo, ClipRef, Failure
+    from beam_captions.transforms.prepare import PrepareConfig, prepare_clip
+
+    gcs.create_bucket("once-bucket")
+    local = os.path.join(real_clips_dir, "bigbuckbunny.mp4")
+    clip, broken = "gs://once-bucket/raw/bigbuckbunny.mp4", f"gs://once-bucket/raw/{BROKEN}"
+    gcs.upload_file(local, clip)
+    gcs.upload_file(os.path.join(real_clips_dir, BROKEN), broken)
+    served: list[int] = []
+    opened: list = []
+    write_file, open_ = Response.write_file, FileSystems.open
+
+    def counting(self, content, content_type="application/octet-stream"):
+        served.append(len(content))
+        return write_file(self, content, content_type)
+
+    def recording_open(*args, **kwargs):
+        opened.append(open_(*args, **kwargs))
+        return opened[-1]
+
+    monkeypatch.setattr(Response, "write_file", counting)
+    monkeypatch.setattr(FileSystems, "open", recording_open)
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    config = PrepareConfig(window_size=64, remainder_threshold=32, preview=PreviewSpec(), model_frames=False)
+
+    elements = list(prepare_clip(ClipRef.from_source(clip), config))
+    assert isinstance(elements[-1], ClipInfo) and len(elements) > 2
+    assert sum(served) == os.path.getsize(local), served
+    (failure,) = prepare_clip(ClipRef.from_source(broken), config)
+    assert isinstance(failure, Failure) and failure.stage == "prepare"
+    (failure,) = prepare_clip(ClipRef.from_source("gs://once-bucket/raw/missing.mp4"), config)
+    assert isinstance(failure, Failure) and failure.stage == "prepare"
+    abandoned = prepare_clip(ClipRef.from_source(clip), config)
+    next(abandoned)
+    abandoned.close()
+    assert len(opened) == 3 and all(handle.closed for handle in opened)
+    assert os.listdir(tmp_path) == []

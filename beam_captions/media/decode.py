@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -327,20 +327,32 @@ def _decode_pass(
             count += 1
             if pending and count >= pending[0]:
                 pending = [n for n in pending if n > count]
-                yield from buffers.ready(count)
+                yield from deadline.paused(buffers.ready(count))
     return count, [buffers.open[i] for i in sorted(buffers.open)]
 
 
 class _Deadline:
-    """Raises ``DecodeError`` once a clip has taken longer than its time budget."""
+    """Raises ``DecodeError`` once decoding a clip has taken longer than its time budget.
+
+    Only decoding counts: the time a consumer holds a yielded window (previews, batching, captioning)
+    is left out, see ``paused``.
+    """
 
     def __init__(self, source: Source, budget_s: float | None):
         self.source, self.budget_s = source, budget_s
-        self.end = None if budget_s is None else time.monotonic() + budget_s
+        self.spent = 0.0
+        self.since = time.monotonic()
 
     def check(self) -> None:
-        if self.end is not None and time.monotonic() > self.end:
+        if self.budget_s is not None and self.spent + time.monotonic() - self.since > self.budget_s:
             raise DecodeError(f"{_describe(self.source)}: decoding exceeded the time budget of {self.budget_s:g} s")
+
+    def paused(self, items: Iterable[DecodedWindow]) -> Iterator[DecodedWindow]:
+        """Yield ``items`` with the clock stopped while each one is out with the consumer."""
+        for item in items:
+            self.spent += time.monotonic() - self.since
+            yield item
+            self.since = time.monotonic()
 
 
 def _require_min_frames(num_frames: int) -> None:

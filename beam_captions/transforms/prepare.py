@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from typing import IO, Iterator, Optional, Union
 
 import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beam_captions.inference.frame_bounds import DEFAULT_FRAME_BOUNDS, FrameBounds, model_frame_bounds
@@ -20,6 +24,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_FRAME_PIXELS = 8192 * 4320  # 8K; larger frames are refused before decoding
 DEFAULT_TIME_BUDGET_S = 900.0
+_COPY_CHUNK = 8 << 20  # bytes per read while fetching a remote clip
 
 
 @dataclass(frozen=True)
@@ -65,11 +70,27 @@ def _window_record(clip: ClipRef, decoded: DecodedWindow, preview: Optional[Prev
     )
 
 
-def _open(source: str):
-    """A local path is handed to FFmpeg directly; anything else is streamed through Beam FileSystems."""
-    if FileSystems.get_scheme(source) in (None, "file"):
-        return source[len("file://"):] if source.startswith("file://") else source
-    return FileSystems.open(source)
+class _LocalCopy:
+    """The path FFmpeg reads a clip from: a local file as it is; anything else (``gs://``...) fetched once
+    into a temporary file, so that probing and decoding do not fetch it again. ``close`` removes it."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self._file: Optional[IO[bytes]] = None
+
+    def path(self) -> str:
+        source = self.source
+        if FileSystems.get_scheme(source) in (None, "file"):
+            return source[len("file://"):] if source.startswith("file://") else source
+        self._file = tempfile.NamedTemporaryFile(prefix="beam-captions-", suffix=os.path.splitext(source)[1])
+        with FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED) as remote:
+            shutil.copyfileobj(remote, self._file, _COPY_CHUNK)
+        self._file.flush()
+        return self._file.name
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
 
 
 def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInfo, WindowRecord, Failure]]:
@@ -78,9 +99,10 @@ def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInf
     A clip that fails part way keeps the windows it already gave and ends with its ``Failure``.
     """
     emitted = 0
+    local = _LocalCopy(clip.source)
     try:
         for item in iter_decode(
-            _open(clip.source),
+            local.path(),
             window_size=config.window_size,
             remainder_threshold=config.remainder_threshold,
             sampling_fps=config.sampling_fps,
@@ -100,6 +122,8 @@ def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInf
         failure = failure_from_exception(error, source=clip.source, clip_id=clip.clip_id, stage="prepare")
         yield failure.replace(windows_before=emitted, found_at=clip.found_at)
         return
+    finally:
+        local.close()
     count("clips_decoded")
     warnings = preview_warnings(info, config.preview)
     for warning in warnings:

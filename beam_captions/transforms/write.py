@@ -10,6 +10,7 @@ from apache_beam.coders import PickleCoder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.io.filesystems import FileSystems
 
 from beam_captions.io.files import write_bytes, write_json
@@ -133,6 +134,38 @@ def time_partition(elements: Iterable[Element], window_seconds: Optional[float])
     return "window=" + start.to_utc_datetime().strftime("%Y-%m-%dT%H-%M-%SZ")
 
 
+class _WriteCompleteInBundle(beam.DoFn):
+    """Writes each clip as soon as all its elements have passed in this bundle; hands on the elements
+    of clips it has not seen whole when the bundle ends (to ``_WriteWhenComplete``).
+
+    Beam's local runner takes a clip from decode to write in one bundle, so there every clip is
+    written here, on the worker that made it; where a clip's elements span bundles (Dataflow between
+    GPU and CPU steps, streaming) the keyed write completes it.
+    """
+
+    def __init__(self, output: str, window_seconds: Optional[float]):
+        self.output = output
+        self.window_seconds = window_seconds
+        self.held: dict[str, list[WindowedValue]] = {}
+
+    def start_bundle(self) -> None:
+        self.held = {}
+
+    def process(self, element: Element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+        held = self.held.setdefault(element.clip_id, [])
+        held.append(WindowedValue(element, timestamp, [window]))
+        arrived = [value.value for value in held]
+        if clip_complete(arrived):
+            write_clip(self.output, element.clip_id, arrived, time_partition(arrived, self.window_seconds))
+            del self.held[element.clip_id]
+        return ()
+
+    def finish_bundle(self):
+        for held in self.held.values():
+            yield from held
+        self.held = {}
+
+
 class _WriteWhenComplete(beam.DoFn):
     """Buffers each clip's elements (keyed by clip id) and writes the clip as soon as it is complete.
 
@@ -187,6 +220,11 @@ class WriteOutputs(beam.PTransform):
     Streaming: with ``window_seconds`` the rows go to ``OUT/captions/window=<UTC start>/``, the
     fixed event-time window of the clip's arrival. A clip is written as soon as it is complete,
     never dropped for lateness: a late clip lands in its own (older) window's folder.
+
+    The keyed write is stateful, and Beam's local runner runs a stateful stage on one worker: the
+    ``Gather`` shuffle keeps the steps before it (decoding, previews, captioning) out of that stage,
+    so that they run on every local worker, and clips whose elements all passed in one bundle are
+    written before it.
     """
 
     def __init__(self, output: str, window_seconds: Optional[float] = None):
@@ -198,6 +236,8 @@ class WriteOutputs(beam.PTransform):
         return (
             pcoll
             | "WritePreviews" >> beam.ParDo(_WritePreviews(self.output))
+            | "WriteCompleteInBundle" >> beam.ParDo(_WriteCompleteInBundle(self.output, self.window_seconds))
             | "ByClip" >> beam.Map(lambda e: (e.clip_id, e)).with_output_types(typehints.Tuple[str, typehints.Any])
+            | "Gather" >> beam.Reshuffle()
             | "WriteWhenComplete" >> beam.ParDo(_WriteWhenComplete(self.output, self.window_seconds))
         )

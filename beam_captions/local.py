@@ -1,0 +1,47 @@
+"""Local runs use every core: the DirectRunner gets one worker thread per core, in one process.
+
+Threads, not processes: decoding and WebP encoding release the GIL inside FFmpeg, and one process
+keeps one vLLM engine per GPU (the engine cache is per process) and the live progress right.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+__all__ = ["available_cores", "local_beam_args"]
+
+_DIRECT_RUNNERS = frozenset({"direct", "directrunner", "switchingdirectrunner"})
+_USER_CHOICES = ("--direct_num_workers", "--direct_running_mode")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity), else the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _runner(beam_args: Sequence[str]) -> Optional[str]:
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    return PipelineOptions(list(beam_args)).get_all_options()["runner"]
+
+
+def local_beam_args(beam_args: Sequence[str], workers: Optional[int], streaming: bool) -> list[str]:
+    """``beam_args`` plus ``workers`` (default: every core) threads for a batch DirectRunner run.
+
+    Left as they are: other runners, streaming (the DirectRunner runs it on its own executor), and
+    runs where the user chose ``--direct_num_workers`` or ``--direct_running_mode``.
+    """
+    args = list(beam_args)
+    runner = _runner(args)
+    if streaming or (runner is not None and runner.lower() not in _DIRECT_RUNNERS):
+        return args
+    if any(arg.split("=", 1)[0] in _USER_CHOICES for arg in args):
+        return args
+    workers = workers or available_cores()
+    if workers == 1:
+        return args
+    return [*args, f"--direct_num_workers={workers}", "--direct_running_mode=multi_threading"]

@@ -1,0 +1,145 @@
+"""Local runs on every core: worker threads for decoding and previews, one engine, right counts."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import threading
+
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_stream import TestStream
+from clips import make_clip
+
+import beam_captions.transforms.prepare as prepare
+from beam_captions import local, progress
+from beam_captions.cli import run_job
+from beam_captions.inference.engine import Engine
+from beam_captions.local import local_beam_args
+from beam_captions.options import parse_args
+from beam_captions.records import ClipInfo, WindowRecord, clip_id_for
+from beam_captions.transforms.write import WriteOutputs
+from conftest import VLLM_KWARGS
+
+THREADS = ["--direct_num_workers=4", "--direct_running_mode=multi_threading"]
+
+
+@pytest.fixture
+def four_cores(monkeypatch):
+    monkeypatch.setattr(local, "available_cores", lambda: 4)
+
+
+def test_a_local_batch_run_gets_a_worker_thread_per_core(four_cores):
+    assert local_beam_args(["--project=p"], None, streaming=False) == ["--project=p", *THREADS]
+    assert local_beam_args(["--runner=DirectRunner"], 3, streaming=False)[1:] == [
+        "--direct_num_workers=3", "--direct_running_mode=multi_threading"]
+    assert local_beam_args([], 1, streaming=False) == []
+
+
+@pytest.mark.parametrize("args", [
+    ["--direct_num_workers=1"],
+    ["--direct_num_workers", "2"],
+    ["--direct_running_mode=multi_processing"],
+    ["--runner=DataflowRunner"],
+    ["--runner", "PortableRunner"],
+])
+def test_beam_options_the_user_chose_and_other_runners_are_left_alone(four_cores, args):
+    assert local_beam_args(args, None, streaming=False) == args
+    assert local_beam_args(args, 2, streaming=False) == args
+
+
+def test_streaming_is_left_to_the_direct_runners_streaming_executor(four_cores):
+    assert local_beam_args([], None, streaming=True) == []
+
+
+def test_local_workers_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--input", "x", "--output", "y", "--local-workers", "0"])
+    assert "--local-workers must be at least 1" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def clips_dir(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("clips")
+    for i in range(6):
+        make_clip(str(folder / f"clip{i}.mp4"), 40 + 8 * i, 10.0, 96, 64)
+    (folder / "broken.mp4").write_bytes(b"\x00" * 100)
+    return str(folder)
+
+
+def outputs(out: str) -> dict[str, object]:
+    """Every file but the gallery (Parquet files as rows), with the output root replaced so two roots compare."""
+    found: dict[str, object] = {}
+    for path in glob.glob(os.path.join(out, "**", "*"), recursive=True):
+        name = os.path.relpath(path, out)
+        if name.endswith(".parquet"):
+            found[name] = [{k: v.replace(out, "OUT") if isinstance(v, str) else v for k, v in row.items()}
+                           for row in pq.read_table(path).to_pylist()]
+        elif os.path.isfile(path) and not name.endswith(".html"):
+            with open(path, "rb") as handle:
+                found[name] = handle.read().replace(out.encode(), b"OUT")
+    return found
+
+
+def test_clips_are_decoded_on_several_threads_with_the_same_outputs_and_counts(tmp_path, clips_dir, monkeypatch):
+    threads: set[str] = set()
+    iter_decode = prepare.iter_decode
+
+    def recording(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return iter_decode(*args, **kwargs)
+
+    monkeypatch.setattr(prepare, "iter_decode", recording)
+    flags = ["--input", clips_dir, "--generate-previews", "--captioning-window-size", "16",
+             "--captioning-remainder-threshold", "8", "--preview-target-height", "32"]
+    one = run_job([*flags, "--output", str(tmp_path / "one"), "--local-workers", "1"])
+    assert len(threads) == 1
+    threads.clear()
+    two = run_job([*flags, "--output", str(tmp_path / "two"), "--local-workers", "2"])
+    assert len(threads) == 2
+    assert progress.snapshot() == two  # the live progress counted every worker's work
+    assert one == two and two["clips"] == 7 and two["previews"] == two["windows"] > 6
+    assert outputs(str(tmp_path / "one")) == outputs(str(tmp_path / "two"))
+
+
+def test_one_engine_serves_every_worker(tmp_path, real_clips_dir, captioner_dir, monkeypatch):
+    decoders: set[str] = set()
+    engines: set[int] = set()
+    iter_decode, generate = prepare.iter_decode, Engine.generate
+
+    def decoding(*args, **kwargs):
+        decoders.add(threading.current_thread().name)
+        return iter_decode(*args, **kwargs)
+
+    def generating(self, inputs, sampling_params):
+        engines.add(id(self))
+        return generate(self, inputs, sampling_params)
+
+    monkeypatch.setattr(prepare, "iter_decode", decoding)
+    monkeypatch.setattr(Engine, "generate", generating)
+    counts = run_job([
+        "--input", real_clips_dir, "--output", str(tmp_path), "--generate-captions", "--model-dir", captioner_dir,
+        "--vllm-kwargs", json.dumps(VLLM_KWARGS), "--captioning-window-size", "64",
+        "--captioning-remainder-threshold", "32", "--captioning-max-output-tokens", "8", "--local-workers", "2",
+    ], release_models=False)
+    assert counts["captions"] == counts["windows"] >= 6
+    assert len(decoders) == 2 and len(engines) == 1
+
+
+def test_a_clip_whose_elements_span_bundles_is_completed_by_the_keyed_write(tmp_path):
+    source = "/videos/split.mp4"
+    clip_id = clip_id_for(source)
+    windows = [WindowRecord(clip_id, source, i, i * 10, i * 10 + 9, i, i + 1.0, (i * 10,), caption=f"w{i}")
+               for i in range(3)]
+    info = ClipInfo(clip_id, source, 64, 48, 10.0, 30, "h264", 3.0, 3)
+    stream = TestStream().add_elements(windows[:2]).add_elements([info]).add_elements(windows[2:])
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    with TestPipeline(options=options) as pipeline:
+        pipeline | stream | WriteOutputs(str(tmp_path))
+    meta = json.loads((tmp_path / "metas" / f"{clip_id}.json").read_text())
+    assert [w["caption"] for w in meta["windows"]] == ["w0", "w1", "w2"] and meta["errors"] == []
+    assert not (tmp_path / "failures").exists()

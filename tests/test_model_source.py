@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import filecmp
 import json
 import os
@@ -254,7 +256,7 @@ def test_the_engine_starts_vllm_on_the_local_copy(models_bucket, captioner_dir, 
 
     monkeypatch.setenv("BEAM_CAPTIONS_CACHE", str(tmp_path / "cache"))
     started = []
-    monkeypatch.setattr(vllm.AsyncLLMEngine, "from_engine_args", lambda args: started.append(vars(args)) or object())
+    monkeypatch.setattr(vllm.AsyncLLMEngine, "from_engine_args", lambda args: started.append(vars(args)) or SimpleNamespace(shutdown=lambda: None))
     settings = EngineSettings(model_dir=models_bucket, hub_model_id=CAPTIONER, extra={"enforce_eager": True})
     engine = Engine(settings)
     engine.start()

@@ -137,6 +137,8 @@ class Engine:
 
         try:
             llm = asyncio.run_coroutine_threadsafe(build(), loop).result()
+            # Registered after vLLM's own exit hooks, so it runs before them: the engines stop in order.
+            atexit.register(self.shutdown)
         except BaseException:
             _stop_loop(loop, thread)
             raise
@@ -244,5 +246,3 @@ def release_engines(only: Optional[Engine] = None) -> None:
     for engine in engines:
         engine.shutdown()
 
-
-atexit.register(release_engines)  # before interpreter teardown, while vLLM can still shut down cleanly

@@ -6,7 +6,8 @@ projector and a hybrid Mamba/attention NemotronH language model.
 
 * ``build_tiny_nemotron_vl``: like ``nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL``
   (architecture ``NemotronH_Nano_VL_V2``): one 512x512 tile per frame,
-  no temporal patching (256 tokens per frame), Mamba + MLP + attention layers.
+  no temporal patching (256 tokens per frame), Mamba + MLP + attention layers;
+  its chat template, like the real one, turns reasoning off for a ``/no_think`` system turn.
 * ``build_tiny_nemotron_omni``: like ``nvidia/Nemotron-3-Nano-Omni-30B-A3B-Reasoning``
   (architecture ``NemotronH_Nano_Omni_Reasoning_V3``): two frames per tubelet,
   frames resized to about ``video_target_num_patches`` patches keeping the
@@ -83,10 +84,16 @@ SPECIAL_TOKENS = (
 THINK_TOKENS = ("<think>", "</think>")
 
 _CHAT_TEMPLATE = """\
+{%- set ns = namespace(no_think=false) %}
 {%- for message in messages %}
 {{- '<|im_start|>' + message['role'] + '\\n' }}
 {%- if message['content'] is string %}
+{%- if message['role'] == 'system' and '/no_think' in message['content'] %}
+{%- set ns.no_think = true %}
+{{- message['content'].replace('/no_think', '').strip() }}
+{%- else %}
 {{- message['content'] }}
+{%- endif %}
 {%- else %}
 {%- for item in message['content'] %}
 {%- if item['type'] == 'image' or 'image' in item %}
@@ -102,7 +109,7 @@ _CHAT_TEMPLATE = """\
 {%- endfor %}
 {%- if add_generation_prompt %}
 {{- '<|im_start|>assistant\\n' }}
-{%- if enable_thinking is defined and enable_thinking is false %}
+{%- if ns.no_think or (enable_thinking is defined and enable_thinking is false) %}
 {{- '<think></think>' }}
 {%- endif %}
 {%- endif %}
@@ -329,7 +336,7 @@ def _write_nemotron(path: Path, seed: int, omni: bool, moe: bool = False) -> Non
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    tokenizer = _build_tokenizer(thinking=omni)
+    tokenizer = _build_tokenizer(thinking=True)  # both: Nano v2 VL's "/no_think" system turn also opens <think></think>
     temporal_patch = 2 if omni else 1
     # Real layouts: Nano 12B v2 mixes Mamba (M), MLP (-) and attention (*);
     # Nano Omni 30B-A3B mixes Mamba, MoE (E) and attention.

@@ -22,11 +22,15 @@ def _tiny_models(argv: Sequence[str]) -> int:
 
     from beam_captions.inference.tiny_models import build_tiny_models
 
-    parser = argparse.ArgumentParser(prog="beam-captions tiny-models", description="Build tiny random-weight Qwen models offline.")
+    parser = argparse.ArgumentParser(
+        prog="beam-captions tiny-models",
+        description="Build tiny random-weight Qwen-VL, Qwen text and Nemotron VL / Omni models offline.",
+    )
     parser.add_argument("directory", help="where the model directories go")
+    parser.add_argument("--no-nemotron", action="store_true", help="only the Qwen models")
     args = parser.parse_args(argv)
-    for name, path in build_tiny_models(args.directory).items():
-        print(f"{name:16s} {path}")
+    for name, path in build_tiny_models(args.directory, nemotron=not args.no_nemotron).items():
+        print(f"{name:24s} {path}")
     return 0
 
 

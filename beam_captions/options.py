@@ -10,14 +10,16 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from beam_captions.inference.gpu_budget import memory_shares
+from beam_captions.inference.gpu_budget import MODEL_SPECS, check_share, gpu_total_gib, memory_shares
 from beam_captions.inference.model_source import ModelUnavailableError, check_model_source, pinned_revision
-from beam_captions.inference.variants import CAPTION_MODELS, ENHANCE_MODELS, canonical_variant
+from beam_captions.inference.variants import (
+    CAPTION_ALGORITHMS, ENHANCE_ALGORITHMS, ENHANCE_MODELS, caption_model, canonical_variant,
+)
 from beam_captions.prompts import CAPTION_PROMPTS, ENHANCE_PROMPTS
 
 __all__ = ["JobConfig", "build_parser", "parse_args", "ConfigError"]
 
-ALGORITHMS = ("qwen", "qwen2.5", "qwen3")
+ALGORITHMS = CAPTION_ALGORITHMS  # qwen, qwen2.5, qwen3, nemotron, nemotron-bf16, nemotron-fp8, ...
 ENGINE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
@@ -59,6 +61,7 @@ class JobConfig:
     captioning_retry_flagged: bool = False
     vllm_kwargs: dict[str, Any] = field(default_factory=dict)
     captioning_gpu_memory_share: Optional[float] = None
+    gpu_memory_gib: Optional[float] = None
     enhance_captions: bool = False
     enhance_captions_algorithm: str = "qwen"
     enhance_captions_model_dir: Optional[str] = None
@@ -118,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     cap = parser.add_argument_group("captions")
     cap.add_argument("--generate-captions", action="store_true", help="caption every window")
     cap.add_argument("--model-dir", help="Hugging Face model directory of the captioner")
-    cap.add_argument("--captioning-algorithm", choices=ALGORITHMS, default="qwen", help="qwen (= qwen2.5) or qwen3")
+    cap.add_argument("--captioning-algorithm", choices=CAPTION_ALGORITHMS, default="qwen",
+                     help="qwen (= qwen2.5, Qwen2.5-VL-7B), qwen3 (Qwen3-VL-8B), nemotron (= nemotron-bf16), "
+                          "nemotron-fp8, nemotron-nvfp4 (Nemotron Nano 12B v2 VL), nemotron-3-nano-omni (30B-A3B)")
     cap.add_argument("--captioning-prompt-variant", choices=tuple(CAPTION_PROMPTS), default="default")
     cap.add_argument("--captioning-prompt-text", help="custom caption prompt; overrides the variant")
     cap.add_argument("--captioning-window-size", type=int, default=256, help="frames per window (default 256)")
@@ -131,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="windows a worker process keeps in flight to vLLM, which batches them continuously "
                           "(default 64; each holds its sampled frames in memory)")
     cap.add_argument("--captioning-max-output-tokens", type=int, default=512)
-    cap.add_argument("--captioning-use-fp8-weights", action="store_true", help="fp8 weight quantization")
+    cap.add_argument("--captioning-use-fp8-weights", action="store_true",
+                     help="fp8 weight quantization (Qwen; a Nemotron variant's precision is its checkpoint's)")
     cap.add_argument("--captioning-use-vllm-mmcache", action="store_true", help="keep vLLM's multimodal processor cache on")
     cap.add_argument("--captioning-stage2-caption", action="store_true", help="refine each caption in a second pass")
     cap.add_argument("--captioning-stage2-prompt-text", help="custom stage-2 instruction (the stage-1 caption follows it)")
@@ -145,10 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     cap.add_argument("--captioning-gpu-memory-share", type=float,
                      help="vLLM gpu_memory_utilization of the captioner (default 0.85 alone, 0.35 beside the enhancer)")
+    cap.add_argument("--gpu-memory-gib", type=float,
+                     help="GPU memory of the workers, to check before the job that each model fits its share "
+                          "(default: this machine's GPU, if any; every worker checks its own GPU before loading)")
 
     enh = parser.add_argument_group("caption enhancement")
     enh.add_argument("--enhance-captions", action="store_true", help="rewrite each caption with a text LLM")
-    enh.add_argument("--enhance-captions-algorithm", choices=ALGORITHMS, default="qwen", help="qwen (= qwen2.5) or qwen3")
+    enh.add_argument("--enhance-captions-algorithm", choices=ENHANCE_ALGORITHMS, default="qwen", help="qwen (= qwen2.5) or qwen3")
     enh.add_argument("--enhance-captions-model-dir", help="Hugging Face model directory of the text model")
     enh.add_argument("--enhance-captions-prompt-variant", choices=tuple(ENHANCE_PROMPTS), default="default")
     enh.add_argument("--enhance-captions-prompt-text", help="custom enhancement instruction; overrides the variant")
@@ -207,27 +216,60 @@ def validate(config: JobConfig) -> None:
     _check(0 <= config.preview_compression_level <= 6, "--preview-compression-level must be between 0 and 6")
     _check(0 <= config.preview_quality <= 100, "--preview-quality must be between 0 and 100")
     _check(config.preview_num_cpus_per_worker >= 1, "--preview-num-cpus-per-worker must be at least 1")
+    captioner = caption_model(config.captioning_algorithm)
+    _check(not config.captioning_use_fp8_weights or captioner.fp8_flag,
+           f"--captioning-use-fp8-weights does not apply to --captioning-algorithm {config.captioning_algorithm} "
+           f"(a Nemotron variant's precision is its checkpoint's): {captioner.fp8_hint}")
+    _check(config.gpu_memory_gib is None or config.gpu_memory_gib > 0, "--gpu-memory-gib must be positive")
     if config.generate_captions:
-        _check_model_dir("--model-dir", config.model_dir, CAPTION_MODELS, config.captioning_algorithm)
+        _check_model_dir("--model-dir", config.model_dir, captioner.hub_id)
     if config.enhance_captions:
         _check(config.generate_captions, "--enhance-captions needs --generate-captions")
-        _check_model_dir("--enhance-captions-model-dir", config.enhance_captions_model_dir, ENHANCE_MODELS,
-                         config.enhance_captions_algorithm)
+        _check_model_dir("--enhance-captions-model-dir", config.enhance_captions_model_dir,
+                         ENHANCE_MODELS[canonical_variant(config.enhance_captions_algorithm)])
         _check(config.enhance_captions_batch_size >= 1, "--enhance-captions-batch-size must be at least 1")
         _check(config.enhance_captions_max_output_tokens >= 1, "--enhance-captions-max-output-tokens must be at least 1")
     for flag, share in (("--captioning-gpu-memory-share", config.captioning_gpu_memory_share),
                         ("--enhance-captions-gpu-memory-share", config.enhance_captions_gpu_memory_share)):
         _check(share is None or 0 < share <= 1, f"{flag} must be in (0, 1]")
     try:
-        memory_shares(config.enhance_captions, config.captioning_gpu_memory_share, config.enhance_captions_gpu_memory_share)
+        shares = memory_shares(
+            config.enhance_captions, config.captioning_gpu_memory_share, config.enhance_captions_gpu_memory_share
+        )
+        _check_memory(config, captioner.hub_id, shares)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 
 
-def _check_model_dir(flag: str, model_dir: Optional[str], models: dict[str, str], algorithm: str) -> None:
+def _max_model_len(kwargs: dict[str, Any], default: int) -> int:
+    return int(kwargs.get("max_model_len") or default)
+
+
+def _check_memory(config: JobConfig, caption_hub_id: str, shares: tuple[float, Optional[float]]) -> None:
+    """Each model fits its GPU memory share with one full sequence (GPU size: --gpu-memory-gib or this machine's)."""
+    gpu_gib = config.gpu_memory_gib or gpu_total_gib()
+    if gpu_gib is None:
+        return  # no GPU here and none named: each worker checks its own GPU before loading
+    caption_kwargs = config.vllm_kwargs
+    if config.generate_captions and "model" not in caption_kwargs:
+        check_share(
+            caption_hub_id, gpu_gib, float(caption_kwargs.get("gpu_memory_utilization", shares[0])),
+            fp8=config.captioning_use_fp8_weights,
+            tokens=_max_model_len(caption_kwargs, caption_model(config.captioning_algorithm).family.max_model_len),
+        )
+    enhance_kwargs = config.vllm_kwargs if config.enhance_captions_vllm_kwargs is None else config.enhance_captions_vllm_kwargs
+    enhancer = ENHANCE_MODELS[canonical_variant(config.enhance_captions_algorithm)]
+    if config.enhance_captions and shares[1] is not None and "model" not in enhance_kwargs and enhancer in MODEL_SPECS:
+        check_share(
+            enhancer, gpu_gib, float(enhance_kwargs.get("gpu_memory_utilization", shares[1])),
+            fp8=config.enhance_captions_use_fp8_weights, tokens=_max_model_len(enhance_kwargs, 32768),
+            flag="--enhance-captions-gpu-memory-share",
+        )
+
+
+def _check_model_dir(flag: str, model_dir: Optional[str], model_id: str) -> None:
     """The weights can be had before any work starts: local, under a gs:// prefix, or downloaded now from the hub."""
     _check(bool(model_dir), f"{flag} is required")
-    model_id = models[canonical_variant(algorithm)]
     try:
         check_model_source(model_dir, model_id=model_id, revision=pinned_revision(model_id))
     except ModelUnavailableError as error:

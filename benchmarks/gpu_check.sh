@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one command (under 8 minutes on one GPU): install the GPU build of vLLM (make setup picks
+# The GPU benchmark in one command (P4b and P6 under 8 minutes on one GPU; P8 adds five engine starts): install the GPU build of vLLM (make setup picks
 # it when nvidia-smi sees a GPU), build the tiny models, then P4b (pipeline vs vLLM's continuous-batching
-# ceiling) and P6 (the whole job vs raw vLLM, GPU busy fraction, peak GPU memory). Without a GPU it runs the
+# ceiling), P6 (the whole job vs raw vLLM, GPU busy fraction, peak GPU memory) and P8 (every caption family
+# through the job, the tiny Omni in its real MoE layout included, which vLLM's CPU build cannot run). Without a GPU it runs the
 # same code on the CPU path. Results: benchmarks/results/latest.json; the card's name is in each figure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi -L 2>/dev/null || echo "gpu_check: no GPU visible; running the CPU path"
 make setup
-.venv/bin/python benchmarks/run.py --quick --only P4B,P6
+.venv/bin/python benchmarks/run.py --quick --only P4B,P6,P8

@@ -36,6 +36,15 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def nemotron_models(tmp_path_factory) -> dict[str, str]:
+    """The tiny Nemotron Nano VL v2 and Nano Omni (CPU form): ``captioner-nemotron``, ``captioner-nemotron-omni``."""
+    from beam_captions.inference.tiny_models import _nemotron_builders
+
+    root = tmp_path_factory.mktemp("nemotron-models")
+    return {name: build(str(root / name), 0) for name, build in _nemotron_builders().items()}
+
+
+@pytest.fixture(scope="session")
 def captioner_dir(tiny_models) -> str:
     return tiny_models["captioner"]
 

@@ -1,24 +1,32 @@
-"""A Beam ``ModelHandler`` that captions video windows with Qwen-VL on vLLM.
+"""A Beam ``ModelHandler`` that captions video windows with a video model on vLLM (Qwen-VL, Nemotron VL).
 
 Example::
 
-    handler = QwenVLCaptionHandler(model_dir="models/captioner")
+    handler = VideoCaptionHandler(model_dir="models/captioner", model_variant="nemotron")
     outcomes = windows | RunInference(handler)   # (WindowRecord, Failure | None) per window
+
+What differs between model families (chat turns, template switches, vLLM settings) comes from the
+variant's ``CaptionFamily`` (``beam_captions.inference.variants``); the rest is the same for all.
+``QwenVLCaptionHandler`` is the same class under its first name.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from beam_captions.inference.engine import Engine, EngineSettings
-from beam_captions.inference.variants import CAPTION_MODELS, canonical_variant
+from beam_captions.inference.variants import QWEN25, CaptionFamily, caption_model
 from beam_captions.inference.vllm_handler import VLLMWindowHandler
 from beam_captions.prompts import caption_prompt, stage2_prompt
 from beam_captions.quality import CaptionCheck, better_caption, check_caption
 from beam_captions.records import WindowRecord
 
-__all__ = ["CaptionRequest", "Generated", "QwenVLCaptionHandler", "caption_batch", "generate_checked", "video_input"]
+__all__ = [
+    "CaptionRequest", "Generated", "QwenVLCaptionHandler", "VideoCaptionHandler", "caption_batch", "generate_checked",
+    "strip_reasoning", "video_input",
+]
 
 @dataclass(frozen=True)
 class CaptionRequest:
@@ -35,6 +43,7 @@ class CaptionRequest:
     repetition_penalty: float = 1.05
     retry_seed: int = 1
     retry_repetition_penalty: float = 1.3
+    family: CaptionFamily = QWEN25
 
     def sampling_params(self, retry: bool = False) -> Any:
         """The reference's sampling; a retry gets another seed and a stronger repetition penalty."""
@@ -61,8 +70,25 @@ class Generated:
 RETRY_FLAGS = frozenset({"empty", "repetition", "truncated"})
 
 
-def video_input(engine: Engine, record: WindowRecord, prompt: str) -> dict:
-    """A vLLM input dict: the chat-rendered prompt and the window's frames with their metadata."""
+_THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
+
+
+def strip_reasoning(text: str) -> str:
+    """``text`` without a reasoning model's ``<think>...</think>`` (an unclosed one: cut off mid-thought).
+
+    A ``</think>`` with no opening tag (the chat template opened it in the prompt) drops what precedes it.
+    """
+    if "</think>" in text and "<think>" not in text.split("</think>", 1)[0]:
+        text = text.rsplit("</think>", 1)[1]
+    return _THINK_BLOCK.sub("", text)
+
+
+def video_input(engine: Engine, record: WindowRecord, prompt: str, family: CaptionFamily = QWEN25) -> dict:
+    """A vLLM input dict: the prompt rendered by ``family``'s chat, and the window's frames with their metadata.
+
+    The same for every family vLLM knows (Qwen2.5-VL, Qwen3-VL, Nemotron VL): frames as uint8
+    ``(T, H, W, 3)`` already sampled and sized (``do_sample_frames`` off) and the video's metadata.
+    """
     frames = record.frames
     if frames is None or len(frames) < 2:
         raise ValueError(f"window {record.window_index} of {record.source} carries no frames")
@@ -76,7 +102,7 @@ def video_input(engine: Engine, record: WindowRecord, prompt: str) -> dict:
         "frames_indices": list(range(len(frames))),
         "do_sample_frames": False,
     }
-    text = engine.render_chat([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}])
+    text = engine.render_chat(family.messages(prompt), **dict(family.template_kwargs))
     return {"prompt": text, "multi_modal_data": {"video": (frames, metadata)}}
 
 
@@ -85,7 +111,7 @@ def generate_checked(engine: Engine, inputs: list[dict], params: Any) -> list[Ge
     results = []
     for output in engine.generate(inputs, params):
         completion = output.outputs[0]
-        text = completion.text.strip()
+        text = strip_reasoning(completion.text).strip()
         check = check_caption(text, len(completion.token_ids), completion.finish_reason)
         results.append(Generated(text, check, len(output.prompt_token_ids)))
     return results
@@ -105,7 +131,7 @@ def _retry_flagged(engine: Engine, inputs: list[dict], first: list[Generated], r
 
 def caption_batch(engine: Engine, batch: Sequence[WindowRecord], request: CaptionRequest) -> list[WindowRecord]:
     """Caption every window of ``batch`` (stage 1, retries of flagged captions, stage 2); raises on engine errors."""
-    inputs = [video_input(engine, r, request.prompt) for r in batch]
+    inputs = [video_input(engine, r, request.prompt, request.family) for r in batch]
     stage1 = generate_checked(engine, inputs, request.sampling_params())
     retried = _retry_flagged(engine, inputs, stage1, request) if request.retry_flagged else [False] * len(batch)
     stage2: list[Optional[Generated]] = [None] * len(batch)
@@ -113,7 +139,8 @@ def caption_batch(engine: Engine, batch: Sequence[WindowRecord], request: Captio
         wanted = [i for i, g in enumerate(stage1) if g.text]
         prompts = [stage2_prompt(stage1[i].text, request.stage2_instruction) for i in wanted]
         refined = generate_checked(
-            engine, [video_input(engine, batch[i], p) for i, p in zip(wanted, prompts)], request.sampling_params()
+            engine, [video_input(engine, batch[i], p, request.family) for i, p in zip(wanted, prompts)],
+            request.sampling_params(),
         )
         for i, generated in zip(wanted, refined):
             stage2[i] = generated
@@ -133,8 +160,13 @@ def caption_batch(engine: Engine, batch: Sequence[WindowRecord], request: Captio
     ]
 
 
-class QwenVLCaptionHandler(VLLMWindowHandler):
-    """Captions ``WindowRecord``s with a Qwen-VL model directory served by ``vllm.LLM``.
+class VideoCaptionHandler(VLLMWindowHandler):
+    """Captions ``WindowRecord``s with a video model directory (any ``--captioning-algorithm``) served by vLLM.
+
+    ``model_variant`` picks the family (chat format, vLLM settings) and the hub checkpoint an empty
+    ``model_dir`` is filled from. Nemotron variants turn ``trust_remote_code`` on: their checkpoints
+    ship their config class as code. ``fp8`` is vLLM's on-the-fly fp8 (Qwen only; a Nemotron
+    variant's precision is its checkpoint's).
 
     A failing batch is retried window by window; a window that still fails comes back
     without a caption and with a ``Failure`` (stage ``caption``), so the rest of the
@@ -159,22 +191,28 @@ class QwenVLCaptionHandler(VLLMWindowHandler):
         stage2_prompt_text: Optional[str] = None,
         retry_flagged: bool = False,
         dtype: str = "auto",
-        max_model_len: int = 32768,
+        max_model_len: Optional[int] = None,
         gpu_memory_utilization: float = 0.85,
         vllm_kwargs: Optional[dict] = None,
         trust_remote_code: bool = False,
         share_across_processes: bool = False,
         inference_fn: Callable[[Engine, Sequence[WindowRecord], CaptionRequest], list[WindowRecord]] = caption_batch,
     ):
+        model = caption_model(model_variant)
+        family = model.family
+        if fp8 and not model.fp8_flag:
+            raise ValueError(f"fp8 weights do not apply to {model.variant}: {model.fp8_hint}")
         settings = EngineSettings(
             model_dir=model_dir,
             fp8=fp8,
             disable_mmcache=disable_mmcache,
             dtype=dtype,
-            max_model_len=max_model_len,
+            max_model_len=max_model_len if max_model_len is not None else family.max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
-            trust_remote_code=trust_remote_code,
-            hub_model_id=CAPTION_MODELS[canonical_variant(model_variant)],
+            trust_remote_code=trust_remote_code or family.trust_remote_code,
+            hub_model_id=model.hub_id,
+            mm_processor_kwargs=family.mm_processor_kwargs,
+            mamba=family.mamba,
             extra=dict(vllm_kwargs or {}),
         )
         request = CaptionRequest(
@@ -184,6 +222,7 @@ class QwenVLCaptionHandler(VLLMWindowHandler):
             generate_stage2=generate_stage2_caption,
             retry_flagged=retry_flagged,
             max_output_tokens=max_output_tokens,
+            family=family,
         )
         super().__init__(
             settings, request, inference_fn, batch_size=caption_batch_size, share_across_processes=share_across_processes
@@ -200,3 +239,6 @@ class QwenVLCaptionHandler(VLLMWindowHandler):
 
     def get_num_bytes(self, batch: Sequence[WindowRecord]) -> int:
         return sum(r.frames.nbytes for r in batch if isinstance(r, WindowRecord) and r.frames is not None)
+
+
+QwenVLCaptionHandler = VideoCaptionHandler  # the name it had when Qwen-VL was the only family

@@ -34,6 +34,23 @@ class EngineSettings:
     # The hub checkpoint a local ``model_dir`` without weights is downloaded from (revision None: the pinned one).
     hub_model_id: Optional[str] = None
     hub_revision: Optional[str] = None
+    # The model family's vLLM processor arguments (Qwen-VL: the reference's per-frame pixel cap).
+    mm_processor_kwargs: tuple[tuple[str, Any], ...] = (("cap_pixels_per_frame", True),)
+    # A Mamba hybrid (Nemotron): vLLM's CPU Mamba prefill fails with prefix caching on, so without a GPU it is off.
+    mamba: bool = False
+
+
+MAX_BATCHED_TOKENS = 32768  # the reference's max_num_batched_tokens; never more than max_model_len
+
+
+def gpu_available() -> bool:
+    """Whether torch sees a CUDA GPU here (False on the CPU build of vLLM)."""
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - no torch: no GPU
+        return False
 
 
 def llm_kwargs(settings: EngineSettings) -> dict[str, Any]:
@@ -42,20 +59,36 @@ def llm_kwargs(settings: EngineSettings) -> dict[str, Any]:
         "model": settings.model_dir,
         "dtype": settings.dtype,
         "max_model_len": settings.max_model_len,
-        "max_num_batched_tokens": settings.max_model_len,
+        "max_num_batched_tokens": min(settings.max_model_len, MAX_BATCHED_TOKENS),
         "gpu_memory_utilization": settings.gpu_memory_utilization,
         "trust_remote_code": settings.trust_remote_code,
         "disable_log_stats": True,
     }
     if settings.multimodal:
         kwargs["limit_mm_per_prompt"] = {"image": 0, "video": 1}
-        kwargs["mm_processor_kwargs"] = {"cap_pixels_per_frame": True}  # the reference's (qwen-vl-utils) frame cap
+        if settings.mm_processor_kwargs:
+            kwargs["mm_processor_kwargs"] = dict(settings.mm_processor_kwargs)
         if settings.disable_mmcache:
             kwargs["mm_processor_cache_gb"] = 0
     if settings.fp8:
         kwargs["quantization"] = "fp8"
+    if settings.mamba and not gpu_available():
+        kwargs["enable_prefix_caching"] = False  # IndexError in vLLM's CPU Mamba prefill kernel otherwise
     kwargs.update(settings.extra)
     return kwargs
+
+
+def check_engine_memory(settings: EngineSettings, kwargs: dict[str, Any]) -> None:
+    """Refuse, before loading, a memory share of this machine's GPU that cannot hold the model (no GPU: no check)."""
+    from beam_captions.inference.gpu_budget import check_share, gpu_total_gib
+
+    total = gpu_total_gib()
+    if total is None or "model" in settings.extra:
+        return
+    check_share(
+        settings.hub_model_id, total, float(kwargs["gpu_memory_utilization"]), fp8=settings.fp8,
+        tokens=int(kwargs["max_model_len"]),
+    )
 
 
 def _final_only(params: Any) -> Any:
@@ -124,6 +157,7 @@ class Engine:
         return kwargs
 
     def _start(self) -> None:
+        check_engine_memory(self.settings, llm_kwargs(self.settings))  # before any download
         kwargs = self._engine_kwargs()
         log.info("starting vLLM: %s", json.dumps(kwargs, default=str))
         loop = asyncio.new_event_loop()

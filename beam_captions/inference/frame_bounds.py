@@ -1,4 +1,5 @@
-"""How large the frames a Qwen-VL model sees are: the reference's video bounds, per window.
+"""How large the frames a video model sees are: the reference's video bounds per window (Qwen-VL), or the
+checkpoint's own frame size (Nemotron, ``NemotronFrameSize``).
 
 The reference (NeMo Curator, through qwen-vl-utils) sizes video frames by its own bounds,
 whatever the checkpoint's *image* processor config says: 128 to 768 merged patches a frame
@@ -12,17 +13,19 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from apache_beam.io.filesystems import FileSystems
 
-from beam_captions.inference.variants import canonical_variant
+from beam_captions.inference.variants import caption_model, canonical_variant
 from beam_captions.io.files import read_json
 
 __all__ = [
     "DEFAULT_FRAME_BOUNDS",
     "FACTORS",
     "FrameBounds",
+    "NemotronFrameSize",
+    "nemotron_frame_size",
     "model_frame_bounds",
     "reference_bounds",
     "resize_to_pixel_bound",
@@ -128,14 +131,106 @@ def _video_config_bounds(config: dict) -> tuple[int, Optional[int]]:
     return int(low), None if high is None else int(high)
 
 
-def model_frame_bounds(model_dir: Optional[str], variant: str = "qwen2.5") -> FrameBounds:
-    """The reference's bounds for ``variant``, tightened by ``model_dir``'s video processor config.
+@dataclass(frozen=True)
+class NemotronFrameSize:
+    """The frame size vLLM's Nemotron VL processor resizes every video frame to, from the checkpoint's config.
 
-    ``model_dir`` is a local folder or a ``gs://`` prefix (read through Beam FileSystems), or
-    None. Its image processor config (``preprocessor_config.json``) is ignored: its bounds are
-    for images (the real Qwen2.5-VL's let 4K frames through unscaled).
+    Without ``target_num_patches`` (Nemotron Nano 12B v2 VL) every frame becomes a square
+    ``image_size`` tile, aspect ratio not kept (512x512: 256 tokens a frame). With it (Nemotron 3
+    Nano Omni, 1024) a frame keeps its aspect ratio at about that many ``patch_size`` patches,
+    each side an even patch count (pixel shuffle halves both): 640x360 becomes 672x384, 252 tokens
+    a 2-frame tubelet. Sizing frames here, in the prepare step, keeps Beam elements small; the
+    processor then finds them at their size and resizes nothing.
     """
-    family = canonical_variant(variant)
+
+    image_size: int = 512
+    patch_size: int = 16
+    downsample_ratio: float = 0.5
+    target_num_patches: Optional[int] = None
+    maintain_aspect_ratio: bool = True
+
+    def frame_size(self, width: int, height: int, num_frames: int = 1) -> Size:
+        """(width, height) of a ``width`` x ``height`` clip's model frames (the frame count does not matter).
+
+        The processor's own size for frames of this size, too (a fixed point): it resizes nothing.
+        Its rounding can move a size once more (640x272 gives 768x320, which gives 800x320), so the
+        rule is applied until the size stays.
+        """
+        if width <= 0 or height <= 0:
+            raise ValueError(f"frame size must be positive, got {width}x{height}")
+        size = self._target(width, height)
+        for _ in range(8):
+            again = self._target(*size)
+            if again == size:
+                break
+            size = again
+        return size
+
+    def _target(self, width: int, height: int) -> Size:
+        """vLLM's ``get_video_target_size_and_feature_size`` size rule (Megatron's video frame resize)."""
+        divisor = max(1, int(round(1 / self.downsample_ratio)))
+        if self.target_num_patches is None:
+            return self.image_size, self.image_size
+        if not self.maintain_aspect_ratio:
+            side = max(divisor, int(math.sqrt(self.target_num_patches)) // divisor * divisor) * self.patch_size
+            return side, side
+        aspect = width / height
+        rows = max(1, round(math.sqrt(self.target_num_patches / aspect)))
+        cols = max(1, round(math.sqrt(self.target_num_patches * aspect)))
+        up_rows, up_cols = -(-rows // divisor) * divisor, -(-cols // divisor) * divisor
+        if up_rows * up_cols <= self.target_num_patches:
+            rows, cols = up_rows, up_cols
+        else:
+            rows, cols = max(divisor, rows // divisor * divisor), max(divisor, cols // divisor * divisor)
+        return cols * self.patch_size, rows * self.patch_size
+
+    def tokens_per_frame(self, width: int, height: int) -> float:
+        """Video tokens a frame costs (a tubelet's tokens shared by its frames), before the per-frame text."""
+        w, h = self.frame_size(width, height)
+        per_group = int(h // self.patch_size * self.downsample_ratio) * int(w // self.patch_size * self.downsample_ratio)
+        return per_group / (1 if self.target_num_patches is None else 2)
+
+
+def nemotron_frame_size(config: Optional[dict]) -> NemotronFrameSize:
+    """``NemotronFrameSize`` from a Nemotron checkpoint's ``config.json`` (None: the real checkpoints' values)."""
+    config = config or {}
+    vision = config.get("vision_config") or {}
+    patch = int(config.get("patch_size") or vision.get("patch_size") or 16)
+    target = vision.get("video_target_num_patches")
+    if target is None and vision.get("video_target_img_size"):
+        target = math.ceil(vision["video_target_img_size"] / patch) ** 2
+    return NemotronFrameSize(
+        image_size=int(config.get("force_image_size") or 512),
+        patch_size=patch,
+        downsample_ratio=float(config.get("downsample_ratio") or 0.5),
+        target_num_patches=None if target is None else int(target),
+        maintain_aspect_ratio=bool(vision.get("video_maintain_aspect_ratio", False)),  # vLLM's default
+    )
+
+
+# The real checkpoints' video frame sizing, for when no config can be read.
+NEMOTRON_DEFAULTS = {
+    "nemotron-vl": NemotronFrameSize(),
+    "nemotron-omni": NemotronFrameSize(target_num_patches=1024),
+}
+
+
+def model_frame_bounds(model_dir: Optional[str], variant: str = "qwen2.5") -> Union[FrameBounds, NemotronFrameSize]:
+    """How ``variant``'s model frames are sized, read from ``model_dir`` where it says.
+
+    Qwen: the reference's bounds, tightened by ``model_dir``'s video processor config; its image
+    processor config (``preprocessor_config.json``) is ignored: its bounds are for images (the real
+    Qwen2.5-VL's let 4K frames through unscaled). Nemotron: ``NemotronFrameSize`` from its
+    ``config.json`` (the real checkpoints' sizes when the directory has none yet).
+    ``model_dir`` is a local folder or a ``gs://`` prefix (read through Beam FileSystems), or None.
+    """
+    family_spec = caption_model(variant).family
+    if family_spec.frames == "nemotron":
+        config = FileSystems.join(model_dir, "config.json") if model_dir else None
+        if config and FileSystems.exists(config):
+            return nemotron_frame_size(read_json(config))
+        return NEMOTRON_DEFAULTS[family_spec.name]
+    family = family_spec.name
     bounds = reference_bounds(family)
     path = FileSystems.join(model_dir, VIDEO_CONFIG) if model_dir else None
     if not (path and FileSystems.exists(path)):  # a local directory or a gs:// prefix

@@ -471,6 +471,17 @@ _BUILDERS: dict[str, Callable[[str, int], str]] = {
 }
 
 
-def build_tiny_models(root: str, seed: int = 0) -> dict[str, str]:
-    """Build every tiny model under ``root``; return ``{name: model_dir}``."""
-    return {name: build(os.path.join(root, name), seed) for name, build in _BUILDERS.items()}
+def _nemotron_builders() -> dict[str, Callable[[str, int], str]]:
+    from beam_captions.inference.tiny_nemotron import build_tiny_nemotron_omni, build_tiny_nemotron_vl
+
+    return {"captioner-nemotron": build_tiny_nemotron_vl, "captioner-nemotron-omni": build_tiny_nemotron_omni}
+
+
+def build_tiny_models(root: str, seed: int = 0, nemotron: bool = False) -> dict[str, str]:
+    """Build the tiny Qwen models (and with ``nemotron`` the tiny Nemotron VL and Omni) under ``root``.
+
+    Returns ``{name: model_dir}``. The Nemotron ones are the CPU forms (``tiny_nemotron``): they load
+    with ``trust_remote_code``, which their caption variants turn on.
+    """
+    builders = {**_BUILDERS, **(_nemotron_builders() if nemotron else {})}
+    return {name: build(os.path.join(root, name), seed) for name, build in builders.items()}

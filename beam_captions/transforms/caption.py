@@ -1,4 +1,4 @@
-"""CaptionWindows: the Qwen-VL handler served every window that carries frames (``ServeWindows``)."""
+"""CaptionWindows: the video caption handler (Qwen-VL or Nemotron) served every window that carries frames (``ServeWindows``)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Optional
 
 import apache_beam as beam
 
-from beam_captions.inference.caption_handler import QwenVLCaptionHandler
+from beam_captions.inference.caption_handler import VideoCaptionHandler
 from beam_captions.transforms._inference import InferWindows
 
 __all__ = ["CaptionWindows"]
@@ -41,13 +41,13 @@ class CaptionWindows(beam.PTransform):
         trust_remote_code: bool = False,
         accelerator: Optional[str] = None,
         share_across_processes: bool = False,
-        handler: Optional[QwenVLCaptionHandler] = None,
+        handler: Optional[VideoCaptionHandler] = None,
     ):
         super().__init__()
         self.accelerator = accelerator
         if handler is None and not model_dir:
             raise ValueError("CaptionWindows needs model_dir (or a handler)")
-        self.handler = handler or QwenVLCaptionHandler(
+        self.handler = handler or VideoCaptionHandler(
             model_dir,
             model_variant=model_variant,
             prompt_variant=prompt_variant,

@@ -13,7 +13,7 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from beam_captions.inference.frame_bounds import DEFAULT_FRAME_BOUNDS, FrameBounds, model_frame_bounds
+from beam_captions.inference.frame_bounds import DEFAULT_FRAME_BOUNDS, FrameBounds, NemotronFrameSize, model_frame_bounds
 from beam_captions.media.decode import DecodedWindow, PreviewSpec, VideoInfo, iter_decode
 from beam_captions.metrics import count
 from beam_captions.records import ClipInfo, ClipRef, Failure, WindowRecord, failure_from_exception
@@ -34,7 +34,7 @@ class PrepareConfig:
     window_size: int = 256
     remainder_threshold: int = 128
     sampling_fps: float = 2.0
-    frame_bounds: FrameBounds = DEFAULT_FRAME_BOUNDS
+    frame_bounds: Union[FrameBounds, NemotronFrameSize] = DEFAULT_FRAME_BOUNDS
     preview: Optional[PreviewSpec] = None
     model_frames: bool = True
     max_frame_pixels: Optional[int] = DEFAULT_MAX_FRAME_PIXELS
@@ -147,9 +147,10 @@ class PrepareWindows(beam.PTransform):
     """``ClipRef`` -> ``ClipInfo`` + ``WindowRecord``s (frames resized to the model's bound) or ``Failure``.
 
     Example: ``clips | PrepareWindows(window_size=256, model_dir="models/captioner")``. Model frames
-    get the reference's bounds for ``model_variant``, tightened by the model directory's video
-    processor config, unless ``pixel_bounds`` is given (fixed per-frame ``(min, max)`` pixels, or
-    ``FrameBounds``).
+    get the sizes of ``model_variant``'s family (Qwen: the reference's bounds, tightened by the model
+    directory's video processor config; Nemotron: the checkpoint's frame size from its config.json),
+    unless ``pixel_bounds`` is given (fixed per-frame ``(min, max)`` pixels, ``FrameBounds`` or
+    ``NemotronFrameSize``).
     """
 
     def __init__(
@@ -160,7 +161,7 @@ class PrepareWindows(beam.PTransform):
         sampling_fps: float = 2.0,
         model_dir: Optional[str] = None,
         model_variant: str = "qwen2.5",
-        pixel_bounds: Union[tuple[int, int], FrameBounds, None] = None,
+        pixel_bounds: Union[tuple[int, int], FrameBounds, NemotronFrameSize, None] = None,
         preview: Optional[PreviewSpec] = None,
         model_frames: bool = True,
         max_frame_pixels: Optional[int] = DEFAULT_MAX_FRAME_PIXELS,
@@ -169,7 +170,7 @@ class PrepareWindows(beam.PTransform):
         super().__init__()
         if pixel_bounds is None:
             pixel_bounds = model_frame_bounds(model_dir, model_variant)
-        elif not isinstance(pixel_bounds, FrameBounds):
+        elif not isinstance(pixel_bounds, (FrameBounds, NemotronFrameSize)):
             pixel_bounds = FrameBounds(*pixel_bounds)
         self.config = PrepareConfig(
             window_size, remainder_threshold, sampling_fps, pixel_bounds, preview, model_frames,

@@ -92,14 +92,14 @@ def test_fp8_flag_still_quantizes_qwen(variant, captioner_dir):
     assert llm_kwargs(VideoCaptionHandler("m", model_variant=variant, fp8=True).settings)["quantization"] == "fp8"
 
 
-# (variant, extra flags, GPU GiB, fits): weights + activations + one 32k sequence within the share.
+# (variant, extra flags, GPU GiB, fits): weights + one 32k sequence within the share.
 MEMORY_CASES = [
     *[(v, [], GPU_80GB, True) for v in sorted(HUB_IDS)],  # every variant alone on an 80 GB card
     ("nemotron", [], GPU_24GB, False),  # 24 GB of bf16 weights
     ("nemotron-fp8", [], GPU_24GB, True),
     ("nemotron-nvfp4", [], GPU_24GB, True),
     ("nemotron-3-nano-omni", [], GPU_24GB, False),
-    ("qwen", [], GPU_24GB, False),
+    ("qwen", [], GPU_24GB, True),  # fits, with a warning about activations (below)
     ("qwen", ["--captioning-use-fp8-weights"], GPU_24GB, True),
     ("nemotron-3-nano-omni", ["--captioning-gpu-memory-share", "0.35"], GPU_80GB, False),  # 60 GB of weights
     ("nemotron", ["--captioning-gpu-memory-share", "0.35"], GPU_80GB, True),
@@ -127,6 +127,16 @@ def test_the_memory_check_covers_the_enhancer_beside_the_captioner(captioner_dir
     assert "Nemotron-3-Nano-Omni" in err and "(0.35 of 79.6 GiB)" in err
 
 
+def test_a_tight_fit_is_a_warning_not_a_refusal(captioner_dir, caplog):
+    """Qwen2.5-VL-7B in bf16 on a 24 GB card (the L4 of the Dataflow examples): weights and a 32k sequence fit
+    in 0.85 of it, the activation estimate on top may not; vLLM's profiling decides, so the job is not refused."""
+    with caplog.at_level("WARNING", logger="beam_captions.inference.gpu_budget"):
+        parse_args(["--input", "i", "--output", "o", "--generate-captions", "--model-dir", captioner_dir,
+                    "--gpu-memory-gib", str(GPU_24GB)])
+    (record,) = caplog.records
+    assert "Qwen2.5-VL-7B-Instruct needs about 17.2 GiB" in record.getMessage() and "activations" in record.getMessage()
+
+
 def test_weight_sizes_per_checkpoint():
     gb = {model_id: spec.weight_gib() * 2**30 / 1e9 for model_id, spec in MODEL_SPECS.items()}
     assert round(gb["nvidia/NVIDIA-Nemotron-Nano-12B-v2-VL-BF16"]) == 24
@@ -146,7 +156,7 @@ def test_each_engine_checks_its_own_gpu_before_loading(monkeypatch):
     monkeypatch.setattr(gpu_budget, "gpu_total_gib", lambda: None)  # no GPU: nothing to check
     check_engine_memory(settings, llm_kwargs(settings))
     monkeypatch.setattr(gpu_budget, "gpu_total_gib", lambda: GPU_24GB)
-    with pytest.raises(ValueError, match="Nemotron-3-Nano-Omni-30B-A3B-Reasoning-BF16 needs about 60"):
+    with pytest.raises(ValueError, match="Nemotron-3-Nano-Omni-30B-A3B-Reasoning-BF16 needs about 56"):
         check_engine_memory(settings, llm_kwargs(settings))
     fp8 = VideoCaptionHandler("m", model_variant="nemotron-fp8").settings
     check_engine_memory(fp8, llm_kwargs(fp8))

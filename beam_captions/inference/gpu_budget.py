@@ -7,8 +7,9 @@ The defaults fit Qwen2.5-VL-7B plus Qwen2.5-14B in bf16 on one 80 GB GPU with ro
 32k-token sequence each (see ``tests/test_gpu_budget.py``). The alternative is right fitting:
 give the two steps separate GPU workers (``--accelerator`` hints) and keep 0.85 for each.
 
-``check_share`` refuses a share that cannot hold a checkpoint's weights, its activations and the KV
-cache of one full sequence (``max_model_len``, 32k by default) on a GPU of a given size: the command
+``check_share`` refuses a share that cannot hold a checkpoint's weights and the KV cache of one full
+sequence (``max_model_len``, 32k by default) on a GPU of a given size, and warns when the estimated
+activations may not fit on top (vLLM's own profiling has the last word there): the command
 line runs it before the job with ``--gpu-memory-gib`` or this machine's GPU, and every engine runs it
 again on its worker's GPU before loading. Weight sizes are per checkpoint (a pre-quantized Nemotron
 checkpoint's precision is its own; ``fp8`` halves the bf16 Qwen weights, vLLM's on-the-fly fp8).
@@ -16,6 +17,7 @@ checkpoint's precision is its own; ``fp8`` halves the bf16 Qwen weights, vLLM's 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -23,6 +25,8 @@ __all__ = [
     "ModelSpec", "MODEL_SPECS", "memory_shares", "kv_token_capacity", "check_share", "gpu_total_gib",
     "SOLO_SHARE", "PAIR_SHARES", "MAX_TOTAL_SHARE",
 ]
+
+log = logging.getLogger(__name__)
 
 SOLO_SHARE = 0.85
 PAIR_SHARES = (0.35, 0.55)  # (captioner, enhancer) when both share a GPU
@@ -101,19 +105,28 @@ def check_share(
     model_id: Optional[str], gpu_gib: float, share: float, fp8: bool = False, tokens: int = SEQUENCE_TOKENS,
     flag: str = "--captioning-gpu-memory-share",
 ) -> None:
-    """Raise ``ValueError`` (one line) when ``share`` of a ``gpu_gib`` GPU cannot hold ``model_id``; unknown models pass."""
+    """Raise ``ValueError`` (one line) when ``share`` of a ``gpu_gib`` GPU cannot hold ``model_id``'s weights and
+    the KV cache of one ``tokens``-long sequence (vLLM would refuse to start); warn when the estimated activations
+    on top may not fit (an estimate: vLLM's profiling decides). Unknown models pass."""
     spec = MODEL_SPECS.get(model_id or "")
     if spec is None or gpu_gib <= 0:
         return
     need, have = required_gib(spec, fp8, tokens), gpu_gib * share
-    if need > have:
-        fits = need / gpu_gib
-        hint = f"raise {flag} to {fits:.2f}" if fits <= SOLO_SHARE else "use a larger GPU or a smaller checkpoint"
-        raise ValueError(
-            f"{model_id}{' (fp8)' if fp8 and spec.weight_gb is None else ''} needs about {need:.1f} GiB "
-            f"({spec.weight_gib(fp8):.1f} GiB weights + a {tokens}-token sequence) but gets {have:.1f} GiB "
-            f"({share} of {gpu_gib:.1f} GiB); {hint}"
-        )
+    hard = need - spec.activation_gib
+    if need <= have:
+        return
+    fits = (hard if hard > have else need) / gpu_gib
+    hint = f"raise {flag} to {fits:.2f}" if fits <= SOLO_SHARE else "use a larger GPU or a smaller checkpoint"
+    message = (
+        f"{model_id}{' (fp8)' if fp8 and spec.weight_gb is None else ''} needs about {hard:.1f} GiB "
+        f"({spec.weight_gib(fp8):.1f} GiB weights + a {tokens}-token sequence)"
+    )
+    if hard > have:
+        raise ValueError(f"{message} but gets {have:.1f} GiB ({share} of {gpu_gib:.1f} GiB); {hint}")
+    log.warning(
+        "%s, and about %.1f GiB of activations on top, in %.1f GiB (%s of %.1f GiB): it may not start; %s",
+        message, spec.activation_gib, have, share, gpu_gib, hint,
+    )
 
 
 def gpu_total_gib() -> Optional[float]:

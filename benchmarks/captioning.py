@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from beam_captions.inference.caption_handler import QwenVLCaptionHandler
+from beam_captions.inference.caption_handler import VideoCaptionHandler
 from beam_captions.inference.engine import Engine
 from beam_captions.inference.frame_bounds import model_frame_bounds
 from beam_captions.media.decode import PreviewSpec
@@ -25,9 +25,9 @@ from common import MAX_OUTPUT_TOKENS
 BATCH_SIZE = 8  # the job's default --captioning-batch-size
 
 
-def make_handler(model_dir: str, vllm_kwargs: dict[str, Any], batch_size: int = BATCH_SIZE) -> QwenVLCaptionHandler:
+def make_handler(model_dir: str, vllm_kwargs: dict[str, Any], batch_size: int = BATCH_SIZE) -> VideoCaptionHandler:
     """The handler ``run_job`` builds for ``job_flags(...)`` (equal engine settings, so a shared engine)."""
-    return QwenVLCaptionHandler(
+    return VideoCaptionHandler(
         model_dir,
         model_variant="qwen",
         caption_batch_size=batch_size,
@@ -37,7 +37,7 @@ def make_handler(model_dir: str, vllm_kwargs: dict[str, Any], batch_size: int = 
     )
 
 
-def warm_handler(model_dir: str, vllm_kwargs: dict[str, Any]) -> tuple[QwenVLCaptionHandler, Engine, float]:
+def warm_handler(model_dir: str, vllm_kwargs: dict[str, Any]) -> tuple[VideoCaptionHandler, Engine, float]:
     """The handler, its loaded engine and the seconds loading took (0 when it was already loaded)."""
     handler = make_handler(model_dir, vllm_kwargs)
     start = time.perf_counter()

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, ContextManager
 
-from beam_captions.inference.caption_handler import QwenVLCaptionHandler, video_input
+from beam_captions.inference.caption_handler import VideoCaptionHandler, video_input
 from beam_captions.inference.engine import Engine
 from beam_captions.records import WindowRecord
 
@@ -28,7 +28,7 @@ def _batches(items: Sequence, size: int) -> list[Sequence]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def handler_rate(handler: QwenVLCaptionHandler, engine: Engine, records: list[WindowRecord], batch: int) -> float:
+def handler_rate(handler: VideoCaptionHandler, engine: Engine, records: list[WindowRecord], batch: int) -> float:
     """Windows per second through ``handler.run_inference``; raises if a window failed."""
     start = time.perf_counter()
     for part in _batches(records, batch):

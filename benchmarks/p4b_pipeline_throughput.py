@@ -21,7 +21,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.ml.inference.base import RunInference
 
-from beam_captions.inference.caption_handler import QwenVLCaptionHandler, video_input
+from beam_captions.inference.caption_handler import VideoCaptionHandler, video_input
 from beam_captions.records import WindowRecord
 from beam_captions.transforms.caption import CaptionWindows
 
@@ -71,10 +71,10 @@ def run(clip: str, windows: int, repeats: int, model_dir: str, vllm_kwargs: dict
         "P4b", "pipeline captions windows/s / vLLM all-at-once windows/s (continuous-batching ceiling)",
         "windows/s", (">=", 0.85),
     )
-    handler = QwenVLCaptionHandler(
+    handler = VideoCaptionHandler(
         model_dir, max_output_tokens=MAX_TOKENS, caption_batch_size=max(64, windows), vllm_kwargs=vllm_kwargs
     )
-    old_handler = QwenVLCaptionHandler(
+    old_handler = VideoCaptionHandler(
         model_dir, max_output_tokens=MAX_TOKENS, caption_batch_size=OLD_BATCH, vllm_kwargs=vllm_kwargs
     )
     engine = handler.load_model().start()

@@ -23,7 +23,7 @@ from io import StringIO
 from typing import Any, Optional
 
 from beam_captions.cli import run_job
-from beam_captions.inference.caption_handler import QwenVLCaptionHandler, video_input
+from beam_captions.inference.caption_handler import VideoCaptionHandler, video_input
 
 from captioning import prepare_config, prepared_windows
 from common import Figure, clip_folder, gpu_name, interleaved, median_ratio
@@ -77,7 +77,7 @@ def run(clip: str, copies: int, repeats: int, model_dir: str, vllm_kwargs: dict[
     card = gpu_name()
     figure = Figure("P6", f"job windows/s / raw vLLM all-at-once windows/s ({card or 'CPU path, no GPU'})",
                     "windows/s", (">=", 0.85))
-    handler = QwenVLCaptionHandler(model_dir, max_output_tokens=MAX_TOKENS, vllm_kwargs=vllm_kwargs)
+    handler = VideoCaptionHandler(model_dir, max_output_tokens=MAX_TOKENS, vllm_kwargs=vllm_kwargs)
     start = time.perf_counter()
     engine = handler.load_model().start()
     load_s = time.perf_counter() - start

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from beam_captions.inference.caption_handler import QwenVLCaptionHandler, video_input
+from beam_captions.inference.caption_handler import VideoCaptionHandler, video_input
 from beam_captions.inference.engine import release_engines
 from beam_captions.inference.frame_bounds import model_frame_bounds
 from beam_captions.prompts import CAPTION_PROMPTS, caption_prompt
@@ -26,7 +26,7 @@ def window(index: int, frames: int = 4, size: int = 56) -> WindowRecord:
 
 @pytest.fixture(scope="module")
 def engine(captioner_dir):
-    return QwenVLCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS).load_model()
+    return VideoCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS).load_model()
 
 
 @pytest.mark.parametrize("variant", sorted(CAPTION_PROMPTS) + ["custom"])
@@ -47,7 +47,7 @@ def test_video_metadata_matches_the_frames(engine):
 
 
 def test_real_engine_captions_and_stage2_sees_the_stage1_caption(engine, captioner_dir):
-    handler = QwenVLCaptionHandler(
+    handler = VideoCaptionHandler(
         captioner_dir, vllm_kwargs=VLLM_KWARGS, generate_stage2_caption=True,
         stage2_prompt_text="Refine this:\n", max_output_tokens=16,
     )
@@ -71,7 +71,7 @@ def test_one_failing_window_does_not_sink_its_batch():
             raise RuntimeError("CUDA error: device-side assert")
         return [r.replace(frames=None, caption=f"caption {r.window_index}") for r in batch]
 
-    handler = QwenVLCaptionHandler("unused", inference_fn=flaky)
+    handler = VideoCaptionHandler("unused", inference_fn=flaky)
     results = list(handler.run_inference([window(i) for i in range(4)], SimpleNamespace(name="m", start=lambda: None)))
     assert calls == [[0, 1, 2, 3], [0], [1], [2], [3]]
     assert [r.caption for r, _ in results] == ["caption 0", "caption 1", None, "caption 3"]
@@ -87,14 +87,14 @@ def test_empty_caption_is_kept_flagged_and_recorded_as_a_failure(engine):
     )
     broken = SimpleNamespace(name="m", start=lambda: None, render_chat=engine.render_chat,
                              generate=lambda inputs, params: [blank] * len(inputs))
-    (record, failure), = QwenVLCaptionHandler("unused").run_inference([window(0)], broken)
+    (record, failure), = VideoCaptionHandler("unused").run_inference([window(0)], broken)
     assert record.caption == "" and record.caption_check.flags == ("empty",)
     assert record.caption_prompt_tokens == 3
     assert failure.stage == "caption" and "empty caption" in failure.message
 
 
 def test_finish_reason_and_token_count_come_from_the_engine(engine, captioner_dir):
-    handler = QwenVLCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, max_output_tokens=6)
+    handler = VideoCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, max_output_tokens=6)
     (record, failure), = handler.run_inference([window(3)], engine)
     assert failure is None
     check = record.caption_check
@@ -102,23 +102,23 @@ def test_finish_reason_and_token_count_come_from_the_engine(engine, captioner_di
     text = video_input(engine, window(3), caption_prompt("default"))["prompt"]
     video_tokens = 2 * (56 // 28) ** 2  # 4 frames of 56x56: 2 frame pairs of 2x2 merged patches
     assert record.caption_prompt_tokens == len(engine.tokenizer.encode(text)) - 1 + video_tokens
-    long = QwenVLCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, max_output_tokens=40)
+    long = VideoCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, max_output_tokens=40)
     (record, _), = long.run_inference([window(3)], engine)
     assert record.caption_check.num_tokens == 40 and len(record.caption) > 0
 
 
 def test_retry_flagged_generates_again_with_new_seed_and_penalty(engine, captioner_dir):
-    handler = QwenVLCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, max_output_tokens=6, retry_flagged=True)
+    handler = VideoCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, max_output_tokens=6, retry_flagged=True)
     with spying_on(engine) as calls:
         results = list(handler.run_inference([window(0), window(1)], engine))
     assert [(len(i), p.seed, p.repetition_penalty) for i, p in calls] == [(2, None, 1.05), (2, 1, 1.3)]  # every tiny-model caption hits the limit, so all are retried
     assert all(record.caption_retried and record.caption for record, _ in results)
-    plain = QwenVLCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, max_output_tokens=6)
+    plain = VideoCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, max_output_tokens=6)
     assert not any(record.caption_retried for record, _ in plain.run_inference([window(0)], engine))
 
 
 def test_batching_follows_the_batch_size_and_counts_frame_bytes():
-    handler = QwenVLCaptionHandler("unused", caption_batch_size=3)
+    handler = VideoCaptionHandler("unused", caption_batch_size=3)
     assert handler.batch_elements_kwargs() == {"min_batch_size": 3, "max_batch_size": 3}
     assert handler.get_num_bytes([window(0), window(1)]) == 2 * 4 * 56 * 56 * 3
 
@@ -126,7 +126,7 @@ def test_batching_follows_the_batch_size_and_counts_frame_bytes():
 def test_qwen3_vl_goes_through_the_same_handler(tiny_models):
     qwen3_dir = tiny_models["captioner-qwen3"]
     assert model_frame_bounds(qwen3_dir, "qwen3").pixels(4) == (32 * 32 * 32 // 4,) * 2  # its clip bound, shared
-    handler = QwenVLCaptionHandler(qwen3_dir, model_variant="qwen3", vllm_kwargs=VLLM_KWARGS, max_output_tokens=12)
+    handler = VideoCaptionHandler(qwen3_dir, model_variant="qwen3", vllm_kwargs=VLLM_KWARGS, max_output_tokens=12)
     engine = handler.load_model()
     try:
         results = list(handler.run_inference([window(0, size=64), window(1, frames=6, size=64)], engine))
@@ -145,7 +145,7 @@ def test_out_of_memory_halves_the_batch_before_giving_up():
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return [r.replace(frames=None, caption="ok") for r in batch]
 
-    handler = QwenVLCaptionHandler("unused", inference_fn=tight)
+    handler = VideoCaptionHandler("unused", inference_fn=tight)
     results = list(handler.run_inference([window(i) for i in range(8)], SimpleNamespace(name="m", start=lambda: None)))
     assert sizes == [8, 4, 2, 2, 4, 2, 2]
     assert [r.caption for r, f in results] == ["ok"] * 8 and all(f is None for _, f in results)
@@ -165,5 +165,5 @@ def test_a_dead_engine_is_started_again_and_the_batch_retried():
         state["alive"], state["restarts"] = True, state["restarts"] + 1
 
     engine = SimpleNamespace(name="m", start=lambda: None, restart=restart)
-    results = list(QwenVLCaptionHandler("unused", inference_fn=fragile).run_inference([window(0), window(1)], engine))
+    results = list(VideoCaptionHandler("unused", inference_fn=fragile).run_inference([window(0), window(1)], engine))
     assert state["restarts"] == 1 and [r.caption for r, f in results] == ["back", "back"]

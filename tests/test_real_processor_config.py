@@ -11,7 +11,7 @@ from pathlib import Path
 
 from clips import make_clip
 
-from beam_captions.inference.caption_handler import QwenVLCaptionHandler, video_input
+from beam_captions.inference.caption_handler import VideoCaptionHandler, video_input
 from beam_captions.inference.engine import release_engines
 from beam_captions.inference.tiny_models import with_real_processor_config
 from beam_captions.prompts import caption_prompt
@@ -33,7 +33,7 @@ def test_1080p_and_4k_windows_cost_what_the_reference_spends(tmp_path: Path, tin
         records += [r for r in prepare_clip(ClipRef.from_source(clip), config) if isinstance(r, WindowRecord)]
     assert [r.frames.shape for r in records] == [(8, REFERENCE_SIZE[1], REFERENCE_SIZE[0], 3)] * 2
 
-    handler = QwenVLCaptionHandler(real, vllm_kwargs=LONG_CONTEXT, max_output_tokens=8)
+    handler = VideoCaptionHandler(real, vllm_kwargs=LONG_CONTEXT, max_output_tokens=8)
     engine = handler.load_model()
     try:
         text_tokens = len(engine.tokenizer.encode(video_input(engine, records[0], caption_prompt("default"))["prompt"]))

@@ -549,7 +549,7 @@ def test_an_engine_shared_across_processes_is_used_through_its_proxy(in_memory_r
     from apache_beam.ml.inference.base import RunInference
     from apache_beam.testing.util import assert_that, equal_to
 
-    from beam_captions.inference.caption_handler import QwenVLCaptionHandler
+    from beam_captions.inference.caption_handler import VideoCaptionHandler
     from beam_captions.records import WindowRecord
 
     rng = np.random.default_rng(0)
@@ -559,7 +559,7 @@ def test_an_engine_shared_across_processes_is_used_through_its_proxy(in_memory_r
                      frames=rng.integers(0, 255, (4, 56, 56, 3), dtype=np.uint8))
         for i in range(4)
     ]
-    handler = QwenVLCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, max_output_tokens=8,
+    handler = VideoCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, max_output_tokens=8,
                                    caption_batch_size=2, share_across_processes=True)
     assert handler.share_model_across_processes()
     with beam.Pipeline() as pipeline:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
-from beam_captions.inference.caption_handler import QwenVLCaptionHandler, video_input
+from beam_captions.inference.caption_handler import VideoCaptionHandler, video_input
 from beam_captions.inference.engine import Engine, EngineSettings
 from beam_captions.records import Failure, WindowRecord
 from beam_captions.transforms.caption import CaptionWindows
@@ -30,7 +30,7 @@ def window(index: int, frames: int = 4, size: int = 56) -> WindowRecord:
 
 @pytest.fixture(scope="module")
 def handler(captioner_dir):
-    return QwenVLCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS)
+    return VideoCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS)
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def _slow_caption(engine, batch, request):
     return [r.replace(frames=None, caption=f"c{r.window_index}") for r in batch]
 
 
-class _NoEngineHandler(QwenVLCaptionHandler):
+class _NoEngineHandler(VideoCaptionHandler):
     def load_model(self):
         return SimpleNamespace(name="m", start=lambda: None)
 
@@ -133,7 +133,7 @@ def test_two_threads_that_see_one_death_restart_the_engine_once(monkeypatch):
     monkeypatch.setattr(vllm, "AsyncEngineArgs", dict)
     monkeypatch.setattr(vllm.AsyncLLMEngine, "from_engine_args", lambda args: FakeAsync())
     engine = Engine(EngineSettings(model_dir="fake-model", extra={"model": "fake-model"}))
-    handler = QwenVLCaptionHandler("fake-model", inference_fn=lambda e, batch, request: [
+    handler = VideoCaptionHandler("fake-model", inference_fn=lambda e, batch, request: [
         r.replace(frames=None, caption=e.generate([{}], None)[0].outputs[0].text) for r in batch])
     monkeypatch.setattr("beam_captions.inference.engine._final_only", lambda params: params)
     engine.start()
@@ -151,7 +151,7 @@ def test_two_threads_that_see_one_death_restart_the_engine_once(monkeypatch):
 
 def test_windows_reach_an_engine_shared_across_processes(captioner_dir, handler):
     """share_model_across_processes: ServeWindows talks to the engine through Beam's proxy."""
-    shared = QwenVLCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, share_across_processes=True)
+    shared = VideoCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, share_across_processes=True)
     assert shared.share_model_across_processes()
     with beam.Pipeline() as pipeline:
         out = (

@@ -7,7 +7,6 @@ Example::
 
 What differs between model families (chat turns, template switches, vLLM settings) comes from the
 variant's ``CaptionFamily`` (``beam_captions.inference.variants``); the rest is the same for all.
-``QwenVLCaptionHandler`` is the same class under its first name.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from beam_captions.quality import CaptionCheck, better_caption, check_caption
 from beam_captions.records import WindowRecord
 
 __all__ = [
-    "CaptionRequest", "Generated", "QwenVLCaptionHandler", "VideoCaptionHandler", "caption_batch", "generate_checked",
+    "CaptionRequest", "Generated", "VideoCaptionHandler", "caption_batch", "generate_checked",
     "strip_reasoning", "video_input",
 ]
 
@@ -240,5 +239,3 @@ class VideoCaptionHandler(VLLMWindowHandler):
     def get_num_bytes(self, batch: Sequence[WindowRecord]) -> int:
         return sum(r.frames.nbytes for r in batch if isinstance(r, WindowRecord) and r.frames is not None)
 
-
-QwenVLCaptionHandler = VideoCaptionHandler  # the name it had when Qwen-VL was the only family

@@ -22,7 +22,7 @@ from beam_captions.transforms.prepare import PrepareConfig, prepare_clip
 
 from common import MAX_OUTPUT_TOKENS
 
-BATCH_SIZE = 8  # the job's default --captioning-batch-size
+BATCH_SIZE = 8  # P4's batches (RunInference-style calls); P3's job runs with this --captioning-batch-size too
 
 
 def make_handler(model_dir: str, vllm_kwargs: dict[str, Any], batch_size: int = BATCH_SIZE) -> VideoCaptionHandler:

@@ -161,3 +161,13 @@ def test_windows_reach_an_engine_shared_across_processes(captioner_dir, handler)
             | beam.Map(lambda r: (r.window_index, bool(r.caption), r.caption_model, r.frames is None))
         )
         assert_that(out, equal_to([(i, True, "captioner", True) for i in range(3)]))
+
+
+def test_each_bound_is_its_own_for_one_engine():
+    """Two steps on one engine with different in-flight bounds keep their own (the first does not win)."""
+    from beam_captions.transforms._inference import _slots_for
+
+    small, large = _slots_for("engine-x", 2), _slots_for("engine-x", 5)
+    assert small is _slots_for("engine-x", 2) and small is not large
+    assert [small.free.acquire(blocking=False) for _ in range(3)] == [True, True, False]
+    assert all(large.free.acquire(blocking=False) for _ in range(5))

@@ -43,7 +43,8 @@ def _digest(key: str) -> str:
 
 
 def _slots_for(key: str, bound: int) -> _Slots:
-    """One bound per engine per process, shared by every DoFn instance (thread) of the process."""
+    """One bound per engine (and bound) per process, shared by every DoFn instance (thread) of the process."""
+    key = f"{key}:{bound}"
     with _slots_lock:
         if key not in _slots:
             _slots[key] = _Slots(threading.BoundedSemaphore(bound), ThreadPoolExecutor(bound, "serve-window"))

@@ -67,6 +67,10 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
     from beam_captions.summary import format_summary
 
     config, beam_args = parse_args(argv)
+    if not (config.generate_captions or config.generate_previews):
+        print("beam-captions: error: nothing to make: give --generate-captions and/or --generate-previews",
+              file=sys.stderr)
+        raise SystemExit(2)
     beam_args = local_beam_args(beam_args, config.local_workers, config.streaming)
     if config.streaming:
         beam_args = [*beam_args, "--streaming"]

@@ -127,3 +127,56 @@ def test_captions_asked_of_a_previews_only_output_are_made_and_the_previews_kept
     counts = run_job(captions + ["--captioning-prompt-text", "Say one word."], release_models=False)
     assert counts["clips_extended"] == 2  # another prompt: captions redone, previews still kept
     assert all(r["preview"] for name in ("a.mp4", "b.mp4") for r in rows_of(out, str(clips / name)))
+
+
+def window_record(source: str, index: int, version, **fields):
+    from beam_captions.records import WindowRecord
+
+    return WindowRecord(clip_id_for(source), source, index, index * 16, index * 16 + 15, index * 1.6, index * 1.6 + 1.6,
+                        (index * 16, index * 16 + 15), source_version=version, **fields)
+
+
+def info(source: str, windows: int, version):
+    from beam_captions.records import ClipInfo
+
+    return ClipInfo(clip_id_for(source), source, 96, 64, 10.0, windows * 16, "h264", windows * 1.6, windows,
+                    source_version=version)
+
+
+def test_a_previews_run_keeps_the_captions_of_the_same_version_and_never_mixes_in_another(tmp_path):
+    from beam_captions.transforms.write import write_clip
+
+    out, source = str(tmp_path), "/videos/a.mp4"
+    captions, previews = {"captions": {"model": "m"}}, {"previews": {"height": 32}}
+    write_clip(out, clip_id_for(source), [window_record(source, i, (10, 1.0), caption=f"c{i}", caption_model="m")
+                                          for i in range(2)] + [info(source, 2, (10, 1.0))], asked=captions)
+    write_clip(out, clip_id_for(source), [window_record(source, i, (10, 1.0), preview_uri=f"{out}/p{i}.webp")
+                                          for i in range(2)] + [info(source, 2, (10, 1.0))], asked=previews)
+    rows = rows_of(out, source)
+    assert [(r["caption"], r["caption_model"], r["preview"]) for r in rows] == [
+        ("c0", "m", f"{out}/p0.webp"), ("c1", "m", f"{out}/p1.webp")]
+    assert meta(out, source)["outputs"] == {**captions, **previews}
+    # the source changed: nothing of the old version is kept
+    write_clip(out, clip_id_for(source), [window_record(source, 0, (11, 2.0), preview_uri=f"{out}/p0.webp"),
+                                          info(source, 1, (11, 2.0))], asked=previews)
+    assert [(r["caption"], r["preview"]) for r in rows_of(out, source)] == [(None, f"{out}/p0.webp")]
+    assert meta(out, source)["outputs"] == previews
+
+
+def test_an_incomplete_write_never_replaces_a_done_clip_of_the_same_version(tmp_path):
+    from beam_captions.records import Failure
+    from beam_captions.transforms.write import write_clip
+
+    out, source, asked = str(tmp_path), "/videos/a.mp4", {"captions": {"model": "m"}}
+    complete = [window_record(source, i, (10, 1.0), caption=f"c{i}") for i in range(2)] + [info(source, 2, (10, 1.0))]
+    assert write_clip(out, clip_id_for(source), complete, asked=asked)
+    before = open(os.path.join(out, "metas", f"{clip_id_for(source)}.json"), "rb").read()
+    late = [window_record(source, 0, (10, 1.0), caption="late"),
+            Failure(source, clip_id_for(source), "write", "RuntimeError", "incomplete")]
+    assert not write_clip(out, clip_id_for(source), late, asked=asked)
+    assert open(os.path.join(out, "metas", f"{clip_id_for(source)}.json"), "rb").read() == before
+    assert failures_of(out, source) == [] and [r["caption"] for r in rows_of(out, source)] == ["c0", "c1"]
+    # a new version of the source is not a duplicate: its result is written, failed or not
+    assert write_clip(out, clip_id_for(source), [window_record(source, 0, (12, 3.0), caption="new"),
+                                                 Failure(source, clip_id_for(source), "write", "E", "m")], asked=asked)
+    assert meta(out, source)["status"] == "failed" and failures_of(out, source)

@@ -1,7 +1,8 @@
 """``beam-captions``: run a caption job.
 
-Also ``beam-captions tiny-models DIR`` (tiny offline test models) and ``beam-captions sample-clips DIR``
-(real sample clips, with one broken file to show failure records).
+Also ``beam-captions tiny-models DIR`` (tiny offline test models), ``beam-captions sample-clips DIR``
+(real sample clips, with one broken file to show failure records) and ``beam-captions gallery OUT``
+(the review gallery of any output, local or gs://).
 """
 
 from __future__ import annotations
@@ -48,6 +49,26 @@ def _sample_clips(argv: Sequence[str]) -> int:
     return 0
 
 
+def _gallery(argv: Sequence[str]) -> int:
+    import argparse
+
+    from beam_captions.io.gallery import write_gallery
+
+    parser = argparse.ArgumentParser(
+        prog="beam-captions gallery",
+        description="Build the review gallery (index.html, index-2.html, ...) of an output root, local or gs://; "
+        "metas and failure records are read on 16 threads.",
+    )
+    parser.add_argument("output", help="the output root of a run (local or gs://)")
+    parser.add_argument("--clips-per-page", type=int, default=50)
+    args = parser.parse_args(argv)
+    if args.clips_per_page < 1:
+        parser.exit(2, f"{parser.prog}: error: --clips-per-page must be at least 1\n")
+    started = time.monotonic()
+    print(f"{write_gallery(args.output, args.clips_per_page)}  ({time.monotonic() - started:.1f} s)")
+    return 0
+
+
 def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
     """Parse ``argv``, run the job to completion, print the summary; returns the run's counters.
 
@@ -67,6 +88,10 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
     from beam_captions.summary import format_summary
 
     config, beam_args = parse_args(argv)
+    if not (config.generate_captions or config.generate_previews):
+        print("beam-captions: error: nothing to make: give --generate-captions and/or --generate-previews",
+              file=sys.stderr)
+        raise SystemExit(2)
     beam_args = local_beam_args(beam_args, config.local_workers, config.streaming)
     if config.streaming:
         beam_args = [*beam_args, "--streaming"]
@@ -78,7 +103,7 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
         if release_models:
             release_engines()
         counts = counters(result) if result is not None else progress.snapshot()
-        gallery = write_gallery(config.output)
+        gallery = write_gallery(config.output) if config.gallery else "not written (--no-gallery)"
         print(format_summary(counts, config.output, time.monotonic() - started))
         print(f"  gallery          {gallery}", flush=True)
         return counts
@@ -151,7 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    commands = {"tiny-models": _tiny_models, "sample-clips": _sample_clips}
+    commands = {"tiny-models": _tiny_models, "sample-clips": _sample_clips, "gallery": _gallery}
     if argv[:1] and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     run_job(argv)

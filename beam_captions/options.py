@@ -38,6 +38,8 @@ class JobConfig:
     watch_interval_seconds: float = 10.0
     window_seconds: float = 60.0
     skip_existing: bool = True
+    retry_failed: bool = True
+    gallery: bool = True
     max_frame_pixels: int = 8192 * 4320
     clip_time_budget_seconds: float = 900.0
     trust_remote_code: bool = False
@@ -107,7 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="streaming: Parquet rows are written per event-time window of this length")
 
     io.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=True,
-                    help="skip clips an earlier run finished (their metas file exists); on by default")
+                    help="skip clips an earlier run finished: done for the outputs asked (same models and "
+                         "prompts) and the source unchanged (size, mtime); on by default")
+    io.add_argument("--retry-failed", action=argparse.BooleanOptionalAction, default=True,
+                    help="with --skip-existing, try clips that failed in an earlier run again; on by default")
+    io.add_argument("--gallery", action=argparse.BooleanOptionalAction, default=True,
+                    help="write the review gallery (OUT/index.html) at the end of a local run; on by default")
     io.add_argument("--max-frame-pixels", type=int, default=8192 * 4320,
                     help="refuse clips whose frames are larger (default 8K: 8192x4320)")
     io.add_argument("--clip-time-budget-seconds", type=float, default=900.0,

@@ -15,7 +15,32 @@ from beam_captions.transforms.notifications import ClipsFromNotifications
 from beam_captions.transforms.read import ReadClips, WatchClips
 from beam_captions.transforms.write import SkipFinishedClips, WriteOutputs
 
-__all__ = ["build_pipeline"]
+__all__ = ["asked_outputs", "build_pipeline"]
+
+
+def asked_outputs(config: JobConfig) -> dict:
+    """What this run makes for each clip, and with what (models, prompts, settings): a clip's metas
+    records it as ``outputs``, and ``--skip-existing`` skips a clip only if it has all of it."""
+    windows = {"window_size": config.captioning_window_size,
+               "remainder_threshold": config.captioning_remainder_threshold}
+    asked: dict = {}
+    if config.generate_previews:
+        asked["previews"] = {**windows, "fps": config.preview_target_fps, "height": config.preview_target_height,
+                             "quality": config.preview_quality, "compression_level": config.preview_compression_level}
+    if config.generate_captions:
+        asked["captions"] = {**windows, "model": config.model_dir, "algorithm": config.captioning_algorithm,
+                             "prompt_variant": config.captioning_prompt_variant,
+                             "prompt_text": config.captioning_prompt_text,
+                             "sampling_fps": config.captioning_sampling_fps,
+                             "max_output_tokens": config.captioning_max_output_tokens}
+        if config.captioning_stage2_caption:
+            asked["stage2"] = {"prompt_text": config.captioning_stage2_prompt_text}
+        if config.enhance_captions:
+            asked["enhancement"] = {"model": config.enhance_captions_model_dir,
+                                    "algorithm": config.enhance_captions_algorithm,
+                                    "prompt_variant": config.enhance_captions_prompt_variant,
+                                    "prompt_text": config.enhance_captions_prompt_text}
+    return asked
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
@@ -25,6 +50,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         if config.generate_previews
         else None
     )
+    asked = asked_outputs(config)
     if config.input_subscription:
         clips = pipeline | "ClipsFromNotifications" >> ClipsFromNotifications(config.input_subscription)
     elif config.streaming:
@@ -33,7 +59,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         clips = pipeline | "ReadClips" >> ReadClips(config.input)
     elements = (
         clips
-        | "SkipFinished" >> (SkipFinishedClips(config.output) if config.skip_existing else beam.Map(lambda clip: clip))
+        | "SkipFinished" >> SkipFinishedClips(config.output, asked, config.skip_existing, config.retry_failed)
         | "PrepareWindows" >> PrepareWindows(
             window_size=config.captioning_window_size,
             remainder_threshold=config.captioning_remainder_threshold,
@@ -93,4 +119,5 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     elements | "WriteOutputs" >> WriteOutputs(
         config.output,
         window_seconds=config.window_seconds if config.streaming else None,
+        asked=asked,
     )

@@ -32,6 +32,7 @@ class ClipRef:
     source: str
     clip_id: str
     found_at: Optional[float] = None  # event time (s since the epoch) a streaming source saw the clip
+    version: Optional[tuple[int, float]] = None  # (size in bytes, last modified s) of the source when listed
 
     @classmethod
     def from_source(cls, source: str, found_at: Optional[float] = None) -> "ClipRef":
@@ -53,6 +54,7 @@ class ClipInfo:
     num_windows: int
     warnings: tuple[str, ...] = ()
     found_at: Optional[float] = None
+    source_version: Optional[tuple[int, float]] = None  # the ``ClipRef.version`` that was decoded
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class WindowRecord:
     caption_model: Optional[str] = None
     enhance_model: Optional[str] = None
     prompt_variant: Optional[str] = None
+    source_version: Optional[tuple[int, float]] = None  # the ``ClipRef.version`` that was decoded
 
     @property
     def num_sampled_frames(self) -> int:
@@ -112,6 +115,7 @@ class Failure:
     window_index: Optional[int] = None
     windows_before: int = 0  # windows a clip had already given when its ``prepare`` step failed
     found_at: Optional[float] = None  # the clip's event time, on ``prepare`` failures (streaming)
+    source_version: Optional[tuple[int, float]] = None  # on ``prepare`` failures: the version that failed
 
     def replace(self, **changes) -> "Failure":
         return dataclasses.replace(self, **changes)

@@ -12,10 +12,15 @@ def format_summary(counts: dict[str, int], output: str, seconds: float) -> str:
     flagged = ", ".join(f"{name[len('flagged_'):]} {n}" for name, n in sorted(counts.items()) if name.startswith("flagged_"))
     captions = counts.get("captions", 0)
     prompt_tokens = counts.get("caption_prompt_tokens", 0)
+    redone = sum(counts.get(name, 0) for name in ("clips_retried", "clips_replaced", "clips_extended"))
     lines = [
         f"beam-captions finished in {seconds:.1f} s",
         f"  clips found      {counts.get('clips_found', 0)}",
         f"  clips skipped    {counts.get('clips_skipped', 0)} (finished by an earlier run)",
+        *([f"  clips redone     {redone} (failed before {counts.get('clips_retried', 0)}, source replaced "
+           f"{counts.get('clips_replaced', 0)}, outputs missing {counts.get('clips_extended', 0)})"] if redone else []),
+        *([f"  duplicates       {counts['duplicates_dropped']} late elements of written clips dropped"]
+          if counts.get("duplicates_dropped") else []),
         f"  clips failed     {counts.get('clips_failed', 0)}",
         f"  windows          {counts.get('windows', 0)}",
         f"  captions         {captions} ({captions / seconds if seconds > 0 else 0:.2f}/s)",

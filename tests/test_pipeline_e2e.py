@@ -136,6 +136,7 @@ def test_a_rerun_over_finished_clips_loads_no_model(job, tiny_models, captioner_
 
     monkeypatch.setattr(engine, "_engines", {})
     monkeypatch.setattr(vllm.AsyncLLMEngine, "from_engine_args", refuse)
-    counts = run_job(job_argv(out, tiny_models, captioner_dir, real_clips_dir), release_models=False)
+    counts = run_job(job_argv(out, tiny_models, captioner_dir, real_clips_dir) + ["--no-retry-failed"],
+                     release_models=False)
     assert counts["clips_skipped"] == 4 and counts.get("windows", 0) == 0
     assert pq.read_table(os.path.join(out, "captions")).num_rows == len(rows)

@@ -118,3 +118,70 @@ def test_a_clip_delivered_twice_is_written_once(tmp_path):
     rows = pq.read_table(str(tmp_path / "captions")).to_pylist()
     assert [r["window_index"] for r in rows] == [0, 1]
     assert len(json.load(open(glob.glob(str(tmp_path / "metas" / "*.json"))[0]))["windows"]) == 2
+
+
+def streaming_options() -> PipelineOptions:
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    return options
+
+
+def test_a_late_partial_duplicate_never_overwrites_the_written_clip(tmp_path):
+    """Issue 14 §3: a clip delivered twice (two notifications, a re-list) through the pipeline: the second,
+    partial delivery (one window with another caption, no ClipInfo) is flushed at drain and must not
+    replace the complete result."""
+    out = str(tmp_path)
+    complete = clip_elements("twice", 3, T0 + 5)
+    duplicate = [complete[0].replace(caption="from the duplicate")]
+    stream = (
+        TestStream()
+        .advance_watermark_to(T0)
+        .add_elements([TimestampedValue(e, T0 + 5) for e in complete])
+        .advance_watermark_to(T0 + 120)
+        .add_elements([TimestampedValue(e, T0 + 125) for e in duplicate])
+        .advance_watermark_to_infinity()
+    )
+    with TestPipeline(options=streaming_options()) as p:
+        p | stream | WriteOutputs(out, window_seconds=60)
+    rows = pq.read_table(os.path.join(out, "captions")).to_pylist()
+    assert [r["caption"] for r in rows] == ["twice 0", "twice 1", "twice 2"]
+    (meta_file,) = glob.glob(os.path.join(out, "metas", "*.json"))
+    document = json.load(open(meta_file))
+    assert document["status"] == "done" and document["errors"] == [] and len(document["windows"]) == 3
+    assert glob.glob(os.path.join(out, "failures", "*")) == []
+
+
+def test_a_complete_duplicate_rewrites_nothing_different(tmp_path):
+    out = str(tmp_path)
+    elements = clip_elements("again", 2, T0 + 5)
+    stream = (
+        TestStream()
+        .advance_watermark_to(T0)
+        .add_elements([TimestampedValue(e, T0 + 5) for e in elements])
+        .advance_watermark_to(T0 + 120)
+        .add_elements([TimestampedValue(e, T0 + 125) for e in elements[::-1]])
+        .advance_watermark_to_infinity()
+    )
+    with TestPipeline(options=streaming_options()) as p:
+        p | stream | WriteOutputs(out, window_seconds=60)
+    files = sorted(os.path.relpath(f, out) for f in glob.glob(os.path.join(out, "**", "*.*"), recursive=True))
+    clip_id = elements[0].clip_id
+    assert files == [f"captions/window=2026-11-18T11-07-00Z/{clip_id}.parquet", f"metas/{clip_id}.json"]
+    assert pq.read_table(os.path.join(out, "captions")).num_rows == 2
+
+
+def test_a_clip_written_again_in_another_window_leaves_no_rows_in_the_first(tmp_path):
+    """Issue 14 §2: streaming with --no-skip-existing must not duplicate a clip's rows in a second window= partition."""
+    out = str(tmp_path)
+    for found_at in (T0 + 5, T0 + 65):  # two runs (or a re-list) see the same clip in two event-time windows
+        stream = (TestStream().advance_watermark_to(T0)
+                  .add_elements([TimestampedValue(e, found_at) for e in clip_elements("twice", 2, found_at)])
+                  .advance_watermark_to_infinity())
+        with TestPipeline(options=streaming_options()) as p:
+            p | stream | WriteOutputs(out, window_seconds=60)
+    clip_id = clip_id_for("/videos/twice.mp4")
+    assert [os.path.relpath(f, out) for f in glob.glob(os.path.join(out, "captions", "*", "*.parquet"))] == [
+        f"captions/window=2026-11-18T11-08-00Z/{clip_id}.parquet"]
+    assert pq.read_table(os.path.join(out, "captions")).num_rows == 2
+    assert json.load(open(os.path.join(out, "metas", f"{clip_id}.json")))["captions_file"] == (
+        f"captions/window=2026-11-18T11-08-00Z/{clip_id}.parquet")

@@ -4,12 +4,80 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional
 
-from beam_captions.io.parquet import check_columns
+from beam_captions.io.parquet import CAPTION_KINDS, check_columns
 from beam_captions.records import ClipInfo, Failure, WindowRecord
 
-__all__ = ["META_VERSION", "clip_meta", "window_meta", "failure_meta"]
+__all__ = [
+    "META_VERSION", "CAPTION_GROUP", "PREVIEW_GROUP", "clip_meta", "window_meta", "failure_meta", "version_meta",
+    "finished_for", "merge_windows",
+]
 
-META_VERSION = 1
+META_VERSION = 2
+
+# The window fields each kind of output fills. ``captions`` covers stage 2 and enhancement, which derive
+# from the stage-1 caption: a run that captions replaces the whole group; a run that does not keeps it.
+CAPTION_GROUP: tuple[str, ...] = (
+    "caption", "caption_stage2", "enhanced_caption", "caption_model", "enhance_model", "prompt_variant",
+    "caption_retried", "caption_prompt_tokens",
+    *(f"{kind}_{suffix}" for kind in CAPTION_KINDS for suffix in ("num_tokens", "finish_reason", "flags", "sound")),
+)
+PREVIEW_GROUP: tuple[str, ...] = ("preview",)
+CAPTION_OUTPUTS = ("captions", "stage2", "enhancement")  # the ``outputs`` keys of the caption group
+
+
+def version_meta(version: Optional[tuple[int, float]]) -> Optional[dict[str, Any]]:
+    """The source's version as recorded in metas: its size and last-modified time (s since the epoch)."""
+    if version is None:
+        return None
+    size, modified = version
+    return {"size": int(size), "modified": float(modified)}
+
+
+def finished_for(meta: Any, asked: dict[str, Any], version: Optional[tuple[int, float]], retry_failed: bool) -> bool:
+    """Whether the clip of ``meta`` needs nothing from a run that makes ``asked`` (its ``outputs``).
+
+    It does when: the metas is from before statuses (version 1), the source changed (size or mtime),
+    it lacks an asked output or has one made differently (model, prompt, settings), or it failed and
+    ``retry_failed``. A failed clip kept by ``--no-retry-failed`` counts as finished whatever it has.
+    """
+    if not isinstance(meta, dict) or meta.get("status") not in ("done", "failed"):
+        return False
+    if version is not None and meta.get("source_version") != version_meta(version):
+        return False
+    if meta["status"] == "failed":
+        return not retry_failed
+    have = meta.get("outputs") or {}
+    return all(have.get(name) == made_by for name, made_by in asked.items())
+
+
+def merge_windows(
+    new: list[dict[str, Any]], old: Optional[dict[str, Any]], asked: dict[str, Any]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """This run's window metas completed with what ``old`` (the clip's metas of the same source
+    version) has and this run did not make; and the outputs the result has.
+
+    A window keeps an old field group (previews, or captions with stage 2 and enhancement) only where
+    the old window spans the same frames; ``old`` from another source version is never mixed in.
+    """
+    outputs = dict(asked)
+    if not old:
+        return new, outputs
+    old_windows = {(w.get("window_index"), w.get("start_frame"), w.get("end_frame")): w for w in old.get("windows") or []}
+    old_outputs = old.get("outputs") or {}
+    groups = []
+    if "previews" not in asked and "previews" in old_outputs:
+        groups.append(PREVIEW_GROUP)
+        outputs["previews"] = old_outputs["previews"]
+    if "captions" not in asked and "captions" in old_outputs:
+        groups.append(CAPTION_GROUP)
+        outputs.update({name: old_outputs[name] for name in CAPTION_OUTPUTS if name in old_outputs})
+    merged = []
+    for window in new:
+        before = old_windows.get((window["window_index"], window["start_frame"], window["end_frame"]))
+        if before is not None:
+            window = {**window, **{key: before.get(key) for group in groups for key in group}}
+        merged.append(window)
+    return merged, outputs
 
 
 def window_meta(record: WindowRecord) -> dict[str, Any]:
@@ -47,13 +115,27 @@ def failure_meta(failure: Failure) -> dict[str, Any]:
 
 
 def clip_meta(
-    clip_id: str, source: str, info: Optional[ClipInfo], windows: Iterable[WindowRecord], failures: Iterable[Failure]
+    clip_id: str,
+    source: str,
+    info: Optional[ClipInfo],
+    windows: Iterable[dict[str, Any]],
+    failures: Iterable[Failure],
+    *,
+    source_version: Optional[tuple[int, float]] = None,
+    outputs: Optional[dict[str, Any]] = None,
+    captions_file: Optional[str] = None,
 ) -> dict[str, Any]:
-    """Everything known about one clip; video facts are null when the clip could not be decoded."""
+    """Everything known about one clip (``windows``: window metas); video facts are null when the clip
+    could not be decoded. ``status`` is ``done`` without failures, else ``failed``."""
+    failures = list(failures)
     return {
         "version": META_VERSION,
         "clip_id": clip_id,
         "source": source,
+        "status": "failed" if failures or info is None else "done",
+        "source_version": version_meta(source_version),
+        "outputs": dict(outputs or {}),
+        "captions_file": captions_file,
         "width": info.width if info else None,
         "height": info.height if info else None,
         "fps": info.fps if info else None,
@@ -61,7 +143,7 @@ def clip_meta(
         "codec": info.codec if info else None,
         "duration_s": info.duration_s if info else None,
         "warnings": list(info.warnings) if info else [],
-        "windows": [window_meta(w) for w in sorted(windows, key=lambda w: w.window_index)],
+        "windows": sorted(windows, key=lambda w: w["window_index"]),
         "errors": [
             failure_meta(f)
             for f in sorted(failures, key=lambda f: (f.window_index is not None, f.window_index or 0, f.stage))

@@ -67,6 +67,7 @@ def _window_record(clip: ClipRef, decoded: DecodedWindow, preview: Optional[Prev
         frames=decoded.frames,
         preview_frames=decoded.preview_frames,
         preview_fps=preview.target_fps if preview else None,
+        source_version=clip.version,
     )
 
 
@@ -120,7 +121,7 @@ def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInf
                 yield _window_record(clip, item, config.preview)
     except Exception as error:  # noqa: BLE001 - any bad input becomes a failure record
         failure = failure_from_exception(error, source=clip.source, clip_id=clip.clip_id, stage="prepare")
-        yield failure.replace(windows_before=emitted, found_at=clip.found_at)
+        yield failure.replace(windows_before=emitted, found_at=clip.found_at, source_version=clip.version)
         return
     finally:
         local.close()
@@ -140,6 +141,7 @@ def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInf
         num_windows=emitted,
         warnings=warnings,
         found_at=clip.found_at,
+        source_version=clip.version,
     )
 
 

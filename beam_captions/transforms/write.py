@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+import dataclasses
+import os
+import posixpath
+from typing import Any, Iterable, Optional, Union
 
 import apache_beam as beam
 from apache_beam import typehints
 from apache_beam.coders import PickleCoder
 from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import BagStateSpec, TimerSpec, on_timer
+from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.io.filesystems import FileSystems
 
-from beam_captions.io.files import write_bytes, write_json
-from beam_captions.io.metas import clip_meta, failure_meta
+from beam_captions.io.files import read_json, write_bytes, write_json
+from beam_captions.io.metas import (
+    CAPTION_GROUP, PREVIEW_GROUP, clip_meta, failure_meta, finished_for, merge_windows, version_meta, window_meta,
+)
 from beam_captions.io.parquet import caption_row, parquet_bytes
-from beam_captions.io.paths import caption_table_path, failure_path, meta_path, preview_path
+from beam_captions.io.paths import (
+    caption_table_path, failure_path, failures_dir, meta_path, preview_path, previews_dir,
+)
 from beam_captions.metrics import count
 from beam_captions.records import ClipInfo, ClipRef, Failure, WindowRecord, failure_from_exception
 
-__all__ = ["SkipFinishedClips", "WriteOutputs", "clip_complete", "time_partition", "write_clip"]
+__all__ = ["SkipFinishedClips", "WriteOutputs", "clip_complete", "source_version", "time_partition", "write_clip"]
 
 Element = Union[ClipInfo, WindowRecord, Failure]
 
@@ -62,11 +69,70 @@ def _count_row(record: WindowRecord) -> None:
             count(f"flagged_{flag}")
 
 
-def write_clip(output: str, clip_id: str, elements: Iterable[Element], partition: Optional[str] = None) -> None:
-    """Write one clip's failure records, its Parquet rows, then its metas (the marker that it is done).
+def _read_meta(output: str, clip_id: str) -> Optional[dict]:
+    """The clip's metas, or ``None`` when there is none (or it cannot be read: then it is rewritten)."""
+    path = meta_path(output, clip_id)
+    try:
+        if not FileSystems.exists(path):
+            return None
+        document = read_json(path)
+    except Exception:  # noqa: BLE001 - a torn or foreign file is as good as none
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def _delete(paths: Iterable[str]) -> None:
+    paths = list(paths)
+    if not paths:
+        return
+    try:
+        FileSystems.delete(paths)
+    except Exception:  # noqa: BLE001 - already gone (a concurrent writer, a retried bundle)
+        for path in paths:
+            try:
+                FileSystems.delete([path])
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def _listed(pattern: str) -> list[str]:
+    try:
+        return [m.path for result in FileSystems.match([pattern]) for m in result.metadata_list]
+    except Exception:  # noqa: BLE001 - nothing there yet
+        return []
+
+
+def _captions_file(clip_id: str, partition: Optional[str]) -> str:
+    """The clip's Parquet file relative to the output root (as recorded in its metas)."""
+    return "/".join(["captions", *([partition] if partition else []), f"{clip_id}.parquet"])
+
+
+def _version_of(elements: list[Element]) -> Optional[tuple[int, float]]:
+    for element in elements:
+        version = getattr(element, "source_version", None)
+        if version is not None:
+            return tuple(version)
+    return None
+
+
+def write_clip(
+    output: str,
+    clip_id: str,
+    elements: Iterable[Element],
+    partition: Optional[str] = None,
+    asked: Optional[dict[str, Any]] = None,
+) -> bool:
+    """Write one clip's failure records, its Parquet rows, then its metas (the marker that it is done);
+    then remove what an earlier write of the clip left that this one replaces. Returns whether it wrote.
 
     ``partition`` (streaming: the event-time window) puts the rows in ``captions/<partition>/``.
+    ``asked`` is what the run makes (``outputs`` in the metas): outputs of the clip's earlier metas that
+    this run does not make (previews, or captions) are kept if the source is the same version; the rest
+    (rows in another partition, previews of windows that are gone, failure records) is replaced. A write
+    that is not complete (failures, missing windows) never replaces a complete result of the same source
+    version that has every output asked: it is a late duplicate and is dropped.
     """
+    asked = dict(asked or {})
     elements = list(elements)
     infos = [e for e in elements if isinstance(e, ClipInfo)]
     by_index: dict[int, WindowRecord] = {}
@@ -75,37 +141,97 @@ def write_clip(output: str, clip_id: str, elements: Iterable[Element], partition
             by_index.setdefault(element.window_index, element)
     windows = [by_index[i] for i in sorted(by_index)]
     failures = list({f.name: f for f in elements if isinstance(f, Failure)}.values())
+    version = _version_of(elements)
+    old = _read_meta(output, clip_id)
+    same_source = old is not None and (version is None or old.get("source_version") == version_meta(version))
+    complete = bool(infos) and not failures
+    if not complete and same_source and old.get("status") == "done" and finished_for(old, asked, version, True):
+        count("duplicates_dropped")
+        return False
+    window_metas, outputs = merge_windows([window_meta(w) for w in windows], old if same_source else None, asked)
     for failure in failures:
         count(f"failures_{failure.stage}")
         write_json(failure_path(output, failure.name), failure_meta(failure))
+    keep = {f"{failure.name}.json" for failure in failures}
+    _delete(p for p in _listed(FileSystems.join(failures_dir(output), f"{clip_id}_*.json"))
+            if posixpath.basename(p.replace(os.sep, "/")) not in keep)
+    captions_file = None
     if windows:
         for record in windows:
             _count_row(record)
-        rows = parquet_bytes([caption_row(w) for w in windows])
-        write_bytes(caption_table_path(output, clip_id, partition), rows)
+        rows = []
+        for record, merged in zip(windows, window_metas):
+            row = caption_row(record)
+            row.update({key: merged.get(key) for key in (*CAPTION_GROUP, *PREVIEW_GROUP)})
+            rows.append(row)
+        write_bytes(caption_table_path(output, clip_id, partition), parquet_bytes(rows))
+        captions_file = _captions_file(clip_id, partition)
     count("clips")
     if not infos:
         count("clips_failed")
-    meta = clip_meta(clip_id, elements[0].source, infos[0] if infos else None, windows, failures)
+    meta = clip_meta(clip_id, elements[0].source, infos[0] if infos else None, window_metas, failures,
+                     source_version=version, outputs=outputs, captions_file=captions_file)
     write_json(meta_path(output, clip_id), meta)
-
-
-def _unfinished(clip: ClipRef, output: str) -> bool:
-    if FileSystems.exists(meta_path(output, clip.clip_id)):
-        count("clips_skipped")
-        return False
+    if old is not None:  # after the metas: a crash before this leaves extra files, never a clip without rows
+        before = old.get("captions_file") if "captions_file" in old else (
+            _captions_file(clip_id, None) if old.get("windows") else None)
+        if before and before != captions_file and before.endswith(f"/{clip_id}.parquet"):  # only the clip's own file
+            _delete([FileSystems.join(output, *before.split("/"))])
+    previews = {posixpath.basename(str(w["preview"]).replace(os.sep, "/")) for w in window_metas if w.get("preview")}
+    _delete(p for p in _listed(FileSystems.join(previews_dir(output), clip_id, "*.webp"))
+            if posixpath.basename(p.replace(os.sep, "/")) not in previews)
     return True
 
 
-class SkipFinishedClips(beam.PTransform):
-    """Drop ``ClipRef``s whose metas file exists under ``output``: an earlier run finished them."""
+class _SkipFinished(beam.DoFn):
+    """Stamps each ``ClipRef`` with its source's version and drops those an earlier run finished."""
 
-    def __init__(self, output: str):
+    def __init__(self, output: str, asked: dict[str, Any], skip_existing: bool, retry_failed: bool):
+        self.output, self.asked = output, dict(asked)
+        self.skip_existing, self.retry_failed = skip_existing, retry_failed
+
+    def process(self, clip: ClipRef):
+        clip = dataclasses.replace(clip, version=source_version(clip.source))
+        if self.skip_existing:
+            meta = _read_meta(self.output, clip.clip_id)
+            if finished_for(meta, self.asked, clip.version, self.retry_failed):
+                count("clips_skipped")
+                return
+            if meta is not None:
+                if clip.version is not None and meta.get("source_version") not in (None, version_meta(clip.version)):
+                    count("clips_replaced")
+                elif meta.get("status") == "failed":
+                    count("clips_retried")
+                else:
+                    count("clips_extended")
+        yield clip
+
+
+def source_version(source: str) -> Optional[tuple[int, float]]:
+    """``(size, last modified)`` of ``source`` through Beam's filesystems (local mtime; on gs:// the
+    object's update time, which a new generation changes), or ``None`` if it cannot be read."""
+    try:
+        found = FileSystems.get_filesystem(source).metadata(source)
+    except Exception:  # noqa: BLE001 - missing: decoding will say so
+        return None
+    return int(found.size_in_bytes), float(found.last_updated_in_seconds or 0.0)
+
+
+class SkipFinishedClips(beam.PTransform):
+    """Stamp ``ClipRef``s with their source's version and (``skip_existing``) drop those whose metas
+    says they are done for every output ``asked``, from the same source version: failed clips are
+    tried again unless ``retry_failed`` is off, replaced files and clips missing an asked output are redone."""
+
+    def __init__(self, output: str, asked: Optional[dict[str, Any]] = None, skip_existing: bool = True,
+                 retry_failed: bool = True):
         super().__init__()
         self.output = output
+        self.asked = dict(asked or {})
+        self.skip_existing, self.retry_failed = skip_existing, retry_failed
 
     def expand(self, clips):
-        return clips | "Unfinished" >> beam.Filter(_unfinished, self.output)
+        return clips | "Unfinished" >> beam.ParDo(
+            _SkipFinished(self.output, self.asked, self.skip_existing, self.retry_failed))
 
 
 def clip_complete(elements: Iterable[Element]) -> bool:
@@ -134,31 +260,58 @@ def time_partition(elements: Iterable[Element], window_seconds: Optional[float])
     return "window=" + start.to_utc_datetime().strftime("%Y-%m-%dT%H-%M-%SZ")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Written:
+    """Tells the keyed write that a clip (of this source version) was written before it."""
+
+    clip_id: str
+    source_version: Optional[tuple[int, float]]
+
+
+def _same_delivery(written: tuple, element: Element) -> bool:
+    """Whether ``element`` belongs to the written delivery: same source version (or none known:
+    failures made after decoding carry none)."""
+    version = getattr(element, "source_version", None)
+    return version is None or version == written[0]
+
+
 class _WriteCompleteInBundle(beam.DoFn):
     """Writes each clip as soon as all its elements have passed in this bundle; hands on the elements
-    of clips it has not seen whole when the bundle ends (to ``_WriteWhenComplete``).
+    of clips it has not seen whole when the bundle ends (to ``_WriteWhenComplete``), and a ``_Written``
+    marker for each clip it wrote, so that the keyed write drops a late duplicate of it.
 
     Beam's local runner takes a clip from decode to write in one bundle, so there every clip is
     written here, on the worker that made it; where a clip's elements span bundles (Dataflow between
     GPU and CPU steps, streaming) the keyed write completes it.
     """
 
-    def __init__(self, output: str, window_seconds: Optional[float]):
+    def __init__(self, output: str, window_seconds: Optional[float], asked: Optional[dict[str, Any]] = None):
         self.output = output
         self.window_seconds = window_seconds
+        self.asked = dict(asked or {})
         self.held: dict[str, list[WindowedValue]] = {}
+        self.written: dict[str, tuple] = {}
+
+    def setup(self) -> None:
+        self.written = {}  # clips this instance wrote: a duplicate delivery it sees again is dropped
 
     def start_bundle(self) -> None:
         self.held = {}
 
     def process(self, element: Element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+        written = self.written.get(element.clip_id)
+        if written is not None and element.clip_id not in self.held and _same_delivery(written, element):
+            count("duplicates_dropped")
+            return
         held = self.held.setdefault(element.clip_id, [])
         held.append(WindowedValue(element, timestamp, [window]))
         arrived = [value.value for value in held]
         if clip_complete(arrived):
-            write_clip(self.output, element.clip_id, arrived, time_partition(arrived, self.window_seconds))
+            write_clip(self.output, element.clip_id, arrived, time_partition(arrived, self.window_seconds), self.asked)
             del self.held[element.clip_id]
-        return ()
+            version = _version_of(arrived)
+            self.written[element.clip_id] = (version,)
+            yield _Written(element.clip_id, version)
 
     def finish_bundle(self):
         for held in self.held.values():
@@ -172,40 +325,62 @@ class _WriteWhenComplete(beam.DoFn):
     Completion is known from the elements themselves, not from a watermark, so a clip's files
     appear as soon as its last window is through, in batch and streaming alike. A clip still
     incomplete when its window ends (batch: the end of input) is written with what arrived and
-    a ``write`` failure saying so.
+    a ``write`` failure saying so. Per clip, the state remembers that it was written (here or,
+    by a ``_Written`` marker, in the bundle that made it): later elements of that source version
+    (a duplicate delivery) are dropped, so they never overwrite the complete result.
     """
 
     BUFFER = BagStateSpec("elements", PickleCoder())
+    WRITTEN = ReadModifyWriteStateSpec("written", PickleCoder())
     END = TimerSpec("end", TimeDomain.WATERMARK)
 
-    def __init__(self, output: str, window_seconds: Optional[float]):
+    def __init__(self, output: str, window_seconds: Optional[float], asked: Optional[dict[str, Any]] = None):
         self.output = output
         self.window_seconds = window_seconds
+        self.asked = dict(asked or {})
 
     def process(
         self,
         keyed,
         window=beam.DoFn.WindowParam,
         buffer=beam.DoFn.StateParam(BUFFER),
+        written=beam.DoFn.StateParam(WRITTEN),
         end=beam.DoFn.TimerParam(END),
     ):
         clip_id, element = keyed
+        if isinstance(element, _Written):
+            written.write((element.source_version,))
+            before = list(buffer.read())
+            kept = [e for e in before if not _same_delivery((element.source_version,), e)]
+            if len(kept) < len(before):
+                count("duplicates_dropped")
+            buffer.clear()
+            for e in kept:
+                buffer.add(e)
+            return
+        done = written.read()
+        if done is not None and _same_delivery(done, element):
+            count("duplicates_dropped")
+            return
         buffer.add(element)
         arrived = list(buffer.read())
         if clip_complete(arrived):
-            write_clip(self.output, clip_id, arrived, time_partition(arrived, self.window_seconds))
+            write_clip(self.output, clip_id, arrived, time_partition(arrived, self.window_seconds), self.asked)
+            written.write((_version_of(arrived),))
             buffer.clear()
         else:
             end.set(window.max_timestamp())
 
     @on_timer(END)
-    def flush(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER)):
+    def flush(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER),
+              written=beam.DoFn.StateParam(WRITTEN)):
         elements = list(buffer.read())
         if not elements:
             return
         missing = RuntimeError("the clip's elements did not all arrive; written with what did")
         elements.append(failure_from_exception(missing, source=elements[0].source, clip_id=key, stage="write"))
-        write_clip(self.output, key, elements, time_partition(elements, self.window_seconds))
+        if write_clip(self.output, key, elements, time_partition(elements, self.window_seconds), self.asked):
+            written.write((_version_of(elements),))
         buffer.clear()
 
 
@@ -227,17 +402,18 @@ class WriteOutputs(beam.PTransform):
     written before it.
     """
 
-    def __init__(self, output: str, window_seconds: Optional[float] = None):
+    def __init__(self, output: str, window_seconds: Optional[float] = None, asked: Optional[dict[str, Any]] = None):
         super().__init__()
         self.output = output
         self.window_seconds = window_seconds
+        self.asked = dict(asked or {})
 
     def expand(self, pcoll):
         return (
             pcoll
             | "WritePreviews" >> beam.ParDo(_WritePreviews(self.output))
-            | "WriteCompleteInBundle" >> beam.ParDo(_WriteCompleteInBundle(self.output, self.window_seconds))
+            | "WriteCompleteInBundle" >> beam.ParDo(_WriteCompleteInBundle(self.output, self.window_seconds, self.asked))
             | "ByClip" >> beam.Map(lambda e: (e.clip_id, e)).with_output_types(typehints.Tuple[str, typehints.Any])
             | "Gather" >> beam.Reshuffle()
-            | "WriteWhenComplete" >> beam.ParDo(_WriteWhenComplete(self.output, self.window_seconds))
+            | "WriteWhenComplete" >> beam.ParDo(_WriteWhenComplete(self.output, self.window_seconds, self.asked))
         )

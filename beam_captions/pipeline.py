@@ -28,9 +28,11 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     if config.input_subscription:
         clips = pipeline | "ClipsFromNotifications" >> ClipsFromNotifications(config.input_subscription)
     elif config.streaming:
-        clips = pipeline | "WatchClips" >> WatchClips(config.input[0], config.watch_interval_seconds)
+        clips = pipeline | "WatchClips" >> WatchClips(
+            config.input[0], config.watch_interval_seconds, config.input_extensions
+        )
     else:
-        clips = pipeline | "ReadClips" >> ReadClips(config.input)
+        clips = pipeline | "ReadClips" >> ReadClips(config.input, config.input_extensions)
     elements = (
         clips
         | "SkipFinished" >> (SkipFinishedClips(config.output) if config.skip_existing else beam.Map(lambda clip: clip))

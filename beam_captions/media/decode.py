@@ -26,6 +26,7 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from beam_captions.inference.frame_bounds import DEFAULT_FRAME_BOUNDS, FrameBounds
+from beam_captions.logs import warn
 from beam_captions.media.windowing import (
     MIN_FRAMES,
     FrameWindow,
@@ -132,17 +133,48 @@ def _describe(source: Source) -> str:
     return os.fspath(source) if _is_path(source) else "<file object>"
 
 
+def _not_a_video_file(path: str) -> str | None:
+    """Why ``path`` cannot be a clip, told without opening it (a FIFO would block): ``None`` for a
+    non-empty regular file."""
+    import errno
+    import stat
+
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        if os.path.islink(path):
+            if exc.errno == errno.ELOOP:
+                return f"{path} is a symbolic link that loops (it never reaches a file)"
+            if exc.errno == errno.ENOENT:
+                return f"{path} is a dangling symbolic link (its target {os.readlink(path)} does not exist)"
+        if exc.errno == errno.ENOENT:
+            return f"cannot read {path}: it does not exist"
+        return f"cannot read {path}: {exc}"
+    mode = info.st_mode
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    for test, kind in kinds:
+        if test(mode):
+            return f"{path} is {kind}, not a video file; it was not read"
+    if not stat.S_ISREG(mode):
+        return f"{path} is not a regular file; it was not read"
+    if info.st_size == 0:
+        return f"{path} is empty (0 bytes)"
+    if not os.access(path, os.R_OK):
+        return f"cannot read {path}: permission denied"
+    return None
+
+
 def _check_not_empty(source: Source) -> None:
+    """A path must be a non-empty regular file (never opened otherwise); a file object must hold bytes."""
     if _is_path(source):
-        try:
-            empty = os.path.getsize(source) == 0
-        except OSError as exc:
-            raise DecodeError(f"cannot read {_describe(source)}: {exc}") from exc
-    else:
-        if not source.seekable():
-            raise ValueError("decode_windows needs a seekable file object")
-        empty = source.seek(0, os.SEEK_END) == 0
-    if empty:
+        reason = _not_a_video_file(os.fspath(source))
+        if reason:
+            raise DecodeError(reason)
+        return
+    if not source.seekable():
+        raise ValueError("decode_windows needs a seekable file object")
+    if source.seek(0, os.SEEK_END) == 0:
         raise DecodeError(f"{_describe(source)} is empty (0 bytes)")
 
 
@@ -181,7 +213,7 @@ def _packets(container: av.container.InputContainer, stream: av.VideoStream) -> 
             if packet.size:
                 yield packet
     except av.error.FFmpegError as exc:
-        log.warning("stopped reading packets after a demux error: %s", exc)
+        warn("demux_error", "stopped reading packets after a demux error: %s", exc, logger=log)
 
 
 def _decoded_frames(
@@ -204,7 +236,7 @@ def _decoded_frames(
         errors += 1
         log.debug("decoder flush failed: %s", exc)
     if errors:
-        log.warning("%d video packets could not be decoded", errors)
+        warn("undecodable_packets", "%d video packets could not be decoded", errors, logger=log)
 
 
 def _clip_fps(stream: av.VideoStream, container: av.container.InputContainer, num_frames: int) -> float:
@@ -420,9 +452,9 @@ def iter_decode(
         yield from rest
     else:
         given = len(plan.windows) - len(rest)  # a prefix, each final whatever the total
-        log.warning(
-            "%s: decoded %d frames but demuxed %d packets; decoding again for the windows from #%d",
-            _describe(source), decoded, packet_count, given,
+        warn(
+            "decoded_twice", "%s: decoded %d frames but demuxed %d packets; decoding again for the windows from #%d",
+            _describe(source), decoded, packet_count, given, logger=log,
         )
         tail = _plan(decoded, *options).after(given)
         redecoded, unfilled = yield from _decode_pass(source, tail, model_size, small, deadline, _complete_at(tail))

@@ -15,6 +15,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_captions.inference.frame_bounds import DEFAULT_FRAME_BOUNDS, FrameBounds, NemotronFrameSize, model_frame_bounds
 from beam_captions.media.decode import DecodedWindow, PreviewSpec, VideoInfo, iter_decode
+from beam_captions.logs import warn
 from beam_captions.metrics import count
 from beam_captions.records import ClipInfo, ClipRef, Failure, WindowRecord, failure_from_exception
 
@@ -41,16 +42,22 @@ class PrepareConfig:
     time_budget_s: Optional[float] = DEFAULT_TIME_BUDGET_S
 
 
-def preview_warnings(info: VideoInfo, preview: Optional[PreviewSpec]) -> tuple[str, ...]:
-    """Why a clip's previews will look worse than asked (source slower or smaller than the target)."""
+def _preview_warnings(info: VideoInfo, preview: Optional[PreviewSpec]) -> list[tuple[str, str]]:
     if preview is None:
-        return ()
+        return []
     warnings = []
     if info.fps < preview.target_fps:
-        warnings.append(f"source frame rate {info.fps:.3g} fps is below the preview target {preview.target_fps:.3g} fps")
+        warnings.append(("preview_fps",
+                         f"source frame rate {info.fps:.3g} fps is below the preview target {preview.target_fps:.3g} fps"))
     if info.height < preview.target_height:
-        warnings.append(f"source height {info.height}px is below the preview target {preview.target_height}px")
-    return tuple(warnings)
+        warnings.append(("preview_height",
+                         f"source height {info.height}px is below the preview target {preview.target_height}px"))
+    return warnings
+
+
+def preview_warnings(info: VideoInfo, preview: Optional[PreviewSpec]) -> tuple[str, ...]:
+    """Why a clip's previews will look worse than asked (source slower or smaller than the target)."""
+    return tuple(text for _, text in _preview_warnings(info, preview))
 
 
 def _window_record(clip: ClipRef, decoded: DecodedWindow, preview: Optional[PreviewSpec]) -> WindowRecord:
@@ -125,9 +132,10 @@ def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInf
     finally:
         local.close()
     count("clips_decoded")
-    warnings = preview_warnings(info, config.preview)
-    for warning in warnings:
-        log.warning("%s: %s", clip.source, warning)
+    kinds = _preview_warnings(info, config.preview)
+    for kind, warning in kinds:  # told once per kind in the summary; each clip's in the log file and its metas
+        warn(kind, "%s: %s", clip.source, warning, logger=log)
+    warnings = tuple(text for _, text in kinds)
     yield ClipInfo(
         clip_id=clip.clip_id,
         source=clip.source,

@@ -23,6 +23,7 @@ __all__ = ["JobConfig", "build_parser", "parse_args", "ConfigError"]
 
 ALGORITHMS = CAPTION_ALGORITHMS  # qwen, qwen2.5, qwen3, nemotron, nemotron-bf16, nemotron-fp8, ...
 ENGINE_DTYPES = ("auto", "float16", "bfloat16", "float32")
+FRAME_DTYPES = ("uint8", "float16", "bfloat16", "float32")
 WEBP_MAX_SIDE = 16383
 
 
@@ -57,7 +58,8 @@ class JobConfig:
     captioning_window_size: int = 256
     captioning_remainder_threshold: int = 128
     captioning_sampling_fps: float = 2.0
-    captioning_preprocess_dtype: str = "auto"
+    captioning_preprocess_dtype: str = "uint8"  # the reference's meaning: dtype the frames are handed over in
+    captioning_dtype: str = "auto"  # dtype vLLM computes in (auto: the checkpoint's)
     captioning_batch_size: int = 64
     captioning_max_output_tokens: int = 512
     captioning_use_fp8_weights: bool = False
@@ -146,8 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--captioning-remainder-threshold", type=int, default=128,
                      help="a remainder this long becomes its own window (default 128)")
     cap.add_argument("--captioning-sampling-fps", type=float, default=2.0, help="model frames per second (default 2)")
-    cap.add_argument("--captioning-preprocess-dtype", choices=ENGINE_DTYPES, default="auto",
-                     help="dtype vLLM computes in (frames are handed over as uint8)")
+    cap.add_argument("--captioning-preprocess-dtype", choices=FRAME_DTYPES, default="uint8",
+                     help="dtype the prepared frames are handed to the model in, as in the reference (default "
+                          "uint8; the model's processor normalises them either way)")
+    cap.add_argument("--captioning-dtype", choices=ENGINE_DTYPES, default="auto",
+                     help="dtype vLLM computes in (default auto: the checkpoint's)")
     cap.add_argument("--captioning-batch-size", type=int, default=64,
                      help="windows a worker process keeps in flight to vLLM, which batches them continuously "
                           "(default 64; each holds its sampled frames in memory)")

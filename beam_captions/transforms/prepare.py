@@ -174,8 +174,10 @@ class PrepareWindows(beam.PTransform):
         model_frames: bool = True,
         max_frame_pixels: Optional[int] = DEFAULT_MAX_FRAME_PIXELS,
         time_budget_s: Optional[float] = DEFAULT_TIME_BUDGET_S,
+        verbose: bool = False,
     ):
         super().__init__()
+        self.verbose = verbose  # the reference's stages take it; here the log file has everything
         if pixel_bounds is None:
             pixel_bounds = model_frame_bounds(model_dir, model_variant)
         elif not isinstance(pixel_bounds, (FrameBounds, NemotronFrameSize)):

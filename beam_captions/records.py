@@ -53,6 +53,9 @@ class ClipInfo:
     num_windows: int
     warnings: tuple[str, ...] = ()
     found_at: Optional[float] = None
+    display_width: Optional[int] = None  # as shown (sample aspect ratio and rotation applied)
+    display_height: Optional[int] = None
+    rotation: int = 0  # the display rotation applied, as a ``rotate`` tag gives it
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,10 @@ in a second pass.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -38,11 +39,13 @@ from beam_captions.media.windowing import (
 __all__ = [
     "DecodeError",
     "VideoInfo",
+    "Orientation",
     "PreviewSpec",
     "DecodedWindow",
     "preview_size",
     "decode_windows",
     "iter_decode",
+    "orientation_from_matrix",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,85 @@ class VideoInfo:
     num_frames: int
     codec: str
     duration_s: float
+    display_width: int = 0  # as shown: sample aspect ratio and display rotation applied (0: same as coded)
+    display_height: int = 0
+    rotation: int = 0  # the display rotation applied (0, 90, 180, 270), as a ``rotate`` tag gives it
+
+    def __post_init__(self) -> None:
+        if not self.display_width:
+            object.__setattr__(self, "display_width", self.width)
+        if not self.display_height:
+            object.__setattr__(self, "display_height", self.height)
+
+
+@dataclass(frozen=True)
+class Orientation:
+    """How coded frames become displayed ones: the sample aspect ratio stretches the width, then the
+    display matrix turns (clockwise quarter turns) and may mirror them, as FFmpeg's autorotate does."""
+
+    sar: float = 1.0
+    transform: str = ""  # "", "clock", "cclock", "clock_flip", "cclock_flip", "hflip", "vflip", "hflip+vflip"
+
+    @property
+    def quarter_turn(self) -> bool:
+        return self.transform in ("clock", "cclock", "clock_flip", "cclock_flip")
+
+    @property
+    def rotation(self) -> int:
+        """The display rotation in degrees as a ``rotate`` tag (and ffprobe's old ``rotate``) gives it."""
+        return {"cclock": 90, "cclock_flip": 90, "clock": 270, "clock_flip": 270, "hflip+vflip": 180}.get(
+            self.transform, 0)
+
+    def display_size(self, width: int, height: int) -> Size:
+        """The coded ``width x height`` as displayed."""
+        shown = max(1, round(width * self.sar)) if self.sar > 0 else width
+        return (height, shown) if self.quarter_turn else (shown, height)
+
+    def coded_size(self, width: int, height: int) -> Size:
+        """The size to scale a coded frame to so that, once turned, it is ``width x height``."""
+        return (height, width) if self.quarter_turn else (width, height)
+
+    def apply(self, rgb: np.ndarray) -> np.ndarray:
+        """``rgb`` (H, W, 3), scaled to ``coded_size``, as displayed."""
+        t = self.transform
+        if t == "clock":
+            return np.rot90(rgb, -1)
+        if t == "cclock":
+            return np.rot90(rgb, 1)
+        if t == "cclock_flip":
+            return rgb.transpose(1, 0, 2)
+        if t == "clock_flip":
+            return rgb.transpose(1, 0, 2)[::-1, ::-1]
+        if t == "hflip":
+            return rgb[:, ::-1]
+        if t == "vflip":
+            return rgb[::-1]
+        if t == "hflip+vflip":
+            return rgb[::-1, ::-1]
+        return rgb
+
+
+def orientation_from_matrix(matrix: Sequence[int] | None, sar: float = 1.0) -> Orientation:
+    """FFmpeg's autorotate choice (fftools) for a display matrix of 9 int32 values (16.16 fixed point)."""
+    if matrix is None:
+        return Orientation(sar)
+    m = [float(v) for v in matrix]
+    scale0, scale1 = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+    if scale0 == 0 or scale1 == 0:
+        return Orientation(sar)
+    # fftools' get_rotation: minus av_display_rotation_get (counter-clockwise), i.e. the clockwise angle
+    theta = round(math.degrees(math.atan2(m[1] / scale1, m[0] / scale0)))
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+    if abs(theta - 90) < 1:
+        return Orientation(sar, "cclock_flip" if m[3] > 0 else "clock")
+    if abs(theta - 180) < 1:
+        flips = [name for name, negative in (("hflip", m[0] < 0), ("vflip", m[4] < 0)) if negative]
+        return Orientation(sar, "+".join(flips))
+    if abs(theta - 270) < 1:
+        return Orientation(sar, "clock_flip" if m[3] < 0 else "cclock")
+    if abs(theta) < 1 and m[4] < 0:
+        return Orientation(sar, "vflip")
+    return Orientation(sar)
 
 
 @dataclass(frozen=True)
@@ -200,10 +282,13 @@ def _video_stream(container: av.container.InputContainer, name: str) -> av.Video
     if not container.streams:
         raise DecodeError(f"{name} has no readable streams (truncated, or not a video?)")
     attached_pic = av.stream.Disposition.attached_pic
-    for stream in container.streams.video:
-        if not stream.disposition & attached_pic:
+    candidates = [stream for stream in container.streams.video if not stream.disposition & attached_pic]
+    if not candidates:
+        raise DecodeError(f"{name} has no video stream")
+    for stream in candidates:  # the one flagged default, else the first
+        if stream.disposition & av.stream.Disposition.default:
             return stream
-    raise DecodeError(f"{name} has no video stream")
+    return candidates[0]
 
 
 def _packets(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.Packet]:
@@ -332,6 +417,7 @@ def _decode_pass(
     preview: Size | None,
     deadline: "_Deadline",
     ready_at: list[int],
+    orientation: Orientation = Orientation(),
 ) -> Iterator[DecodedWindow]:
     """Decode every frame, keep the planned ones, yield each window once ``ready_at`` frames are decoded.
 
@@ -351,11 +437,11 @@ def _decode_pass(
             places = targets.get(count, ())
             for i, kind, slot in places:
                 array = buffers.array(i, kind)
-                height, width = array.shape[1:3]
+                width, height = orientation.coded_size(array.shape[2], array.shape[1])
                 if (width, height) not in reformatters:
                     reformatters[width, height] = VideoReformatter()
                 rgb = reformatters[width, height].reformat(frame, width, height, "rgb24", interpolation=_INTERPOLATION)
-                array[slot] = rgb.to_ndarray()
+                array[slot] = orientation.apply(rgb.to_ndarray())
             count += 1
             if pending and count >= pending[0]:
                 pending = [n for n in pending if n > count]
@@ -397,6 +483,26 @@ def _check_options(sampling_fps: float, max_pixels_per_frame_source: int | None)
         raise ValueError(f"sampling_fps must be positive, got {sampling_fps}")
     if max_pixels_per_frame_source is not None and max_pixels_per_frame_source <= 0:
         raise ValueError(f"max_pixels_per_frame_source must be positive, got {max_pixels_per_frame_source}")
+
+
+def _orientation(source: Source) -> Orientation:
+    """The clip's sample aspect ratio and display matrix (read from its first decoded frame)."""
+    with _open(source) as container:
+        stream = _video_stream(container, _describe(source))
+        sar = stream.codec_context.sample_aspect_ratio or stream.sample_aspect_ratio
+        ratio = float(sar) if sar and sar > 0 else 1.0
+        matrix = None
+        for packet in _packets(container, stream):
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError:
+                continue
+            if frames:
+                for side in frames[0].side_data:
+                    if side.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
+                        matrix = np.frombuffer(bytes(side), dtype="<i4", count=9).tolist()
+                break
+        return orientation_from_matrix(matrix, ratio if 0.01 < ratio < 100 else 1.0)
 
 
 def _probe(source: Source, max_source_pixels: int | None) -> tuple[int, int, str, int, float]:
@@ -441,12 +547,14 @@ def iter_decode(
     _check_options(sampling_fps, max_pixels_per_frame_source)
     _check_not_empty(source)
     width, height, codec, packet_count, fps = _probe(source, max_pixels_per_frame_source)
-    model_size = partial(frame_bounds.frame_size, width, height) if model_frames else None
-    small = None if preview is None else preview_size(width, height, preview.target_height)
+    orientation = _orientation(source)
+    shown_width, shown_height = orientation.display_size(width, height)
+    model_size = partial(frame_bounds.frame_size, shown_width, shown_height) if model_frames else None
+    small = None if preview is None else preview_size(shown_width, shown_height, preview.target_height)
     options = (fps, window_size, remainder_threshold, sampling_fps, preview)
     plan = _plan(packet_count, *options)
     final_at = _final_at(plan, window_size, remainder_threshold)
-    decoded, rest = yield from _decode_pass(source, plan, model_size, small, deadline, final_at)
+    decoded, rest = yield from _decode_pass(source, plan, model_size, small, deadline, final_at, orientation)
     _require_min_frames(decoded)
     if decoded == packet_count:
         yield from rest
@@ -457,10 +565,12 @@ def iter_decode(
             _describe(source), decoded, packet_count, given, logger=log,
         )
         tail = _plan(decoded, *options).after(given)
-        redecoded, unfilled = yield from _decode_pass(source, tail, model_size, small, deadline, _complete_at(tail))
+        redecoded, unfilled = yield from _decode_pass(
+            source, tail, model_size, small, deadline, _complete_at(tail), orientation
+        )
         _require_repeatable(source, decoded, redecoded)
         yield from unfilled
-    yield VideoInfo(width, height, fps, decoded, codec, decoded / fps)
+    yield VideoInfo(width, height, fps, decoded, codec, decoded / fps, shown_width, shown_height, orientation.rotation)
 
 
 def _require_repeatable(source: Source, first: int, second: int) -> None:

@@ -49,9 +49,9 @@ def _preview_warnings(info: VideoInfo, preview: Optional[PreviewSpec]) -> list[t
     if info.fps < preview.target_fps:
         warnings.append(("preview_fps",
                          f"source frame rate {info.fps:.3g} fps is below the preview target {preview.target_fps:.3g} fps"))
-    if info.height < preview.target_height:
+    if info.display_height < preview.target_height:
         warnings.append(("preview_height",
-                         f"source height {info.height}px is below the preview target {preview.target_height}px"))
+                         f"source height {info.display_height}px is below the preview target {preview.target_height}px"))
     return warnings
 
 
@@ -148,6 +148,9 @@ def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInf
         num_windows=emitted,
         warnings=warnings,
         found_at=clip.found_at,
+        display_width=info.display_width,
+        display_height=info.display_height,
+        rotation=info.rotation,
     )
 
 

@@ -33,7 +33,9 @@ from beam_captions.media.windowing import (
     FrameWindow,
     compute_windows,
     preview_frame_indices,
+    preview_frame_indices_by_time,
     sample_frame_indices,
+    sample_frame_indices_by_time,
 )
 
 __all__ = [
@@ -175,14 +177,17 @@ class DecodedWindow:
     frames: np.ndarray | None
     preview_frames: np.ndarray | None
     fps: float
+    start_time: float | None = None  # presentation times (s from the first frame), when known
+    end_time: float | None = None
 
     @property
     def start_s(self) -> float:
-        return self.window.start / self.fps
+        return self.start_time if self.start_time is not None else self.window.start / self.fps
 
     @property
     def end_s(self) -> float:
-        return (self.window.end + 1) / self.fps
+        """Where the window's last frame stops being shown (its successor's time)."""
+        return self.end_time if self.end_time is not None else (self.window.end + 1) / self.fps
 
 
 @dataclass(frozen=True)
@@ -193,11 +198,12 @@ class _Plan:
     windows: list[FrameWindow]
     model_indices: list[list[int]]
     preview_indices: list[list[int]] | None
+    times: Sequence[float] | None = None  # each frame's presentation time, and the end of the last
 
     def after(self, count: int) -> "_Plan":
         """The plan without its first ``count`` windows."""
         previews = None if self.preview_indices is None else self.preview_indices[count:]
-        return _Plan(self.fps, self.windows[count:], self.model_indices[count:], previews)
+        return _Plan(self.fps, self.windows[count:], self.model_indices[count:], previews, self.times)
 
 
 def preview_size(width: int, height: int, target_height: int) -> Size:
@@ -339,9 +345,22 @@ def _clip_fps(stream: av.VideoStream, container: av.container.InputContainer, nu
 
 
 def _plan(
-    total: int, fps: float, window_size: int, remainder_threshold: int, sampling_fps: float, preview: PreviewSpec | None
+    total: int,
+    fps: float,
+    window_size: int,
+    remainder_threshold: int,
+    sampling_fps: float,
+    preview: PreviewSpec | None,
+    times: Sequence[float] | None = None,
 ) -> _Plan:
+    """Windows of ``total`` frames; sampled by presentation time when ``times`` (one per frame and the end
+    of the last) are known, else by frame index at ``fps``."""
     windows = compute_windows(total, window_size, remainder_threshold)
+    if times is not None and len(times) == total + 1:
+        model = [sample_frame_indices_by_time(w, times, sampling_fps) for w in windows]
+        previews = None if preview is None else [
+            preview_frame_indices_by_time(w, times, preview.target_fps) for w in windows]
+        return _Plan(fps, windows, model, previews, tuple(times))
     model = [sample_frame_indices(w, fps, sampling_fps) for w in windows]
     previews = None if preview is None else [preview_frame_indices(w, fps, preview.target_fps) for w in windows]
     return _Plan(fps, windows, model, previews)
@@ -375,7 +394,11 @@ class _WindowBuffers:
         previews = None
         if plan.preview_indices is not None and preview is not None:
             previews = np.empty((len(plan.preview_indices[i]), preview[1], preview[0], 3), np.uint8)
-        return DecodedWindow(plan.windows[i], plan.model_indices[i], frames, previews, plan.fps)
+        window = plan.windows[i]
+        start_time = end_time = None
+        if plan.times is not None:
+            start_time, end_time = plan.times[window.start], plan.times[window.end + 1]
+        return DecodedWindow(window, plan.model_indices[i], frames, previews, plan.fps, start_time, end_time)
 
     def array(self, i: int, kind: str) -> np.ndarray | None:
         window = self.open.get(i) or self.open.setdefault(i, self._new(i))
@@ -505,8 +528,30 @@ def _orientation(source: Source) -> Orientation:
         return orientation_from_matrix(matrix, ratio if 0.01 < ratio < 100 else 1.0)
 
 
-def _probe(source: Source, max_source_pixels: int | None) -> tuple[int, int, str, int, float]:
-    """Demux-only pass: width, height, codec name, packet count and clip fps."""
+def _presentation_times(pts: list[int], durations: list[int], time_base, fps: float) -> list[float] | None:
+    """Each frame's presentation time in seconds from the first frame, and the end of the last: the
+    packets' timestamps in presentation order. ``None`` when a packet has none."""
+    if not pts or time_base is None or len(pts) != len(durations):
+        return None
+    order = sorted(range(len(pts)), key=pts.__getitem__)
+    first = pts[order[0]]
+    times = [float((pts[i] - first) * time_base) for i in order]
+    last = durations[order[-1]]
+    times.append(times[-1] + (float(last * time_base) if last and last > 0 else 1.0 / fps))
+    steps = np.diff(times[:-1])
+    tolerance = max(0.01 * float(steps.mean()), 1.5 * float(time_base)) if len(steps) else 0.0
+    if len(steps) and float(steps.max() - steps.min()) <= tolerance:
+        # a constant frame rate (timestamps rounded to the time base, as Matroska's milliseconds):
+        # frame index / fps says the same, without the rounding noise
+        return None
+    return times
+
+
+def _probe(source: Source, max_source_pixels: int | None) -> tuple[int, int, str, int, float, list[float] | None]:
+    """Demux-only pass: width, height, codec name, packet count, clip fps and presentation times.
+
+    Packets an edit list discards are not counted: the decoder drops their frames too (so such a clip is
+    not decoded twice)."""
     name = _describe(source)
     with _open(source) as container:
         stream = _video_stream(container, name)
@@ -515,9 +560,21 @@ def _probe(source: Source, max_source_pixels: int | None) -> tuple[int, int, str
             raise DecodeError(f"{name}: the video stream has no frame size")
         if max_source_pixels is not None and width * height > max_source_pixels:
             raise DecodeError(f"{name}: {width}x{height} frames exceed the limit of {max_source_pixels} pixels")
-        count = sum(1 for _ in _packets(container, stream))
+        pts: list[int] = []
+        durations: list[int] = []
+        count, timed = 0, True
+        for packet in _packets(container, stream):
+            if packet.is_discard:
+                continue
+            count += 1
+            if packet.pts is None:
+                timed = False
+            elif timed:
+                pts.append(packet.pts)
+                durations.append(packet.duration or 0)
         fps = _clip_fps(stream, container, count)
-        return width, height, stream.codec_context.codec.canonical_name, count, fps
+        times = _presentation_times(pts, durations, stream.time_base, fps) if timed else None
+        return width, height, stream.codec_context.codec.canonical_name, count, fps, times
 
 
 def iter_decode(
@@ -546,13 +603,13 @@ def iter_decode(
     deadline = _Deadline(source, time_budget_s)
     _check_options(sampling_fps, max_pixels_per_frame_source)
     _check_not_empty(source)
-    width, height, codec, packet_count, fps = _probe(source, max_pixels_per_frame_source)
+    width, height, codec, packet_count, fps, times = _probe(source, max_pixels_per_frame_source)
     orientation = _orientation(source)
     shown_width, shown_height = orientation.display_size(width, height)
     model_size = partial(frame_bounds.frame_size, shown_width, shown_height) if model_frames else None
     small = None if preview is None else preview_size(shown_width, shown_height, preview.target_height)
     options = (fps, window_size, remainder_threshold, sampling_fps, preview)
-    plan = _plan(packet_count, *options)
+    plan = _plan(packet_count, *options, times)
     final_at = _final_at(plan, window_size, remainder_threshold)
     decoded, rest = yield from _decode_pass(source, plan, model_size, small, deadline, final_at, orientation)
     _require_min_frames(decoded)
@@ -570,7 +627,8 @@ def iter_decode(
         )
         _require_repeatable(source, decoded, redecoded)
         yield from unfilled
-    yield VideoInfo(width, height, fps, decoded, codec, decoded / fps, shown_width, shown_height, orientation.rotation)
+    duration_s = plan.times[-1] if plan.times is not None and decoded == packet_count else decoded / fps
+    yield VideoInfo(width, height, fps, decoded, codec, duration_s, shown_width, shown_height, orientation.rotation)
 
 
 def _require_repeatable(source: Source, first: int, second: int) -> None:

@@ -4,7 +4,6 @@ terminal; every library log in the log file (and on the terminal with --verbose)
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
 import os
@@ -15,7 +14,6 @@ import sys
 import pytest
 from clips import make_clip
 
-from beam_captions import progress
 from beam_captions.logs import setup_logging, warn
 from beam_captions.progress import progress_line
 from beam_captions.summary import format_summary

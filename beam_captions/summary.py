@@ -41,5 +41,6 @@ def format_summary(counts: dict[str, int], output: str, seconds: float, captions
         f"  outputs          {output}  (captions/ previews/ metas/ failures/)",
     ]
     if warned:
-        lines.insert(-1, "  warnings         " + ", ".join(f"{n} {what}" for n, what in warned))
+        told = [f"{n} {what.replace('clips ', 'clip ', 1) if n == 1 else what}" for n, what in warned]
+        lines.insert(-1, "  warnings         " + ", ".join(told))
     return "\n".join(lines)

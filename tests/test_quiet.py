@@ -67,6 +67,7 @@ def test_warnings_that_repeat_per_clip_are_told_once_per_kind():
                           1.0, captions=False)
     assert "warnings         3 clips below the preview frame rate, 1000 clips below the preview height" in text
     assert not any(line.split()[0] in ("captions", "prompt", "flagged") for line in text.splitlines()[1:])
+    assert "warnings         1 clip below the preview height" in format_summary({"warnings_preview_height": 1}, "o", 1.0)
 
 
 def test_progress_says_while_listing_and_leaves_captions_out_of_previews_only_runs():

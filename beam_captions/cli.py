@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
+import tempfile
 import threading
 import sys
 import time
@@ -72,7 +74,9 @@ def _gallery(argv: Sequence[str]) -> int:
 def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
     """Parse ``argv``, run the job to completion, print the summary; returns the run's counters.
 
-    ``release_models=False`` keeps the engines of this process alive for a later job (tests).
+    ``release_models=False`` keeps the engines of this process alive for a later job (tests). Raises
+    ``SystemExit``: 2 for a location that cannot work (before any work), 1 when the run broke (one line
+    and the summary), 130 / 143 when Ctrl-C / SIGTERM stopped it (after the summary).
     """
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
@@ -80,6 +84,7 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
     from beam_captions.inference.engine import release_engines
     from beam_captions.io.gallery import write_gallery
     from beam_captions.local import local_beam_args
+    from beam_captions.logs import setup_logging, terminal
     from beam_captions.metrics import counters
     from beam_captions.options import parse_args
     from beam_captions.pipeline import build_pipeline
@@ -96,41 +101,79 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
     if config.streaming:
         beam_args = [*beam_args, "--streaming"]
     started = time.monotonic()
-    pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
-    build_pipeline(pipeline, config)
-
-    def finish(result) -> dict[str, int]:
-        if release_models:
-            release_engines()
-        counts = counters(result) if result is not None else progress.snapshot()
-        gallery = write_gallery(config.output) if config.gallery else "not written (--no-gallery)"
-        print(format_summary(counts, config.output, time.monotonic() - started))
-        print(f"  gallery          {gallery}", flush=True)
-        return counts
-
-    result = None
+    options = PipelineOptions(beam_args)
+    submitted_only = _submitted_only(options)
+    logs = None
+    if not submitted_only:
+        _refuse_missing_inputs(config)
+        _refuse_unwritable_output(config.output)
+        try:
+            logs = setup_logging(config.output, config.log_file, config.verbose)
+        except OSError as error:
+            _refuse(f"--log-file {config.log_file or ''}: cannot write there: {error.strerror or error}")
     try:
-        with ProgressReporter(), _StopOnSignal(lambda: finish(None)):
-            result = pipeline.run()
-            result.wait_until_finish()
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM ends a local streaming run
-        print("\nbeam-captions: stopped", file=sys.stderr)
-        if result is not None:
-            result.cancel()
-    if _submitted_only(pipeline.options):
-        if release_models:
-            release_engines()
-        print(f"beam-captions: job built and handed to {pipeline.options.get_all_options()['runner']}; "
-              "no run happened here, so there is no summary or gallery")
-        return {}
-    return finish(result)
+        pipeline = beam.Pipeline(options=options)
+        build_pipeline(pipeline, config)
+
+        def finish(result) -> dict[str, int]:
+            if release_models:
+                release_engines()
+            counts = counters(result) if result is not None else progress.snapshot()
+            gallery = write_gallery(config.output) if config.gallery else "not written (--no-gallery)"
+            print(format_summary(counts, config.output, time.monotonic() - started, captions=config.generate_captions))
+            print(f"  gallery          {gallery}", flush=True)
+            if logs is not None:
+                print(f"  log              {logs.copy_to or logs.path}", flush=True)
+            return counts
+
+        result = None
+        stop = _StopOnSignal(lambda: finish(None))
+        try:
+            reporter = ProgressReporter(terminal(), captions=config.generate_captions, locations=len(config.input),
+                                        streaming=config.streaming)
+            with reporter, stop:
+                result = pipeline.run()
+                result.wait_until_finish()
+        except (KeyboardInterrupt, Exception) as error:  # noqa: BLE001
+            if not isinstance(error, KeyboardInterrupt) and stop.signum is None:
+                stop.restore()
+                _broke(error, finish)
+            if stop.signum is None:  # an interrupt that did not come through our handler
+                stop.signum = signal.SIGINT
+            # Ctrl-C or SIGTERM (a runner may wrap the interrupt in its own error)
+            logging.getLogger("beam_captions").info("stopped by signal %s", stop.signum, exc_info=True)
+            print("\nbeam-captions: stopped; what is finished is kept, a re-run completes the rest",
+                  file=sys.stderr, flush=True)
+            if result is not None:
+                try:
+                    result.cancel()
+                except Exception:  # noqa: BLE001 - a runner that cannot cancel: the summary still comes
+                    logging.getLogger("beam_captions").info("cancel failed", exc_info=True)
+        if submitted_only:
+            if release_models:
+                release_engines()
+            print(f"beam-captions: job built and handed to {pipeline.options.get_all_options()['runner']}; "
+                  "no run happened here, so there is no summary or gallery")
+            return {}
+        try:
+            counts = finish(result if stop.signum is None else None)
+        finally:
+            stop.restore()
+        if stop.signum is not None:
+            raise SystemExit(128 + stop.signum)
+        return counts
+    finally:
+        if logs is not None:
+            logs.close()
 
 
 class _StopOnSignal:
-    """SIGINT/SIGTERM stop a local run: the first raises ``KeyboardInterrupt`` in the main thread.
+    """SIGINT/SIGTERM stop a local run: the first raises ``KeyboardInterrupt`` in the main thread; a
+    second one ends the process at once (exit 128 + the signal's number).
 
     A runner may swallow that exception inside a bundle and keep going; if the run has not ended
-    ``grace_s`` later, ``finish`` (summary, gallery) runs from a watchdog thread and the process exits.
+    ``grace_s`` later, ``finish`` (summary, gallery) runs from a watchdog thread and the process exits
+    with 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM).
     Only installed in the main thread (signal handlers cannot be set elsewhere).
     """
 
@@ -138,6 +181,7 @@ class _StopOnSignal:
         self.finish, self.grace_s = finish, grace_s
         self.done = threading.Event()
         self.previous: dict[int, object] = {}
+        self.signum: Optional[int] = None
 
     def __enter__(self) -> "_StopOnSignal":
         if threading.current_thread() is threading.main_thread():
@@ -146,11 +190,20 @@ class _StopOnSignal:
         return self
 
     def __exit__(self, *exc) -> None:
+        """The run has ended; the handlers stay until ``restore`` (a second signal while the summary is
+        written still ends the process at once)."""
         self.done.set()
+
+    def restore(self) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+        self.previous = {}
 
     def _on_signal(self, signum, frame) -> None:
+        if self.signum is not None:  # the second one: at once
+            print("\nbeam-captions: stopped at once", file=sys.stderr, flush=True)
+            os._exit(128 + self.signum)
+        self.signum = signum
         threading.Thread(target=self._force_after_grace, daemon=True).start()
         raise KeyboardInterrupt
 
@@ -158,11 +211,82 @@ class _StopOnSignal:
         if self.done.wait(self.grace_s):
             return
         print("\nbeam-captions: stopped (the runner kept going; finishing from the watchdog)", file=sys.stderr)
-        threading.Timer(self.grace_s, os._exit, [1]).start()  # should finishing hang too
+        code = 128 + (self.signum or signal.SIGINT)
+        threading.Timer(self.grace_s, os._exit, [code]).start()  # should finishing hang too
         try:
             self.finish()
         finally:
-            os._exit(0)
+            sys.stdout.flush()
+            os._exit(code)
+
+
+def _broke(error: BaseException, finish: Callable[[object], object]) -> None:
+    """The run itself broke (an output that cannot be written...): one line, the summary, exit 1; the
+    traceback is in the log file."""
+    logging.getLogger("beam_captions").info("the run failed", exc_info=error)
+    print(f"beam-captions: error: {_one_line_error(error)}", file=sys.stderr, flush=True)
+    try:
+        finish(None)
+    except Exception as again:  # noqa: BLE001 - the gallery cannot be written either
+        print(f"beam-captions: error: {_one_line_error(again)}", file=sys.stderr, flush=True)
+    raise SystemExit(1) from None
+
+
+def _refuse(message: str) -> None:
+    """A one-line error and exit status 2, before any work (as the flag parser does)."""
+    print(f"beam-captions: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def _refuse_missing_inputs(config) -> None:
+    from beam_captions.transforms.read import InputError, check_inputs
+
+    try:
+        check_inputs(config.input, streaming=config.streaming)
+    except InputError as error:
+        _refuse(str(error))
+
+
+def _refuse_unwritable_output(output: str) -> None:
+    """A local output root must be a folder this process can create files in; checked before any clip is
+    decoded. (An object store is checked by its first write.)"""
+    from beam_captions.transforms.read import is_local
+
+    if not is_local(output):
+        return
+    root = output[len("file://"):] if output.startswith("file://") else output
+    for folder in (root, *(os.path.join(root, name) for name in ("captions", "previews", "metas", "failures"))):
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            _refuse(f"--output {root}: cannot write there: {folder} is a file, not a folder")
+    try:
+        os.makedirs(root, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=root, prefix=".tmp-write-check-")
+        try:
+            os.write(handle, b"beam-captions")
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+            os.unlink(probe)
+    except OSError as error:
+        _refuse(f"--output {root}: cannot write there: {error.strerror or error}"
+                + (f" ({error.filename})" if error.filename and error.filename != root else ""))
+
+
+def _one_line_error(error: BaseException) -> str:
+    """The reason a run broke, in one line: the operating system's own words when an OSError is behind it."""
+    seen = set()
+    cause: Optional[BaseException] = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, OSError) and cause.strerror:
+            return f"{cause.filename}: {cause.strerror}" if cause.filename else cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    text = str(error)
+    found = re.search(r"\[Errno \d+\] [^\n]*", text)
+    if found:
+        return found.group(0).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else repr(error)}"[:500]
 
 
 def _submitted_only(options) -> bool:
@@ -174,10 +298,17 @@ def _submitted_only(options) -> bool:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     commands = {"tiny-models": _tiny_models, "sample-clips": _sample_clips, "gallery": _gallery}
     if argv[:1] and argv[0] in commands:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return commands[argv[0]](argv[1:])
-    run_job(argv)
+    try:
+        run_job(argv)
+    except SystemExit as stopped:
+        if stopped.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            # Stopped by a signal, the summary printed: runner threads still draining must not hold the exit.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(stopped.code)
+        raise
     return 0

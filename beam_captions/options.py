@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -16,11 +17,14 @@ from beam_captions.inference.variants import (
     CAPTION_ALGORITHMS, ENHANCE_ALGORITHMS, ENHANCE_MODELS, caption_model, canonical_variant,
 )
 from beam_captions.prompts import CAPTION_PROMPTS, ENHANCE_PROMPTS
+from beam_captions.extensions import parse_extensions
 
 __all__ = ["JobConfig", "build_parser", "parse_args", "ConfigError"]
 
 ALGORITHMS = CAPTION_ALGORITHMS  # qwen, qwen2.5, qwen3, nemotron, nemotron-bf16, nemotron-fp8, ...
 ENGINE_DTYPES = ("auto", "float16", "bfloat16", "float32")
+FRAME_DTYPES = ("uint8", "float16", "bfloat16", "float32")
+WEBP_MAX_SIDE = 16383
 
 
 class ConfigError(ValueError):
@@ -33,6 +37,7 @@ class JobConfig:
 
     input: tuple[str, ...]
     output: str
+    input_extensions: Optional[frozenset[str]] = None  # None: beam_captions.transforms.read.VIDEO_EXTENSIONS
     streaming: bool = False
     input_subscription: Optional[str] = None
     watch_interval_seconds: float = 10.0
@@ -44,6 +49,8 @@ class JobConfig:
     clip_time_budget_seconds: float = 900.0
     trust_remote_code: bool = False
     local_workers: Optional[int] = None
+    log_file: Optional[str] = None
+    verbose: bool = False
     generate_captions: bool = False
     generate_previews: bool = False
     model_dir: Optional[str] = None
@@ -53,7 +60,8 @@ class JobConfig:
     captioning_window_size: int = 256
     captioning_remainder_threshold: int = 128
     captioning_sampling_fps: float = 2.0
-    captioning_preprocess_dtype: str = "auto"
+    captioning_preprocess_dtype: str = "uint8"  # the reference's meaning: dtype the frames are handed over in
+    captioning_dtype: str = "auto"  # dtype vLLM computes in (auto: the checkpoint's)
     captioning_batch_size: int = 64
     captioning_max_output_tokens: int = 512
     captioning_use_fp8_weights: bool = False
@@ -99,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--input", nargs="+", action="extend", default=[],
                     help="video files, folders (all videos under them) or globs; local or gs://; a clip named twice "
                          "is processed once")
+    io.add_argument("--input-extensions",
+                    help="file extensions a folder scan takes, comma-separated, any case: 'mp4,mov' replaces the "
+                         "default set (every container FFmpeg reads: mp4, mov, mkv, mts, m2ts, vob, mxf, dv, y4m, ...), "
+                         "'+xyz' adds to it, '*' takes every file; files named explicitly are always taken")
     io.add_argument("--output", required=True, help="output root, local or gs://")
     io.add_argument("--streaming", action="store_true",
                     help="run until cancelled: watch --input for new clips, or read --input-subscription")
@@ -125,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="local (DirectRunner) runs: decode and encode previews on this many threads "
                          "(default: every core), sharing one engine per model")
 
+    io.add_argument("--log-file",
+                    help="where the run's log goes (default: OUT/logs/beam-captions-<time>-<pid>.log); "
+                         "the terminal shows progress, warnings and the summary")
+    io.add_argument("--verbose", action="store_true",
+                    help="also show the libraries' logs (vLLM, transformers, torch, Beam) on the terminal")
+
     cap = parser.add_argument_group("captions")
     cap.add_argument("--generate-captions", action="store_true", help="caption every window")
     cap.add_argument("--model-dir", help="Hugging Face model directory of the captioner")
@@ -137,8 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--captioning-remainder-threshold", type=int, default=128,
                      help="a remainder this long becomes its own window (default 128)")
     cap.add_argument("--captioning-sampling-fps", type=float, default=2.0, help="model frames per second (default 2)")
-    cap.add_argument("--captioning-preprocess-dtype", choices=ENGINE_DTYPES, default="auto",
-                     help="dtype vLLM computes in (frames are handed over as uint8)")
+    cap.add_argument("--captioning-preprocess-dtype", choices=FRAME_DTYPES, default="uint8",
+                     help="dtype the prepared frames are handed to the model in, as in the reference (default "
+                          "uint8; the model's processor normalises them either way)")
+    cap.add_argument("--captioning-dtype", choices=ENGINE_DTYPES, default="auto",
+                     help="dtype vLLM computes in (default auto: the checkpoint's)")
     cap.add_argument("--captioning-batch-size", type=int, default=64,
                      help="windows a worker process keeps in flight to vLLM, which batches them continuously "
                           "(default 64; each holds its sampled frames in memory)")
@@ -202,11 +223,23 @@ def _vllm_kwargs(text: str, flag: str) -> dict[str, Any]:
 
 def validate(config: JobConfig) -> None:
     """Raise ``ConfigError`` for the first value that cannot work."""
+    _check(all(location.strip() for location in config.input), "--input must not be empty")
+    _check(bool(config.output.strip()), "--output must not be empty")
+    _check(config.log_file is None or bool(config.log_file.strip()), "--log-file must not be empty")
     _check(bool(config.input) != bool(config.input_subscription), "give --input or --input-subscription (one of them)")
     _check(not config.input_subscription or config.streaming, "--input-subscription needs --streaming")
     _check(not config.streaming or len(config.input) <= 1, "--streaming watches one --input location")
     _check(not config.input_subscription or config.input_subscription.startswith("projects/"),
            "--input-subscription must look like projects/<project>/subscriptions/<name>")
+    for flag, value in (("--watch-interval-seconds", config.watch_interval_seconds),
+                        ("--window-seconds", config.window_seconds),
+                        ("--clip-time-budget-seconds", config.clip_time_budget_seconds),
+                        ("--captioning-sampling-fps", config.captioning_sampling_fps),
+                        ("--preview-target-fps", config.preview_target_fps),
+                        ("--captioning-gpu-memory-share", config.captioning_gpu_memory_share),
+                        ("--enhance-captions-gpu-memory-share", config.enhance_captions_gpu_memory_share),
+                        ("--gpu-memory-gib", config.gpu_memory_gib)):
+        _check(value is None or math.isfinite(value), f"{flag} must be a finite number, got {value}")
     _check(config.watch_interval_seconds > 0, "--watch-interval-seconds must be positive")
     _check(config.window_seconds > 0, "--window-seconds must be positive")
     _check(config.max_frame_pixels >= 1, "--max-frame-pixels must be positive")
@@ -220,6 +253,8 @@ def validate(config: JobConfig) -> None:
     _check(config.captioning_max_output_tokens >= 1, "--captioning-max-output-tokens must be at least 1")
     _check(config.preview_target_fps > 0, "--preview-target-fps must be positive")
     _check(config.preview_target_height >= 2, "--preview-target-height must be at least 2")
+    _check(config.preview_target_height <= WEBP_MAX_SIDE,
+           f"--preview-target-height must be at most {WEBP_MAX_SIDE} (the largest side a WebP image can have)")
     _check(0 <= config.preview_compression_level <= 6, "--preview-compression-level must be between 0 and 6")
     _check(0 <= config.preview_quality <= 100, "--preview-quality must be between 0 and 100")
     _check(config.preview_num_cpus_per_worker >= 1, "--preview-num-cpus-per-worker must be at least 1")
@@ -295,6 +330,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[JobConfig, list[st
                 values["enhance_captions_vllm_kwargs"], "--enhance-captions-vllm-kwargs"
             )
         values["input"] = tuple(values["input"])
+        if values["input_extensions"] is not None:
+            try:
+                values["input_extensions"] = parse_extensions(values["input_extensions"])
+            except ValueError as error:
+                raise ConfigError(str(error)) from None
         config = JobConfig(**values)
         validate(config)
     except ConfigError as error:

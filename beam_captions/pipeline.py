@@ -54,9 +54,11 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
     if config.input_subscription:
         clips = pipeline | "ClipsFromNotifications" >> ClipsFromNotifications(config.input_subscription)
     elif config.streaming:
-        clips = pipeline | "WatchClips" >> WatchClips(config.input[0], config.watch_interval_seconds)
+        clips = pipeline | "WatchClips" >> WatchClips(
+            config.input[0], config.watch_interval_seconds, config.input_extensions
+        )
     else:
-        clips = pipeline | "ReadClips" >> ReadClips(config.input)
+        clips = pipeline | "ReadClips" >> ReadClips(config.input, config.input_extensions)
     elements = (
         clips
         | "SkipFinished" >> SkipFinishedClips(config.output, asked, config.skip_existing, config.retry_failed)
@@ -94,7 +96,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             generate_stage2_caption=config.captioning_stage2_caption,
             stage2_prompt_text=config.captioning_stage2_prompt_text,
             retry_flagged=config.captioning_retry_flagged,
-            dtype=config.captioning_preprocess_dtype,
+            dtype=config.captioning_dtype,
+            frames_dtype=config.captioning_preprocess_dtype,
             trust_remote_code=config.trust_remote_code,
             gpu_memory_utilization=caption_share,
             vllm_kwargs=config.vllm_kwargs,

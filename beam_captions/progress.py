@@ -33,23 +33,48 @@ def _reset() -> None:
         _counts.clear()
 
 
-def progress_line(counts: dict[str, int], seconds: float) -> str:
-    """One line: clips found and decoded, windows prepared, captioned, enhanced, previews, rate."""
-    captioned = counts.get("windows_captioned", 0)
-    rate = captioned / seconds if seconds > 0 else 0.0
-    return (
-        f"[{seconds:6.0f} s] clips {counts.get('clips_decoded', 0)}/{counts.get('clips_found', 0)} decoded"
-        f" | windows {counts.get('windows_prepared', 0)} prepared, {captioned} captioned,"
-        f" {counts.get('windows_enhanced', 0)} enhanced | previews {counts.get('previews_encoded', 0)}"
-        f" | {rate:.2f} captions/s"
-    )
+def progress_line(
+    counts: dict[str, int], seconds: float, captions: bool = True, locations: Optional[int] = None
+) -> str:
+    """One line: clips found and decoded, windows prepared (captioned, enhanced), previews, rate.
+
+    ``locations``: how many ``--input`` locations are being listed; until each has been listed the clip
+    total is what was found so far (``12+``, "listing"). ``captions=False`` (a previews-only run) leaves
+    out the caption counters.
+    """
+    found = counts.get("clips_found", 0)
+    listing = locations is not None and counts.get("listings_done", 0) < locations
+    total = f"{found}+" if listing else f"{found}"
+    line = f"[{seconds:6.0f} s] clips {counts.get('clips_decoded', 0)}/{total} decoded"
+    if listing:
+        line += " (listing)"
+    previews = counts.get("previews_encoded", 0)
+    if captions:
+        captioned = counts.get("windows_captioned", 0)
+        rate = captioned / seconds if seconds > 0 else 0.0
+        return (
+            f"{line} | windows {counts.get('windows_prepared', 0)} prepared, {captioned} captioned,"
+            f" {counts.get('windows_enhanced', 0)} enhanced | previews {previews} | {rate:.2f} captions/s"
+        )
+    rate = previews / seconds if seconds > 0 else 0.0
+    return f"{line} | windows {counts.get('windows_prepared', 0)} | previews {previews} | {rate:.2f} previews/s"
 
 
 class ProgressReporter:
     """Prints ``progress_line`` every ``interval`` s: in place on a terminal, as plain lines otherwise."""
 
-    def __init__(self, stream: TextIO = sys.stderr, interval: Optional[float] = None):
+    def __init__(
+        self,
+        stream: TextIO = sys.stderr,
+        interval: Optional[float] = None,
+        *,
+        captions: bool = True,
+        locations: Optional[int] = None,
+        streaming: bool = False,
+    ):
         self.stream = stream
+        self.captions = captions
+        self.locations = None if streaming else locations  # a watched folder is never listed to the end
         self.tty = stream.isatty()
         self.interval = interval if interval is not None else (1.0 if self.tty else 30.0)
         self._stop = threading.Event()
@@ -70,7 +95,7 @@ class ProgressReporter:
             self.stream.flush()
 
     def _print(self) -> None:
-        line = progress_line(snapshot(), time.monotonic() - self._started)
+        line = progress_line(snapshot(), time.monotonic() - self._started, self.captions, self.locations)
         self.stream.write(f"\r\x1b[2K{line}" if self.tty else f"{line}\n")
         self.stream.flush()
 

@@ -55,6 +55,9 @@ class ClipInfo:
     warnings: tuple[str, ...] = ()
     found_at: Optional[float] = None
     source_version: Optional[tuple[int, float]] = None  # the ``ClipRef.version`` that was decoded
+    display_width: Optional[int] = None  # as shown (sample aspect ratio and rotation applied)
+    display_height: Optional[int] = None
+    rotation: int = 0  # the display rotation applied, as a ``rotate`` tag gives it
 
 
 @dataclass(frozen=True)

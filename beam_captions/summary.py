@@ -5,17 +5,25 @@ from __future__ import annotations
 __all__ = ["format_summary"]
 
 
-def format_summary(counts: dict[str, int], output: str, seconds: float) -> str:
-    """Clips, windows, captions, previews and failures by stage, with the caption rate and output root."""
+def format_summary(counts: dict[str, int], output: str, seconds: float, captions: bool = True) -> str:
+    """Clips, windows, captions, previews and failures by stage, with the caption rate and output root.
+
+    ``captions=False`` (a previews-only run) leaves out the caption lines. Warnings that repeat per clip
+    are told once per kind (``warnings_<kind>`` counters).
+    """
+    from beam_captions.logs import WARNING_KINDS
+
     failures = {name[len("failures_"):]: n for name, n in sorted(counts.items()) if name.startswith("failures_")}
     by_stage = ", ".join(f"{stage} {n}" for stage, n in failures.items())
     flagged = ", ".join(f"{name[len('flagged_'):]} {n}" for name, n in sorted(counts.items()) if name.startswith("flagged_"))
+    with_captions = captions
     captions = counts.get("captions", 0)
     prompt_tokens = counts.get("caption_prompt_tokens", 0)
     redone = sum(counts.get(name, 0) for name in ("clips_retried", "clips_replaced", "clips_extended"))
     lines = [
         f"beam-captions finished in {seconds:.1f} s",
         f"  clips found      {counts.get('clips_found', 0)}",
+        f"  files ignored    {counts.get('files_ignored_not_video', 0)} (not video by name)",
         f"  clips skipped    {counts.get('clips_skipped', 0)} (finished by an earlier run)",
         *([f"  clips redone     {redone} (failed before {counts.get('clips_retried', 0)}, source replaced "
            f"{counts.get('clips_replaced', 0)}, outputs missing {counts.get('clips_extended', 0)})"] if redone else []),
@@ -23,11 +31,21 @@ def format_summary(counts: dict[str, int], output: str, seconds: float) -> str:
           if counts.get("duplicates_dropped") else []),
         f"  clips failed     {counts.get('clips_failed', 0)}",
         f"  windows          {counts.get('windows', 0)}",
-        f"  captions         {captions} ({captions / seconds if seconds > 0 else 0:.2f}/s)",
-        f"  prompt tokens    {prompt_tokens} ({prompt_tokens // captions if captions else 0} per window)",
-        f"  flagged captions {flagged or 'none'}",
+    ]
+    if with_captions:
+        lines += [
+            f"  captions         {captions} ({captions / seconds if seconds > 0 else 0:.2f}/s)",
+            f"  prompt tokens    {prompt_tokens} ({prompt_tokens // captions if captions else 0} per window)",
+            f"  flagged captions {flagged or 'none'}",
+        ]
+    warned = [(n, WARNING_KINDS.get(name[len("warnings_"):], name[len("warnings_"):].replace("_", " ")))
+              for name, n in sorted(counts.items()) if name.startswith("warnings_") and n]
+    lines += [
         f"  previews         {counts.get('previews', 0)}",
         f"  failures         {sum(failures.values())}" + (f" ({by_stage})" if by_stage else ""),
         f"  outputs          {output}  (captions/ previews/ metas/ failures/)",
     ]
+    if warned:
+        told = [f"{n} {what.replace('clips ', 'clip ', 1) if n == 1 else what}" for n, what in warned]
+        lines.insert(-1, "  warnings         " + ", ".join(told))
     return "\n".join(lines)

@@ -132,12 +132,15 @@ def test_file_object_source(tmp_path: Path) -> None:
     assert not stream.closed
 
 
-def test_rotated_clip_decodes_unrotated(tmp_path: Path) -> None:
+def test_rotated_clip_decodes_as_displayed(tmp_path: Path) -> None:
+    """Issue 15: the display rotation is applied (it used to be ignored: frames came out sideways)."""
     clip = make_clip(tmp_path / "rotated.mp4", 10, 30, 64, 48, rotation_degrees=90)
     info, [decoded] = decode_windows(clip, **SMALL)
     assert (info.width, info.height) == (64, 48)
-    assert decoded.frames.shape[2] > decoded.frames.shape[1]
-    assert_frames_show(decoded.frames, decoded.frame_indices)
+    assert (info.display_width, info.display_height, info.rotation) == (48, 64, 90)
+    assert decoded.frames.shape[1] > decoded.frames.shape[2]
+    # turned counter-clockwise for display (FFmpeg's display matrix convention): turning back shows the frames
+    assert_frames_show(np.stack([np.rot90(frame, -1) for frame in decoded.frames]), decoded.frame_indices)
 
 
 def _drop_first_packet(index: int, packet: av.Packet) -> av.Packet | None:

@@ -75,6 +75,8 @@ def outputs(out: str) -> dict[str, object]:
     found: dict[str, object] = {}
     for path in glob.glob(os.path.join(out, "**", "*"), recursive=True):
         name = os.path.relpath(path, out)
+        if name.startswith("logs"):  # the run's log, not an output
+            continue
         if name.endswith(".parquet"):
             found[name] = [{k: v.replace(out, "OUT") if isinstance(v, str) else v for k, v in row.items()}
                            for row in pq.read_table(path).to_pylist()]

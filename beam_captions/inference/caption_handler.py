@@ -43,6 +43,7 @@ class CaptionRequest:
     retry_seed: int = 1
     retry_repetition_penalty: float = 1.3
     family: CaptionFamily = QWEN25
+    frames_dtype: str = "uint8"  # the dtype frames are handed to the model in (the reference's preprocess dtype)
 
     def sampling_params(self, retry: bool = False) -> Any:
         """The reference's sampling; a retry gets another seed and a stronger repetition penalty."""
@@ -82,15 +83,36 @@ def strip_reasoning(text: str) -> str:
     return _THINK_BLOCK.sub("", text)
 
 
-def video_input(engine: Engine, record: WindowRecord, prompt: str, family: CaptionFamily = QWEN25) -> dict:
+FRAME_DTYPES = ("uint8", "float16", "bfloat16", "float32")
+
+
+def frames_as(frames: Any, dtype: str) -> Any:
+    """``frames`` (uint8, 0-255) in ``dtype``, values kept: a numpy array, or a torch tensor for bfloat16
+    (numpy has none)."""
+    if dtype not in FRAME_DTYPES:
+        raise ValueError(f"frames dtype must be one of {', '.join(FRAME_DTYPES)}, got {dtype!r}")
+    if dtype == "uint8":
+        return frames
+    if dtype == "bfloat16":
+        import torch
+
+        return torch.from_numpy(frames).to(torch.bfloat16)
+    return frames.astype(dtype)
+
+
+def video_input(
+    engine: Engine, record: WindowRecord, prompt: str, family: CaptionFamily = QWEN25, frames_dtype: str = "uint8"
+) -> dict:
     """A vLLM input dict: the prompt rendered by ``family``'s chat, and the window's frames with their metadata.
 
-    The same for every family vLLM knows (Qwen2.5-VL, Qwen3-VL, Nemotron VL): frames as uint8
-    ``(T, H, W, 3)`` already sampled and sized (``do_sample_frames`` off) and the video's metadata.
+    The same for every family vLLM knows (Qwen2.5-VL, Qwen3-VL, Nemotron VL): frames ``(T, H, W, 3)``
+    already sampled and sized (``do_sample_frames`` off), in ``frames_dtype`` (default uint8), and the
+    video's metadata.
     """
     frames = record.frames
     if frames is None or len(frames) < 2:
         raise ValueError(f"window {record.window_index} of {record.source} carries no frames")
+    frames = frames_as(frames, frames_dtype)
     duration = max(record.end_s - record.start_s, 1e-3)
     fps = len(frames) / duration
     metadata = {
@@ -130,7 +152,7 @@ def _retry_flagged(engine: Engine, inputs: list[dict], first: list[Generated], r
 
 def caption_batch(engine: Engine, batch: Sequence[WindowRecord], request: CaptionRequest) -> list[WindowRecord]:
     """Caption every window of ``batch`` (stage 1, retries of flagged captions, stage 2); raises on engine errors."""
-    inputs = [video_input(engine, r, request.prompt, request.family) for r in batch]
+    inputs = [video_input(engine, r, request.prompt, request.family, request.frames_dtype) for r in batch]
     stage1 = generate_checked(engine, inputs, request.sampling_params())
     retried = _retry_flagged(engine, inputs, stage1, request) if request.retry_flagged else [False] * len(batch)
     stage2: list[Optional[Generated]] = [None] * len(batch)
@@ -138,7 +160,8 @@ def caption_batch(engine: Engine, batch: Sequence[WindowRecord], request: Captio
         wanted = [i for i, g in enumerate(stage1) if g.text]
         prompts = [stage2_prompt(stage1[i].text, request.stage2_instruction) for i in wanted]
         refined = generate_checked(
-            engine, [video_input(engine, batch[i], p, request.family) for i, p in zip(wanted, prompts)],
+            engine,
+            [video_input(engine, batch[i], p, request.family, request.frames_dtype) for i, p in zip(wanted, prompts)],
             request.sampling_params(),
         )
         for i, generated in zip(wanted, refined):
@@ -190,6 +213,7 @@ class VideoCaptionHandler(VLLMWindowHandler):
         stage2_prompt_text: Optional[str] = None,
         retry_flagged: bool = False,
         dtype: str = "auto",
+        frames_dtype: str = "uint8",
         max_model_len: Optional[int] = None,
         gpu_memory_utilization: float = 0.85,
         vllm_kwargs: Optional[dict] = None,
@@ -222,7 +246,10 @@ class VideoCaptionHandler(VLLMWindowHandler):
             retry_flagged=retry_flagged,
             max_output_tokens=max_output_tokens,
             family=family,
+            frames_dtype=frames_dtype,
         )
+        if frames_dtype not in FRAME_DTYPES:
+            raise ValueError(f"frames_dtype must be one of {', '.join(FRAME_DTYPES)}, got {frames_dtype!r}")
         super().__init__(
             settings, request, inference_fn, batch_size=caption_batch_size, share_across_processes=share_across_processes
         )

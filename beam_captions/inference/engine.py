@@ -167,10 +167,16 @@ class Engine:
         async def build() -> Any:  # built inside the loop, so its output handler runs there
             from vllm import AsyncEngineArgs, AsyncLLMEngine
 
+            from beam_captions.logs import route_transformers
+
+            route_transformers()  # imported by vLLM just now: its warnings go to the log file
             return AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**kwargs))
 
+        from beam_captions.logs import engine_output_to_log
+
         try:
-            llm = asyncio.run_coroutine_threadsafe(build(), loop).result()
+            with engine_output_to_log():  # its processes print to the log file, not the terminal
+                llm = asyncio.run_coroutine_threadsafe(build(), loop).result()
             # Registered after vLLM's own exit hooks, so it runs before them: the engines stop in order.
             atexit.register(self.shutdown)
         except BaseException:

@@ -233,12 +233,24 @@ def _copy_remote(uri: str, cache_dir: Optional[str]) -> str:
 # ---------------------------------------------------------------- the hub
 
 
-def _unavailable(directory: str, model_id: str, revision: str, reason: str) -> ModelUnavailableError:
+def _unavailable(directory: str, model_id: str, revision: str, reason: str, existed: bool = True) -> ModelUnavailableError:
     command = f"hf download {model_id} --revision {revision} --local-dir {shlex.quote(directory)}"
+    what = "it holds no weights" if existed else "it does not exist"
     return ModelUnavailableError(
-        f"{directory} is not a model directory (it holds no weights) and {model_id} could not be downloaded "
+        f"{directory} is not a model directory ({what}) and {model_id} could not be downloaded "
         f"({reason}); fetch it with: {command}"
     )
+
+
+def _first_missing(directory: str) -> Optional[str]:
+    """The outermost folder of ``directory`` (itself included) that does not exist yet, or ``None``."""
+    path, missing = os.path.normpath(os.path.abspath(directory)), None
+    while not os.path.lexists(path):
+        missing, parent = path, os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
 
 
 def _download(directory: str, model_id: Optional[str], revision: Optional[str]) -> str:
@@ -248,8 +260,9 @@ def _download(directory: str, model_id: Optional[str], revision: Optional[str]) 
             f"{directory} is not a model directory (it holds no weights) and no Hugging Face model id is known for it"
         )
     revision = revision or pinned_revision(model_id)
+    created = _first_missing(directory)  # removed again should the download fail: a failed check leaves nothing
     if _offline():
-        raise _unavailable(directory, model_id, revision, "HF_HUB_OFFLINE is set")
+        raise _unavailable(directory, model_id, revision, "HF_HUB_OFFLINE is set", created is None)
     try:
         with _file_lock(_lock_path(directory)):
             if os.path.isdir(directory) and has_weights(directory):  # another process downloaded it meanwhile
@@ -261,10 +274,13 @@ def _download(directory: str, model_id: Optional[str], revision: Optional[str]) 
             HfApi().model_info(model_id, revision=revision, timeout=PROBE_TIMEOUT_S)
             log.info("downloading %s@%s into %s", model_id, revision, directory)
             snapshot_download(model_id, revision=revision, local_dir=directory, etag_timeout=PROBE_TIMEOUT_S)
-    except ModelUnavailableError:
-        raise
-    except Exception as error:  # the hub's errors are many (connection, auth, missing revision, disk)
-        raise _unavailable(directory, model_id, revision, _one_line(error)) from error
+    except BaseException as error:
+        if created is not None and not has_weights(directory):
+            shutil.rmtree(created, ignore_errors=True)
+        if isinstance(error, ModelUnavailableError) or not isinstance(error, Exception):
+            raise
+        # the hub's errors are many (connection, auth, missing revision, disk)
+        raise _unavailable(directory, model_id, revision, _one_line(error), created is None) from error
     if not has_weights(directory):
         raise _unavailable(directory, model_id, revision, "the download holds no config.json and weights")
     log.info("downloaded %s@%s into %s in %.1f s", model_id, revision, directory, time.monotonic() - started)

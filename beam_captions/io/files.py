@@ -5,11 +5,27 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
 __all__ = ["write_bytes", "write_json", "read_json"]
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """This process's umask, read now (Linux: /proc; elsewhere by setting and restoring it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        with _UMASK_LOCK:
+            mask = os.umask(0o022)
+            os.umask(mask)
+            return mask
 
 
 def write_bytes(path: str, data: bytes, mime_type: str = "application/octet-stream") -> None:
@@ -20,6 +36,7 @@ def write_bytes(path: str, data: bytes, mime_type: str = "application/octet-stre
         os.makedirs(folder, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(local))
         try:
+            os.fchmod(handle, 0o666 & ~_umask())  # mkstemp makes the file private; outputs are meant to be shared
             with os.fdopen(handle, "wb") as out:
                 out.write(data)
             os.replace(temporary, local)

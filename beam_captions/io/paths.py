@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -26,8 +26,21 @@ def failures_dir(output: str) -> str:
     return FileSystems.join(output, "failures")
 
 
-def preview_path(output: str, clip_id: str, start_frame: int, end_frame: int) -> str:
-    return FileSystems.join(previews_dir(output), clip_id, f"{start_frame}_{end_frame}.webp")
+def preview_path(output: str, clip_id: str, window: Any, end_frame: Optional[int] = None) -> str:
+    """``OUT/previews/<clip_id>/<start_frame>_<end_frame>.webp``: the preview of one window.
+
+    ``window`` is a ``WindowRecord``, a ``FrameWindow`` (anything with ``start_frame``/``end_frame`` or
+    ``start``/``end``), a ``(start_frame, end_frame)`` pair, or the start frame with ``end_frame`` given.
+    """
+    if end_frame is not None:
+        start_frame = int(window)
+    elif hasattr(window, "start_frame"):
+        start_frame, end_frame = window.start_frame, window.end_frame
+    elif hasattr(window, "start") and hasattr(window, "end"):
+        start_frame, end_frame = window.start, window.end
+    else:
+        start_frame, end_frame = window
+    return FileSystems.join(previews_dir(output), clip_id, f"{int(start_frame)}_{int(end_frame)}.webp")
 
 
 def meta_path(output: str, clip_id: str) -> str:

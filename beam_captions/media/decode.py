@@ -13,9 +13,10 @@ in a second pass.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -26,22 +27,27 @@ import numpy as np
 from av.video.reformatter import VideoReformatter
 
 from beam_captions.inference.frame_bounds import DEFAULT_FRAME_BOUNDS, FrameBounds
+from beam_captions.logs import warn
 from beam_captions.media.windowing import (
     MIN_FRAMES,
     FrameWindow,
     compute_windows,
     preview_frame_indices,
+    preview_frame_indices_by_time,
     sample_frame_indices,
+    sample_frame_indices_by_time,
 )
 
 __all__ = [
     "DecodeError",
     "VideoInfo",
+    "Orientation",
     "PreviewSpec",
     "DecodedWindow",
     "preview_size",
     "decode_windows",
     "iter_decode",
+    "orientation_from_matrix",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,6 +73,85 @@ class VideoInfo:
     num_frames: int
     codec: str
     duration_s: float
+    display_width: int = 0  # as shown: sample aspect ratio and display rotation applied (0: same as coded)
+    display_height: int = 0
+    rotation: int = 0  # the display rotation applied (0, 90, 180, 270), as a ``rotate`` tag gives it
+
+    def __post_init__(self) -> None:
+        if not self.display_width:
+            object.__setattr__(self, "display_width", self.width)
+        if not self.display_height:
+            object.__setattr__(self, "display_height", self.height)
+
+
+@dataclass(frozen=True)
+class Orientation:
+    """How coded frames become displayed ones: the sample aspect ratio stretches the width, then the
+    display matrix turns (clockwise quarter turns) and may mirror them, as FFmpeg's autorotate does."""
+
+    sar: float = 1.0
+    transform: str = ""  # "", "clock", "cclock", "clock_flip", "cclock_flip", "hflip", "vflip", "hflip+vflip"
+
+    @property
+    def quarter_turn(self) -> bool:
+        return self.transform in ("clock", "cclock", "clock_flip", "cclock_flip")
+
+    @property
+    def rotation(self) -> int:
+        """The display rotation in degrees as a ``rotate`` tag (and ffprobe's old ``rotate``) gives it."""
+        return {"cclock": 90, "cclock_flip": 90, "clock": 270, "clock_flip": 270, "hflip+vflip": 180}.get(
+            self.transform, 0)
+
+    def display_size(self, width: int, height: int) -> Size:
+        """The coded ``width x height`` as displayed."""
+        shown = max(1, round(width * self.sar)) if self.sar > 0 else width
+        return (height, shown) if self.quarter_turn else (shown, height)
+
+    def coded_size(self, width: int, height: int) -> Size:
+        """The size to scale a coded frame to so that, once turned, it is ``width x height``."""
+        return (height, width) if self.quarter_turn else (width, height)
+
+    def apply(self, rgb: np.ndarray) -> np.ndarray:
+        """``rgb`` (H, W, 3), scaled to ``coded_size``, as displayed."""
+        t = self.transform
+        if t == "clock":
+            return np.rot90(rgb, -1)
+        if t == "cclock":
+            return np.rot90(rgb, 1)
+        if t == "cclock_flip":
+            return rgb.transpose(1, 0, 2)
+        if t == "clock_flip":
+            return rgb.transpose(1, 0, 2)[::-1, ::-1]
+        if t == "hflip":
+            return rgb[:, ::-1]
+        if t == "vflip":
+            return rgb[::-1]
+        if t == "hflip+vflip":
+            return rgb[::-1, ::-1]
+        return rgb
+
+
+def orientation_from_matrix(matrix: Sequence[int] | None, sar: float = 1.0) -> Orientation:
+    """FFmpeg's autorotate choice (fftools) for a display matrix of 9 int32 values (16.16 fixed point)."""
+    if matrix is None:
+        return Orientation(sar)
+    m = [float(v) for v in matrix]
+    scale0, scale1 = math.hypot(m[0], m[3]), math.hypot(m[1], m[4])
+    if scale0 == 0 or scale1 == 0:
+        return Orientation(sar)
+    # fftools' get_rotation: minus av_display_rotation_get (counter-clockwise), i.e. the clockwise angle
+    theta = round(math.degrees(math.atan2(m[1] / scale1, m[0] / scale0)))
+    theta -= 360 * math.floor(theta / 360 + 0.9 / 360)
+    if abs(theta - 90) < 1:
+        return Orientation(sar, "cclock_flip" if m[3] > 0 else "clock")
+    if abs(theta - 180) < 1:
+        flips = [name for name, negative in (("hflip", m[0] < 0), ("vflip", m[4] < 0)) if negative]
+        return Orientation(sar, "+".join(flips))
+    if abs(theta - 270) < 1:
+        return Orientation(sar, "clock_flip" if m[3] < 0 else "cclock")
+    if abs(theta) < 1 and m[4] < 0:
+        return Orientation(sar, "vflip")
+    return Orientation(sar)
 
 
 @dataclass(frozen=True)
@@ -92,14 +177,17 @@ class DecodedWindow:
     frames: np.ndarray | None
     preview_frames: np.ndarray | None
     fps: float
+    start_time: float | None = None  # presentation times (s from the first frame), when known
+    end_time: float | None = None
 
     @property
     def start_s(self) -> float:
-        return self.window.start / self.fps
+        return self.start_time if self.start_time is not None else self.window.start / self.fps
 
     @property
     def end_s(self) -> float:
-        return (self.window.end + 1) / self.fps
+        """Where the window's last frame stops being shown (its successor's time)."""
+        return self.end_time if self.end_time is not None else (self.window.end + 1) / self.fps
 
 
 @dataclass(frozen=True)
@@ -110,11 +198,12 @@ class _Plan:
     windows: list[FrameWindow]
     model_indices: list[list[int]]
     preview_indices: list[list[int]] | None
+    times: Sequence[float] | None = None  # each frame's presentation time, and the end of the last
 
     def after(self, count: int) -> "_Plan":
         """The plan without its first ``count`` windows."""
         previews = None if self.preview_indices is None else self.preview_indices[count:]
-        return _Plan(self.fps, self.windows[count:], self.model_indices[count:], previews)
+        return _Plan(self.fps, self.windows[count:], self.model_indices[count:], previews, self.times)
 
 
 def preview_size(width: int, height: int, target_height: int) -> Size:
@@ -132,17 +221,48 @@ def _describe(source: Source) -> str:
     return os.fspath(source) if _is_path(source) else "<file object>"
 
 
+def _not_a_video_file(path: str) -> str | None:
+    """Why ``path`` cannot be a clip, told without opening it (a FIFO would block): ``None`` for a
+    non-empty regular file."""
+    import errno
+    import stat
+
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        if os.path.islink(path):
+            if exc.errno == errno.ELOOP:
+                return f"{path} is a symbolic link that loops (it never reaches a file)"
+            if exc.errno == errno.ENOENT:
+                return f"{path} is a dangling symbolic link (its target {os.readlink(path)} does not exist)"
+        if exc.errno == errno.ENOENT:
+            return f"cannot read {path}: it does not exist"
+        return f"cannot read {path}: {exc}"
+    mode = info.st_mode
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    for test, kind in kinds:
+        if test(mode):
+            return f"{path} is {kind}, not a video file; it was not read"
+    if not stat.S_ISREG(mode):
+        return f"{path} is not a regular file; it was not read"
+    if info.st_size == 0:
+        return f"{path} is empty (0 bytes)"
+    if not os.access(path, os.R_OK):
+        return f"cannot read {path}: permission denied"
+    return None
+
+
 def _check_not_empty(source: Source) -> None:
+    """A path must be a non-empty regular file (never opened otherwise); a file object must hold bytes."""
     if _is_path(source):
-        try:
-            empty = os.path.getsize(source) == 0
-        except OSError as exc:
-            raise DecodeError(f"cannot read {_describe(source)}: {exc}") from exc
-    else:
-        if not source.seekable():
-            raise ValueError("decode_windows needs a seekable file object")
-        empty = source.seek(0, os.SEEK_END) == 0
-    if empty:
+        reason = _not_a_video_file(os.fspath(source))
+        if reason:
+            raise DecodeError(reason)
+        return
+    if not source.seekable():
+        raise ValueError("decode_windows needs a seekable file object")
+    if source.seek(0, os.SEEK_END) == 0:
         raise DecodeError(f"{_describe(source)} is empty (0 bytes)")
 
 
@@ -168,10 +288,13 @@ def _video_stream(container: av.container.InputContainer, name: str) -> av.Video
     if not container.streams:
         raise DecodeError(f"{name} has no readable streams (truncated, or not a video?)")
     attached_pic = av.stream.Disposition.attached_pic
-    for stream in container.streams.video:
-        if not stream.disposition & attached_pic:
+    candidates = [stream for stream in container.streams.video if not stream.disposition & attached_pic]
+    if not candidates:
+        raise DecodeError(f"{name} has no video stream")
+    for stream in candidates:  # the one flagged default, else the first
+        if stream.disposition & av.stream.Disposition.default:
             return stream
-    raise DecodeError(f"{name} has no video stream")
+    return candidates[0]
 
 
 def _packets(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.Packet]:
@@ -181,7 +304,7 @@ def _packets(container: av.container.InputContainer, stream: av.VideoStream) -> 
             if packet.size:
                 yield packet
     except av.error.FFmpegError as exc:
-        log.warning("stopped reading packets after a demux error: %s", exc)
+        warn("demux_error", "stopped reading packets after a demux error: %s", exc, logger=log)
 
 
 def _decoded_frames(
@@ -204,7 +327,7 @@ def _decoded_frames(
         errors += 1
         log.debug("decoder flush failed: %s", exc)
     if errors:
-        log.warning("%d video packets could not be decoded", errors)
+        warn("undecodable_packets", "%d video packets could not be decoded", errors, logger=log)
 
 
 def _clip_fps(stream: av.VideoStream, container: av.container.InputContainer, num_frames: int) -> float:
@@ -222,9 +345,22 @@ def _clip_fps(stream: av.VideoStream, container: av.container.InputContainer, nu
 
 
 def _plan(
-    total: int, fps: float, window_size: int, remainder_threshold: int, sampling_fps: float, preview: PreviewSpec | None
+    total: int,
+    fps: float,
+    window_size: int,
+    remainder_threshold: int,
+    sampling_fps: float,
+    preview: PreviewSpec | None,
+    times: Sequence[float] | None = None,
 ) -> _Plan:
+    """Windows of ``total`` frames; sampled by presentation time when ``times`` (one per frame and the end
+    of the last) are known, else by frame index at ``fps``."""
     windows = compute_windows(total, window_size, remainder_threshold)
+    if times is not None and len(times) == total + 1:
+        model = [sample_frame_indices_by_time(w, times, sampling_fps) for w in windows]
+        previews = None if preview is None else [
+            preview_frame_indices_by_time(w, times, preview.target_fps) for w in windows]
+        return _Plan(fps, windows, model, previews, tuple(times))
     model = [sample_frame_indices(w, fps, sampling_fps) for w in windows]
     previews = None if preview is None else [preview_frame_indices(w, fps, preview.target_fps) for w in windows]
     return _Plan(fps, windows, model, previews)
@@ -258,7 +394,11 @@ class _WindowBuffers:
         previews = None
         if plan.preview_indices is not None and preview is not None:
             previews = np.empty((len(plan.preview_indices[i]), preview[1], preview[0], 3), np.uint8)
-        return DecodedWindow(plan.windows[i], plan.model_indices[i], frames, previews, plan.fps)
+        window = plan.windows[i]
+        start_time = end_time = None
+        if plan.times is not None:
+            start_time, end_time = plan.times[window.start], plan.times[window.end + 1]
+        return DecodedWindow(window, plan.model_indices[i], frames, previews, plan.fps, start_time, end_time)
 
     def array(self, i: int, kind: str) -> np.ndarray | None:
         window = self.open.get(i) or self.open.setdefault(i, self._new(i))
@@ -300,6 +440,7 @@ def _decode_pass(
     preview: Size | None,
     deadline: "_Deadline",
     ready_at: list[int],
+    orientation: Orientation = Orientation(),
 ) -> Iterator[DecodedWindow]:
     """Decode every frame, keep the planned ones, yield each window once ``ready_at`` frames are decoded.
 
@@ -319,11 +460,11 @@ def _decode_pass(
             places = targets.get(count, ())
             for i, kind, slot in places:
                 array = buffers.array(i, kind)
-                height, width = array.shape[1:3]
+                width, height = orientation.coded_size(array.shape[2], array.shape[1])
                 if (width, height) not in reformatters:
                     reformatters[width, height] = VideoReformatter()
                 rgb = reformatters[width, height].reformat(frame, width, height, "rgb24", interpolation=_INTERPOLATION)
-                array[slot] = rgb.to_ndarray()
+                array[slot] = orientation.apply(rgb.to_ndarray())
             count += 1
             if pending and count >= pending[0]:
                 pending = [n for n in pending if n > count]
@@ -367,8 +508,50 @@ def _check_options(sampling_fps: float, max_pixels_per_frame_source: int | None)
         raise ValueError(f"max_pixels_per_frame_source must be positive, got {max_pixels_per_frame_source}")
 
 
-def _probe(source: Source, max_source_pixels: int | None) -> tuple[int, int, str, int, float]:
-    """Demux-only pass: width, height, codec name, packet count and clip fps."""
+def _orientation(source: Source) -> Orientation:
+    """The clip's sample aspect ratio and display matrix (read from its first decoded frame)."""
+    with _open(source) as container:
+        stream = _video_stream(container, _describe(source))
+        sar = stream.codec_context.sample_aspect_ratio or stream.sample_aspect_ratio
+        ratio = float(sar) if sar and sar > 0 else 1.0
+        matrix = None
+        for packet in _packets(container, stream):
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError:
+                continue
+            if frames:
+                for side in frames[0].side_data:
+                    if side.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
+                        matrix = np.frombuffer(bytes(side), dtype="<i4", count=9).tolist()
+                break
+        return orientation_from_matrix(matrix, ratio if 0.01 < ratio < 100 else 1.0)
+
+
+def _presentation_times(pts: list[int], durations: list[int], time_base, fps: float) -> list[float] | None:
+    """Each frame's presentation time in seconds from the first frame, and the end of the last: the
+    packets' timestamps in presentation order. ``None`` when a packet has none."""
+    if not pts or time_base is None or len(pts) != len(durations):
+        return None
+    order = sorted(range(len(pts)), key=pts.__getitem__)
+    first = pts[order[0]]
+    times = [float((pts[i] - first) * time_base) for i in order]
+    last = durations[order[-1]]
+    times.append(times[-1] + (float(last * time_base) if last and last > 0 else 1.0 / fps))
+    steps = np.diff(times[:-1])
+    tolerance = max(0.01 * float(steps.mean()), 1.5 * float(time_base)) if len(steps) else 0.0
+    if len(steps) and float(steps.max() - steps.min()) <= tolerance:
+        # a constant frame rate (timestamps rounded to the time base, as Matroska's milliseconds):
+        # frame index / fps says the same, without the rounding noise
+        return None
+    return times
+
+
+def _probe(source: Source, max_source_pixels: int | None) -> tuple[int, int, str, int, float, list[float] | None]:
+    """Demux-only pass: width, height, codec name, packet count, clip fps and presentation times.
+
+    Packets an edit list discards are not counted: the decoder drops their frames too (so such a clip is
+    not decoded twice)."""
     name = _describe(source)
     with _open(source) as container:
         stream = _video_stream(container, name)
@@ -377,9 +560,21 @@ def _probe(source: Source, max_source_pixels: int | None) -> tuple[int, int, str
             raise DecodeError(f"{name}: the video stream has no frame size")
         if max_source_pixels is not None and width * height > max_source_pixels:
             raise DecodeError(f"{name}: {width}x{height} frames exceed the limit of {max_source_pixels} pixels")
-        count = sum(1 for _ in _packets(container, stream))
+        pts: list[int] = []
+        durations: list[int] = []
+        count, timed = 0, True
+        for packet in _packets(container, stream):
+            if packet.is_discard:
+                continue
+            count += 1
+            if packet.pts is None:
+                timed = False
+            elif timed:
+                pts.append(packet.pts)
+                durations.append(packet.duration or 0)
         fps = _clip_fps(stream, container, count)
-        return width, height, stream.codec_context.codec.canonical_name, count, fps
+        times = _presentation_times(pts, durations, stream.time_base, fps) if timed else None
+        return width, height, stream.codec_context.codec.canonical_name, count, fps, times
 
 
 def iter_decode(
@@ -408,27 +603,32 @@ def iter_decode(
     deadline = _Deadline(source, time_budget_s)
     _check_options(sampling_fps, max_pixels_per_frame_source)
     _check_not_empty(source)
-    width, height, codec, packet_count, fps = _probe(source, max_pixels_per_frame_source)
-    model_size = partial(frame_bounds.frame_size, width, height) if model_frames else None
-    small = None if preview is None else preview_size(width, height, preview.target_height)
+    width, height, codec, packet_count, fps, times = _probe(source, max_pixels_per_frame_source)
+    orientation = _orientation(source)
+    shown_width, shown_height = orientation.display_size(width, height)
+    model_size = partial(frame_bounds.frame_size, shown_width, shown_height) if model_frames else None
+    small = None if preview is None else preview_size(shown_width, shown_height, preview.target_height)
     options = (fps, window_size, remainder_threshold, sampling_fps, preview)
-    plan = _plan(packet_count, *options)
+    plan = _plan(packet_count, *options, times)
     final_at = _final_at(plan, window_size, remainder_threshold)
-    decoded, rest = yield from _decode_pass(source, plan, model_size, small, deadline, final_at)
+    decoded, rest = yield from _decode_pass(source, plan, model_size, small, deadline, final_at, orientation)
     _require_min_frames(decoded)
     if decoded == packet_count:
         yield from rest
     else:
         given = len(plan.windows) - len(rest)  # a prefix, each final whatever the total
-        log.warning(
-            "%s: decoded %d frames but demuxed %d packets; decoding again for the windows from #%d",
-            _describe(source), decoded, packet_count, given,
+        warn(
+            "decoded_twice", "%s: decoded %d frames but demuxed %d packets; decoding again for the windows from #%d",
+            _describe(source), decoded, packet_count, given, logger=log,
         )
         tail = _plan(decoded, *options).after(given)
-        redecoded, unfilled = yield from _decode_pass(source, tail, model_size, small, deadline, _complete_at(tail))
+        redecoded, unfilled = yield from _decode_pass(
+            source, tail, model_size, small, deadline, _complete_at(tail), orientation
+        )
         _require_repeatable(source, decoded, redecoded)
         yield from unfilled
-    yield VideoInfo(width, height, fps, decoded, codec, decoded / fps)
+    duration_s = plan.times[-1] if plan.times is not None and decoded == packet_count else decoded / fps
+    yield VideoInfo(width, height, fps, decoded, codec, duration_s, shown_width, shown_height, orientation.rotation)
 
 
 def _require_repeatable(source: Source, first: int, second: int) -> None:

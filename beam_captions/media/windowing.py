@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Sequence
+
 import numpy as np
 
 __all__ = [
@@ -87,3 +89,24 @@ def preview_frame_indices(window: FrameWindow, clip_fps: float, target_fps: floa
     count = num_preview_frames(window.num_frames, clip_fps, target_fps)
     step = clip_fps / target_fps
     return [min(window.end, window.start + int(round(k * step))) for k in range(count)]
+
+
+def sample_frame_indices_by_time(window: FrameWindow, times: Sequence[float], sampling_fps: float) -> list[int]:
+    """``sample_frame_indices`` for a clip whose frames start at ``times`` (seconds, one per frame plus the
+    end of the last): as many frames as the window's duration asks, taken at evenly spaced times (both
+    ends included), each the frame shown at that time. For variable frame rates."""
+    start, end = times[window.start], times[window.end + 1]
+    duration = max(end - start, 1e-9)
+    count = num_sampled_frames(window.num_frames, window.num_frames / duration, sampling_fps)
+    wanted = np.linspace(times[window.start], times[window.end], count) + 1e-6  # a time on a frame picks it
+    shown = np.searchsorted(np.asarray(times[window.start:window.end + 1]), wanted, side="right") - 1
+    return [window.start + int(i) for i in np.clip(shown, 0, window.num_frames - 1)]
+
+
+def preview_frame_indices_by_time(window: FrameWindow, times: Sequence[float], target_fps: float) -> list[int]:
+    """``preview_frame_indices`` by presentation time: the frame shown every ``1 / target_fps`` seconds."""
+    start, end = times[window.start], times[window.end + 1]
+    count = max(1, int(round((end - start) * target_fps)))
+    wanted = start + np.arange(count) / target_fps + 1e-6
+    shown = np.searchsorted(np.asarray(times[window.start:window.end + 1]), wanted, side="right") - 1
+    return [window.start + int(i) for i in np.clip(shown, 0, window.num_frames - 1)]

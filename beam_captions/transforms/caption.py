@@ -36,14 +36,22 @@ class CaptionWindows(beam.PTransform):
         stage2_prompt_text: Optional[str] = None,
         retry_flagged: bool = False,
         dtype: str = "auto",
+        frames_dtype: str = "uint8",
         gpu_memory_utilization: float = 0.85,
         vllm_kwargs: Optional[dict] = None,
         trust_remote_code: bool = False,
         accelerator: Optional[str] = None,
         share_across_processes: bool = False,
         handler: Optional[VideoCaptionHandler] = None,
+        verbose: bool = False,
+        **reference_names,
     ):
         super().__init__()
+        # The reference's CaptionGenerationStage / CaptionPreparationStage names, where ours differ.
+        caption_batch_size = reference_names.pop("model_batch_size", caption_batch_size)
+        frames_dtype = reference_names.pop("preprocess_dtype", frames_dtype)
+        _refuse_unknown("CaptionWindows", reference_names)
+        self.verbose = verbose
         self.accelerator = accelerator
         if handler is None and not model_dir:
             raise ValueError("CaptionWindows needs model_dir (or a handler)")
@@ -60,6 +68,7 @@ class CaptionWindows(beam.PTransform):
             stage2_prompt_text=stage2_prompt_text,
             retry_flagged=retry_flagged,
             dtype=dtype,
+            frames_dtype=frames_dtype,
             gpu_memory_utilization=gpu_memory_utilization,
             vllm_kwargs=vllm_kwargs,
             trust_remote_code=trust_remote_code,
@@ -68,3 +77,8 @@ class CaptionWindows(beam.PTransform):
 
     def expand(self, pcoll):
         return pcoll | "Caption" >> InferWindows(self.handler, self.accelerator)
+
+
+def _refuse_unknown(name: str, extra: dict) -> None:
+    if extra:
+        raise TypeError(f"{name}() got unexpected keyword arguments: {', '.join(sorted(extra))}")

@@ -35,8 +35,13 @@ class EnhanceCaptions(beam.PTransform):
         accelerator: Optional[str] = None,
         share_across_processes: bool = False,
         handler: Optional[QwenTextEnhanceHandler] = None,
+        verbose: bool = False,
+        model_batch_size: Optional[int] = None,
     ):
         super().__init__()
+        if model_batch_size is not None:  # the reference's EnhanceCaptionStage name
+            batch_size = model_batch_size
+        self.verbose = verbose
         self.accelerator = accelerator
         if handler is None and not model_dir:
             raise ValueError("EnhanceCaptions needs model_dir (or a handler)")

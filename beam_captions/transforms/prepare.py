@@ -15,6 +15,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_captions.inference.frame_bounds import DEFAULT_FRAME_BOUNDS, FrameBounds, NemotronFrameSize, model_frame_bounds
 from beam_captions.media.decode import DecodedWindow, PreviewSpec, VideoInfo, iter_decode
+from beam_captions.logs import warn
 from beam_captions.metrics import count
 from beam_captions.records import ClipInfo, ClipRef, Failure, WindowRecord, failure_from_exception
 
@@ -41,16 +42,22 @@ class PrepareConfig:
     time_budget_s: Optional[float] = DEFAULT_TIME_BUDGET_S
 
 
-def preview_warnings(info: VideoInfo, preview: Optional[PreviewSpec]) -> tuple[str, ...]:
-    """Why a clip's previews will look worse than asked (source slower or smaller than the target)."""
+def _preview_warnings(info: VideoInfo, preview: Optional[PreviewSpec]) -> list[tuple[str, str]]:
     if preview is None:
-        return ()
+        return []
     warnings = []
     if info.fps < preview.target_fps:
-        warnings.append(f"source frame rate {info.fps:.3g} fps is below the preview target {preview.target_fps:.3g} fps")
-    if info.height < preview.target_height:
-        warnings.append(f"source height {info.height}px is below the preview target {preview.target_height}px")
-    return tuple(warnings)
+        warnings.append(("preview_fps",
+                         f"source frame rate {info.fps:.3g} fps is below the preview target {preview.target_fps:.3g} fps"))
+    if info.display_height < preview.target_height:
+        warnings.append(("preview_height",
+                         f"source height {info.display_height}px is below the preview target {preview.target_height}px"))
+    return warnings
+
+
+def preview_warnings(info: VideoInfo, preview: Optional[PreviewSpec]) -> tuple[str, ...]:
+    """Why a clip's previews will look worse than asked (source slower or smaller than the target)."""
+    return tuple(text for _, text in _preview_warnings(info, preview))
 
 
 def _window_record(clip: ClipRef, decoded: DecodedWindow, preview: Optional[PreviewSpec]) -> WindowRecord:
@@ -126,9 +133,10 @@ def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInf
     finally:
         local.close()
     count("clips_decoded")
-    warnings = preview_warnings(info, config.preview)
-    for warning in warnings:
-        log.warning("%s: %s", clip.source, warning)
+    kinds = _preview_warnings(info, config.preview)
+    for kind, warning in kinds:  # told once per kind in the summary; each clip's in the log file and its metas
+        warn(kind, "%s: %s", clip.source, warning, logger=log)
+    warnings = tuple(text for _, text in kinds)
     yield ClipInfo(
         clip_id=clip.clip_id,
         source=clip.source,
@@ -142,6 +150,9 @@ def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInf
         warnings=warnings,
         found_at=clip.found_at,
         source_version=clip.version,
+        display_width=info.display_width,
+        display_height=info.display_height,
+        rotation=info.rotation,
     )
 
 
@@ -168,8 +179,10 @@ class PrepareWindows(beam.PTransform):
         model_frames: bool = True,
         max_frame_pixels: Optional[int] = DEFAULT_MAX_FRAME_PIXELS,
         time_budget_s: Optional[float] = DEFAULT_TIME_BUDGET_S,
+        verbose: bool = False,
     ):
         super().__init__()
+        self.verbose = verbose  # the reference's stages take it; here the log file has everything
         if pixel_bounds is None:
             pixel_bounds = model_frame_bounds(model_dir, model_variant)
         elif not isinstance(pixel_bounds, (FrameBounds, NemotronFrameSize)):

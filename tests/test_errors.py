@@ -39,14 +39,14 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_clip_is_decoded
     monkeypatch.setattr(prepare, "iter_decode", lambda *a, **k: decoded.append(a) or iter(()))
     in_the_way = tmp_path / "a-file"
     in_the_way.write_text("x")
-    err = refusal(capsys, ["--input", str(clips), "--output", str(in_the_way)])
+    err = refusal(capsys, ["--input", str(clips), "--output", str(in_the_way), "--generate-previews"])
     assert str(in_the_way) in err and "is a file, not a folder" in err
-    err = refusal(capsys, ["--input", str(clips), "--output", str(in_the_way / "out")])
+    err = refusal(capsys, ["--input", str(clips), "--output", str(in_the_way / "out"), "--generate-previews"])
     assert str(in_the_way / "out") in err and "Not a directory" in err
     out = tmp_path / "out"
     (out).mkdir()
     (out / "metas").write_text("x")
-    err = refusal(capsys, ["--input", str(clips), "--output", str(out)])
+    err = refusal(capsys, ["--input", str(clips), "--output", str(out), "--generate-previews"])
     assert str(out / "metas") in err and "is a file, not a folder" in err
     assert decoded == []
 
@@ -59,7 +59,7 @@ def test_a_write_that_fails_mid_run_is_one_line_and_the_summary(tmp_path, clips,
 
     monkeypatch.setattr(write, "write_json", disk_full)
     with pytest.raises(SystemExit) as stopped:
-        run_job(["--input", str(clips), "--output", str(tmp_path / "out"), "--local-workers", "1"])
+        run_job(["--input", str(clips), "--output", str(tmp_path / "out"), "--local-workers", "1", "--generate-previews"])
     assert stopped.value.code == 1
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("beam-captions: error:")]

@@ -97,7 +97,8 @@ def test_one_file_reached_by_several_paths_is_one_clip_with_the_id_of_its_real_p
     assert {normalise_source(form) for form in forms} == {real_path}
     assert ClipRef.from_source(normalise_source(real_path)).clip_id == clip_id_for(real_path)  # ids kept
     assert normalise_source("gs://b/x.mp4") == "gs://b/x.mp4"
-    counts = run_job(["--input", *forms, "--input", "linked-folder", "--output", str(tmp_path / "out")])
+    counts = run_job(["--input", *forms, "--input", "linked-folder", "--output", str(tmp_path / "out"),
+                     "--generate-previews"])
     assert counts["clips_found"] == 1
     (meta,) = glob.glob(str(tmp_path / "out" / "metas" / "*.json"))
     assert json.load(open(meta))["source"] == real_path
@@ -154,7 +155,7 @@ def test_missing_inputs_are_refused_before_any_work(tmp_path):
 )
 def test_the_cli_refuses_a_missing_or_empty_location_in_one_line_with_exit_2(tmp_path, capsys, args, says):
     with pytest.raises(SystemExit) as stopped:
-        main([arg.format(tmp=tmp_path) for arg in args])
+        main([arg.format(tmp=tmp_path) for arg in args] + ["--generate-previews"])
     assert stopped.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and says in err, err

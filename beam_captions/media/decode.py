@@ -508,24 +508,16 @@ def _check_options(sampling_fps: float, max_pixels_per_frame_source: int | None)
         raise ValueError(f"max_pixels_per_frame_source must be positive, got {max_pixels_per_frame_source}")
 
 
-def _orientation(source: Source) -> Orientation:
-    """The clip's sample aspect ratio and display matrix (read from its first decoded frame)."""
-    with _open(source) as container:
-        stream = _video_stream(container, _describe(source))
-        sar = stream.codec_context.sample_aspect_ratio or stream.sample_aspect_ratio
-        ratio = float(sar) if sar and sar > 0 else 1.0
-        matrix = None
-        for packet in _packets(container, stream):
-            try:
-                frames = packet.decode()
-            except av.error.FFmpegError:
-                continue
-            if frames:
-                for side in frames[0].side_data:
-                    if side.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
-                        matrix = np.frombuffer(bytes(side), dtype="<i4", count=9).tolist()
-                break
-        return orientation_from_matrix(matrix, ratio if 0.01 < ratio < 100 else 1.0)
+def _display_matrix(packet: av.Packet) -> tuple[bool, list[int] | None]:
+    """Whether ``packet`` gave a frame, and that frame's display matrix (PyAV exposes none on the stream)."""
+    try:
+        frames = packet.decode()
+    except av.error.FFmpegError:
+        return False, None
+    for side in frames[0].side_data if frames else ():
+        if side.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
+            return True, np.frombuffer(bytes(side), dtype="<i4", count=9).tolist()
+    return bool(frames), None
 
 
 def _presentation_times(pts: list[int], durations: list[int], time_base, fps: float) -> list[float] | None:
@@ -547,9 +539,12 @@ def _presentation_times(pts: list[int], durations: list[int], time_base, fps: fl
     return times
 
 
-def _probe(source: Source, max_source_pixels: int | None) -> tuple[int, int, str, int, float, list[float] | None]:
-    """Demux-only pass: width, height, codec name, packet count, clip fps and presentation times.
+def _probe(
+    source: Source, max_source_pixels: int | None
+) -> tuple[int, int, str, int, float, list[float] | None, Orientation]:
+    """Demux pass: width, height, codec name, packet count, clip fps, presentation times and orientation.
 
+    Only the packets up to the first frame are decoded (its display matrix says how the clip is shown).
     Packets an edit list discards are not counted: the decoder drops their frames too (so such a clip is
     not decoded twice)."""
     name = _describe(source)
@@ -560,10 +555,14 @@ def _probe(source: Source, max_source_pixels: int | None) -> tuple[int, int, str
             raise DecodeError(f"{name}: the video stream has no frame size")
         if max_source_pixels is not None and width * height > max_source_pixels:
             raise DecodeError(f"{name}: {width}x{height} frames exceed the limit of {max_source_pixels} pixels")
+        sar = stream.codec_context.sample_aspect_ratio or stream.sample_aspect_ratio
+        ratio = float(sar) if sar and sar > 0 else 1.0
         pts: list[int] = []
         durations: list[int] = []
-        count, timed = 0, True
+        count, timed, seen_frame, matrix = 0, True, False, None
         for packet in _packets(container, stream):
+            if not seen_frame:
+                seen_frame, matrix = _display_matrix(packet)
             if packet.is_discard:
                 continue
             count += 1
@@ -574,7 +573,8 @@ def _probe(source: Source, max_source_pixels: int | None) -> tuple[int, int, str
                 durations.append(packet.duration or 0)
         fps = _clip_fps(stream, container, count)
         times = _presentation_times(pts, durations, stream.time_base, fps) if timed else None
-        return width, height, stream.codec_context.codec.canonical_name, count, fps, times
+        orientation = orientation_from_matrix(matrix, ratio if 0.01 < ratio < 100 else 1.0)
+        return width, height, stream.codec_context.codec.canonical_name, count, fps, times, orientation
 
 
 def iter_decode(
@@ -603,8 +603,7 @@ def iter_decode(
     deadline = _Deadline(source, time_budget_s)
     _check_options(sampling_fps, max_pixels_per_frame_source)
     _check_not_empty(source)
-    width, height, codec, packet_count, fps, times = _probe(source, max_pixels_per_frame_source)
-    orientation = _orientation(source)
+    width, height, codec, packet_count, fps, times, orientation = _probe(source, max_pixels_per_frame_source)
     shown_width, shown_height = orientation.display_size(width, height)
     model_size = partial(frame_bounds.frame_size, shown_width, shown_height) if model_frames else None
     small = None if preview is None else preview_size(shown_width, shown_height, preview.target_height)

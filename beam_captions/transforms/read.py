@@ -17,6 +17,8 @@ file reached by several paths (relative, ``./x``, a link) is one clip, in one ru
 
 from __future__ import annotations
 
+import dataclasses
+
 import glob
 import os
 from typing import Iterable, Iterator, Optional, Sequence, Union
@@ -221,7 +223,10 @@ def _watched_clip_ref(metadata, timestamp=beam.DoFn.TimestampParam) -> ClipRef:
     """The clip's event time is the file's modification time, so a file reported twice lands in the
     same event-time window (its outputs are then rewritten, never duplicated)."""
     count("clips_found")
-    return ClipRef.from_source(normalise_source(metadata.path), metadata.last_updated_in_seconds or float(timestamp))
+    clip = ClipRef.from_source(normalise_source(metadata.path), metadata.last_updated_in_seconds or float(timestamp))
+    if metadata.last_updated_in_seconds:  # the listing already read the version: no second lookup per clip
+        clip = dataclasses.replace(clip, version=(int(metadata.size_in_bytes), float(metadata.last_updated_in_seconds)))
+    return clip
 
 
 class WatchClips(beam.PTransform):

@@ -191,7 +191,8 @@ class _SkipFinished(beam.DoFn):
         self.skip_existing, self.retry_failed = skip_existing, retry_failed
 
     def process(self, clip: ClipRef):
-        clip = dataclasses.replace(clip, version=source_version(clip.source))
+        if clip.version is None:
+            clip = dataclasses.replace(clip, version=source_version(clip.source))
         if self.skip_existing:
             meta = _read_meta(self.output, clip.clip_id)
             if finished_for(meta, self.asked, clip.version, self.retry_failed):

@@ -45,12 +45,9 @@ MAX_BATCHED_TOKENS = 32768  # the reference's max_num_batched_tokens; never more
 
 def gpu_available() -> bool:
     """Whether torch sees a CUDA GPU here (False on the CPU build of vLLM)."""
-    try:
-        import torch
+    from beam_captions.inference.gpu_budget import gpu_total_gib
 
-        return bool(torch.cuda.is_available())
-    except Exception:  # noqa: BLE001 - no torch: no GPU
-        return False
+    return gpu_total_gib() is not None
 
 
 def llm_kwargs(settings: EngineSettings) -> dict[str, Any]:

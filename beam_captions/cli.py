@@ -2,7 +2,8 @@
 
 Also ``beam-captions tiny-models DIR`` (tiny offline test models), ``beam-captions sample-clips DIR``
 (real sample clips, with one broken file to show failure records) and ``beam-captions gallery OUT``
-(the review gallery of any output, local or gs://).
+(the review gallery of any output, local or gs://) and ``beam-captions compact OUT`` (merge small caption
+files into large ones).
 """
 
 from __future__ import annotations
@@ -68,6 +69,59 @@ def _gallery(argv: Sequence[str]) -> int:
         parser.exit(2, f"{parser.prog}: error: --clips-per-page must be at least 1\n")
     started = time.monotonic()
     print(f"{write_gallery(args.output, args.clips_per_page)}  ({time.monotonic() - started:.1f} s)")
+    return 0
+
+
+def compact(argv: Sequence[str]) -> dict[str, int]:
+    """``beam-captions compact OUT``: merge the output's small caption files (a Beam job; other
+    arguments go to Beam, e.g. a runner); prints files before and after, rows and clips. Returns the counters."""
+    import argparse
+
+    import apache_beam as beam
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_captions.io.compaction import DEFAULT_TARGET_BYTES, MANIFEST
+    from beam_captions.local import local_beam_args
+    from beam_captions.metrics import counters
+    from beam_captions.transforms.compact import CompactCaptions
+    from beam_captions.transforms.read import is_local
+
+    parser = argparse.ArgumentParser(
+        prog="beam-captions compact",
+        description="Merge an output's small caption Parquet files into large ones (row groups by clip) and write "
+        "OUT/captions/_manifest.json. Every row is kept once; clips' metas point at their new file. Run it while "
+        "no job writes to OUT; running it again changes nothing. Other arguments go to Beam (e.g. --runner).",
+    )
+    parser.add_argument("output", help="the output root of a run (local or gs://)")
+    parser.add_argument("--target-size-mb", type=float, default=DEFAULT_TARGET_BYTES / 2**20,
+                        help="about how large each merged file is (default %(default)g)")
+    parser.add_argument("--local-workers", type=int, default=None, help="DirectRunner threads (default: every core)")
+    args, beam_args = parser.parse_known_args(argv)
+    if args.target_size_mb <= 0:
+        parser.exit(2, f"{parser.prog}: error: --target-size-mb must be positive\n")
+    output = args.output
+    if is_local(output):
+        output = os.path.abspath(output[len("file://"):] if output.startswith("file://") else output)
+        if not os.path.isdir(os.path.join(output, "captions")):
+            _refuse(f"compact {args.output}: no captions folder there (is it the output root of a run?)")
+    started = time.monotonic()
+    pipeline = beam.Pipeline(options=PipelineOptions(local_beam_args(beam_args, args.local_workers, False)))
+    pipeline | "Compact" >> CompactCaptions(output, int(args.target_size_mb * 2**20))
+    result = pipeline.run()
+    result.wait_until_finish()
+    counts = counters(result)
+    print(f"beam-captions compact finished in {time.monotonic() - started:.1f} s\n"
+          f"  files            {counts.get('files_before', 0)} before, {counts.get('files_after', 0)} after "
+          f"({counts.get('files_merged', 0)} merged into {counts.get('files_written', 0)})\n"
+          f"  rows             {counts.get('rows', 0)} of {counts.get('clips_in_table', 0)} clips"
+          f" ({counts.get('rows_stale_dropped', 0)} stale rows dropped)\n"
+          f"  manifest         {FileSystems.join(output, 'captions', MANIFEST)}", flush=True)
+    return counts
+
+
+def _compact(argv: Sequence[str]) -> int:
+    compact(argv)
     return 0
 
 
@@ -298,7 +352,7 @@ def _submitted_only(options) -> bool:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"tiny-models": _tiny_models, "sample-clips": _sample_clips, "gallery": _gallery}
+    commands = {"tiny-models": _tiny_models, "sample-clips": _sample_clips, "gallery": _gallery, "compact": _compact}
     if argv[:1] and argv[0] in commands:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         return commands[argv[0]](argv[1:])

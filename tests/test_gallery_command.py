@@ -9,7 +9,7 @@ from clips import make_clip
 from gcs import gcs  # noqa: F401  (the module-scoped fixture)
 
 from beam_captions.cli import main, run_job
-from beam_captions.io import gallery
+from beam_captions.io import files
 from beam_captions.transforms.write import source_version
 
 
@@ -31,13 +31,13 @@ def test_the_gallery_command_builds_pages_from_a_bucket_reading_metas_on_threads
                                  "error_type": "ValueError", "message": "not a video", "window_index": None}).encode(),
                      f"{out}/failures/x_clip_prepare.json")
     threads = []
-    executor = gallery.ThreadPoolExecutor
+    executor = files.ThreadPoolExecutor
 
     def recording(*args, **kwargs):
         threads.append(kwargs.get("max_workers"))
         return executor(*args, **kwargs)
 
-    monkeypatch.setattr(gallery, "ThreadPoolExecutor", recording)
+    monkeypatch.setattr(files, "ThreadPoolExecutor", recording)
     assert main(["gallery", out]) == 0
     assert capsys.readouterr().out.startswith(f"{out}/index.html")
     assert max(threads) == 16

@@ -6,11 +6,15 @@ import json
 import os
 import tempfile
 import threading
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence, TypeVar
 
 from apache_beam.io.filesystems import FileSystems
 
-__all__ = ["write_bytes", "write_json", "read_json"]
+__all__ = ["parallel_map", "write_bytes", "write_json", "read_json"]
+
+_T = TypeVar("_T")
+IO_THREADS = 16  # small reads and writes on an object store wait on the network, not the CPU
 
 
 _UMASK_LOCK = threading.Lock()
@@ -58,3 +62,12 @@ def write_json(path: str, document: Any) -> None:
 def read_json(path: str) -> Any:
     with FileSystems.open(path) as handle:
         return json.loads(handle.read().decode("utf-8"))
+
+
+def parallel_map(function: Callable[[Any], _T], items: Sequence[Any], threads: int = IO_THREADS) -> list[_T]:
+    """``[function(item) for item in items]`` on up to ``threads`` threads (for many small file operations)."""
+    items = list(items)
+    if len(items) <= 1:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
+        return list(pool.map(function, items))

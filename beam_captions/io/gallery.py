@@ -14,14 +14,13 @@ import html
 import json
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 from urllib.parse import quote
 
 from apache_beam.io.filesystems import FileSystems
 
-from beam_captions.io.files import read_json, write_bytes
+from beam_captions.io.files import parallel_map, read_json, write_bytes
 from beam_captions.io.paths import failures_dir, metas_dir
 
 __all__ = [
@@ -36,7 +35,6 @@ CAPTION_FIELDS: tuple[tuple[str, str], ...] = (
     ("caption_stage2", "Stage 2"),
     ("enhanced_caption", "Enhanced"),
 )
-_READ_THREADS = 16
 
 _CSP = (
     "default-src 'none'; img-src 'self' file: data: http: https:; style-src 'unsafe-inline'; "
@@ -126,8 +124,7 @@ def _read_all(paths: Sequence[str]) -> list[tuple[str, Any]]:
             _LOG.warning("gallery: cannot read %s: %s", path, exc)
             return exc
 
-    with ThreadPoolExecutor(max_workers=max(1, min(_READ_THREADS, len(paths)))) as pool:
-        return list(zip(paths, pool.map(read, paths)))
+    return list(zip(paths, parallel_map(read, paths)))
 
 
 def _unreadable(path: str, exc: BaseException) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.io.filesystems import FileSystems
 
+from beam_captions.io.compaction import is_compacted, remove_clip_rows
 from beam_captions.io.files import read_json, write_bytes, write_json
 from beam_captions.io.metas import (
     CAPTION_GROUP, PREVIEW_GROUP, clip_meta, failure_meta, finished_for, merge_windows, version_meta, window_meta,
@@ -175,8 +176,11 @@ def write_clip(
     if old is not None:  # after the metas: a crash before this leaves extra files, never a clip without rows
         before = old.get("captions_file") if "captions_file" in old else (
             _captions_file(clip_id, None) if old.get("windows") else None)
-        if before and before != captions_file and before.endswith(f"/{clip_id}.parquet"):  # only the clip's own file
-            _delete([FileSystems.join(output, *before.split("/"))])
+        if before and before != captions_file:
+            if before.endswith(f"/{clip_id}.parquet"):  # the clip's own file
+                _delete([FileSystems.join(output, *before.split("/"))])
+            elif is_compacted(before):  # a merged file of many clips: only this clip's rows go
+                remove_clip_rows(output, before, clip_id)
     previews = {posixpath.basename(str(w["preview"]).replace(os.sep, "/")) for w in window_metas if w.get("preview")}
     _delete(p for p in _listed(FileSystems.join(previews_dir(output), clip_id, "*.webp"))
             if posixpath.basename(p.replace(os.sep, "/")) not in previews)

@@ -1,0 +1,69 @@
+"""CompactCaptions: merge an output's small caption files into large ones, as a Beam job."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import apache_beam as beam
+
+from beam_captions.io.compaction import (
+    DEFAULT_TARGET_BYTES, CaptionFile, build_manifest, finish_journals, list_caption_files, merge_group, plan_groups,
+    remove_stray_files, size_ratio,
+)
+from beam_captions.metrics import count
+
+__all__ = ["CompactCaptions"]
+
+
+def _plan(output: str, target_bytes: int):
+    """Finish compactions a kill left part way, then yield the groups of files to merge."""
+    count("compactions_finished", finish_journals(output))
+    count("staged_files_removed", remove_stray_files(output))
+    files = list_caption_files(output)
+    count("files_before", len(files))
+    small = [f for f in files if f.size < target_bytes // 2]
+    yield from plan_groups(files, target_bytes, size_ratio(output, small))
+
+
+def _merge(group: list[CaptionFile], output: str) -> dict[str, int]:
+    done = merge_group(output, group)
+    for name, value in done.items():
+        count(name, value)
+    return done
+
+
+def _manifest(_totals: Any, output: str, target_bytes: int) -> dict[str, Any]:
+    manifest = build_manifest(output, target_bytes)
+    count("files_after", len(manifest["files"]))
+    count("rows", manifest["rows"])
+    count("clips_in_table", manifest["clips"])
+    return manifest
+
+
+class CompactCaptions(beam.PTransform):
+    """Merge the small Parquet files under ``OUT/captions`` (per partition) into files of about
+    ``target_bytes``, rows sorted by clip and row groups cut at clip boundaries; then write
+    ``OUT/captions/_manifest.json``. Idempotent; run it while no job writes to ``output``.
+
+    Groups are merged in parallel (one group per worker at a time); the manifest is written when
+    every group is done.
+    """
+
+    def __init__(self, output: str, target_bytes: Optional[int] = None):
+        super().__init__()
+        self.output = output
+        self.target_bytes = target_bytes or DEFAULT_TARGET_BYTES
+
+    def expand(self, pbegin):
+        merged = (
+            pbegin
+            | "Output" >> beam.Create([self.output])
+            | "Plan" >> beam.FlatMap(_plan, self.target_bytes)
+            | "Spread" >> beam.Reshuffle()
+            | "Merge" >> beam.Map(_merge, self.output)
+        )
+        return (
+            merged
+            | "AllMerged" >> beam.combiners.Count.Globally()
+            | "Manifest" >> beam.Map(_manifest, self.output, self.target_bytes)
+        )

@@ -119,17 +119,26 @@ def leaf_environments(proto) -> dict[str, beam_runner_api_pb2.Environment]:
     }
 
 
+def writes_as_captioned(name: str) -> bool:
+    """The steps that write a clip as its last window leaves the model (they share the model's stage)."""
+    return name.split("/")[:2] in (["WriteOutputs", "WritePreviews"], ["WriteOutputs", "WriteCompleteInBundle"])
+
+
 def assert_gpu_only_on_inference(proto, accelerator: str, streaming: bool = False) -> None:
+    """GPUs on the model steps and on the writes that make each clip durable as it is captioned (same
+    hints, so Dataflow fuses them into the GPU stage); listing, decoding, previews and the keyed write on CPU."""
     leaves = leaf_environments(proto)
     gpu = {name for name, env in leaves.items() if ACCELERATOR_URN in env.resource_hints}
     inference = {name for name in leaves if is_inference(name)}
-    assert gpu == inference
+    assert gpu == inference | {name for name in leaves if writes_as_captioned(name)}
     assert any(n.startswith("CaptionWindows/") for n in gpu)
+    assert any(n.startswith("WriteOutputs/WriteCompleteInBundle") for n in gpu)
+    assert len({leaves[name].SerializeToString() for name in gpu}) == 1, "GPU steps in different environments"
     for name in gpu:
         assert leaves[name].resource_hints[ACCELERATOR_URN] == accelerator.encode()
     cpu = set(leaves) - gpu
     read_step = ("WatchClips/", "ClipsFromNotifications/") if streaming else ("ReadClips/",)
-    for step in (read_step, "PrepareWindows/", "GeneratePreviews/", "WriteOutputs/"):
+    for step in (read_step, "PrepareWindows/", "GeneratePreviews/", "WriteOutputs/WriteWhenComplete"):
         assert any(n.startswith(step) for n in cpu), f"no {step} step in the graph"
     for env in leaves.values():  # every step runs the custom image, GPU or not
         assert env.urn == "beam:env:docker:v1"
@@ -137,7 +146,7 @@ def assert_gpu_only_on_inference(proto, accelerator: str, streaming: bool = Fals
 
 
 @pytest.mark.parametrize("mode", ["batch", "streaming"])
-def test_dataflow_graph_gives_the_accelerator_to_the_inference_steps_only(bucket, tiny_models, mode):
+def test_dataflow_graph_gives_the_accelerator_to_the_model_steps_and_the_writes_after_them(bucket, tiny_models, mode):
     proto, options = dry_run_graph(
         full_job_args(bucket, tiny_models) + dataflow_args(bucket, dry_run=True)
         + (["--streaming", "--streaming"] if mode == "streaming" else [])  # the CLI's flag, then Beam's

@@ -405,19 +405,31 @@ class WriteOutputs(beam.PTransform):
     ``Gather`` shuffle keeps the steps before it (decoding, previews, captioning) out of that stage,
     so that they run on every local worker, and clips whose elements all passed in one bundle are
     written before it.
+
+    ``accelerator``: the model steps' resource hint, given to the steps that write a clip as its last
+    window leaves the model. Dataflow does not fuse steps with different hints, and in a batch job a
+    stage starts when the one before it has finished: writes on CPU workers would wait for the last
+    clip of the job to be captioned, and a job that failed after hours of GPU time would leave no row.
+    With the hint they run in the GPU stage, so each clip is durable as soon as it is captioned.
     """
 
-    def __init__(self, output: str, window_seconds: Optional[float] = None, asked: Optional[dict[str, Any]] = None):
+    def __init__(self, output: str, window_seconds: Optional[float] = None, asked: Optional[dict[str, Any]] = None,
+                 accelerator: Optional[str] = None):
         super().__init__()
         self.output = output
         self.window_seconds = window_seconds
         self.asked = dict(asked or {})
+        self.accelerator = accelerator
+
+    def _on_model_workers(self, step: beam.PTransform) -> beam.PTransform:
+        return step.with_resource_hints(accelerator=self.accelerator) if self.accelerator else step
 
     def expand(self, pcoll):
         return (
             pcoll
-            | "WritePreviews" >> beam.ParDo(_WritePreviews(self.output))
-            | "WriteCompleteInBundle" >> beam.ParDo(_WriteCompleteInBundle(self.output, self.window_seconds, self.asked))
+            | "WritePreviews" >> self._on_model_workers(beam.ParDo(_WritePreviews(self.output)))
+            | "WriteCompleteInBundle" >> self._on_model_workers(
+                beam.ParDo(_WriteCompleteInBundle(self.output, self.window_seconds, self.asked)))
             | "ByClip" >> beam.Map(lambda e: (e.clip_id, e)).with_output_types(typehints.Tuple[str, typehints.Any])
             | "Gather" >> beam.Reshuffle()
             | "WriteWhenComplete" >> beam.ParDo(_WriteWhenComplete(self.output, self.window_seconds, self.asked))

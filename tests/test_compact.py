@@ -218,3 +218,24 @@ def test_compact_on_a_bucket(gcs, tmp_path):  # noqa: F811
     assert sorted({r["clip_id"] for r in rows}) == sorted(ids) and len(rows) == 36
     meta = json.loads(gcs.read(f"{out}/metas/{ids[0]}.json"))
     assert f"{out}/{meta['captions_file']}" == merged
+
+
+def test_a_rerun_that_redoes_every_compacted_clip_rewrites_the_merged_file_once_per_bundle(tmp_path, monkeypatch):
+    from beam_captions.transforms import write
+
+    clips, out = tmp_path / "clips", str(tmp_path / "out")
+    clips.mkdir()
+    for number in range(6):
+        make_clip(str(clips / f"c{number}.mp4"), 24 + 8 * number, 10.0, 96, 64)
+    run_job(previews_args(str(clips), out) + ["--no-gallery"])
+    compact([out])
+    [merged] = list_caption_files(out)
+    rewrites = []
+    original = write.remove_clip_rows
+    monkeypatch.setattr(write, "remove_clip_rows", lambda *a: (rewrites.append(sorted(a[2])), original(*a))[1])
+    counts = run_job(previews_args(str(clips), out)[:-1] + ["8", "--no-gallery", "--local-workers", "2"])
+    assert counts["clips_extended"] == 6  # other preview settings: every clip redone
+    assert 1 <= len(rewrites) <= 2 and sorted(c for batch in rewrites for c in batch) == sorted(metas(out))
+    assert not os.path.exists(os.path.join(out, merged.relpath))  # every clip left it
+    rows = table_rows(out)
+    assert len(rows) == sum(len(m["windows"]) for m in metas(out).values())

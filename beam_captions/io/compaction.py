@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import io
 import posixpath
+import threading
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import pyarrow as pa
@@ -271,20 +272,30 @@ def remove_stray_files(output: str) -> int:
     return len(strays)
 
 
-def remove_clip_rows(output: str, relpath: str, clip_id: str) -> None:
-    """Rewrite the merged file ``relpath`` without ``clip_id``'s rows (deleted when none are left), and
-    drop the manifest, which no longer describes the table. Used when a compacted clip is written again."""
+_REWRITES: dict[str, threading.Lock] = {}
+_REWRITES_LOCK = threading.Lock()
+
+
+def remove_clip_rows(output: str, relpath: str, clip_ids: Iterable[str]) -> None:
+    """Rewrite the merged file ``relpath`` without the rows of ``clip_ids`` (delete it when none are left)
+    and drop the manifest, which no longer describes the table. For clips written again after a
+    compaction; the writer gathers a bundle's clips so that each merged file is rewritten once per bundle.
+    Rewrites of one file in this process take turns; two workers rewriting one file at once can put back
+    the other's removed rows, which the next ``compact`` drops (their metas name another file)."""
     path = _absolute(output, relpath)
-    if not FileSystems.exists(path):
-        return
-    table = _read_table(path)
-    kept = table.filter(pc.not_equal(table.column("clip_id"), clip_id))
-    if kept.num_rows == table.num_rows:
-        return
-    if kept.num_rows:
-        write_bytes(path, write_clustered(kept))
-    else:
-        FileSystems.delete([path])
+    with _REWRITES_LOCK:
+        lock = _REWRITES.setdefault(path, threading.Lock())
+    with lock:
+        if not FileSystems.exists(path):
+            return
+        table = _read_table(path)
+        kept = table.filter(pc.invert(pc.is_in(table.column("clip_id"), pa.array(sorted(set(clip_ids)), pa.string()))))
+        if kept.num_rows == table.num_rows:
+            return
+        if kept.num_rows:
+            write_bytes(path, write_clustered(kept))
+        else:
+            FileSystems.delete([path])
     _delete(output, [f"captions/{MANIFEST}"])
 
 

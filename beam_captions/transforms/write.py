@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import posixpath
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import apache_beam as beam
 from apache_beam import typehints
@@ -122,6 +122,7 @@ def write_clip(
     elements: Iterable[Element],
     partition: Optional[str] = None,
     asked: Optional[dict[str, Any]] = None,
+    left_merged: Optional[Callable[[str, str], None]] = None,
 ) -> bool:
     """Write one clip's failure records, its Parquet rows, then its metas (the marker that it is done);
     then remove what an earlier write of the clip left that this one replaces. Returns whether it wrote.
@@ -132,6 +133,10 @@ def write_clip(
     (rows in another partition, previews of windows that are gone, failure records) is replaced. A write
     that is not complete (failures, missing windows) never replaces a complete result of the same source
     version that has every output asked: it is a late duplicate and is dropped.
+
+    A clip whose rows were in a merged file (``compact``) leaves it: its rows there are removed at once,
+    or ``left_merged(merged_file, clip_id)`` is called so that the caller removes a batch of clips in one
+    rewrite of each file.
     """
     asked = dict(asked or {})
     elements = list(elements)
@@ -180,7 +185,10 @@ def write_clip(
             if before.endswith(f"/{clip_id}.parquet"):  # the clip's own file
                 _delete([FileSystems.join(output, *before.split("/"))])
             elif is_compacted(before):  # a merged file of many clips: only this clip's rows go
-                remove_clip_rows(output, before, clip_id)
+                if left_merged is None:
+                    remove_clip_rows(output, before, [clip_id])
+                else:
+                    left_merged(before, clip_id)
     previews = {posixpath.basename(str(w["preview"]).replace(os.sep, "/")) for w in window_metas if w.get("preview")}
     _delete(p for p in _listed(FileSystems.join(previews_dir(output), clip_id, "*.webp"))
             if posixpath.basename(p.replace(os.sep, "/")) not in previews)
@@ -296,12 +304,17 @@ class _WriteCompleteInBundle(beam.DoFn):
         self.asked = dict(asked or {})
         self.held: dict[str, list[WindowedValue]] = {}
         self.written: dict[str, tuple] = {}
+        self.left_merged: dict[str, set[str]] = {}  # merged file -> clips written again in this bundle
 
     def setup(self) -> None:
         self.written = {}  # clips this instance wrote: a duplicate delivery it sees again is dropped
 
     def start_bundle(self) -> None:
         self.held = {}
+        self.left_merged = {}
+
+    def _leave_merged(self, merged: str, clip_id: str) -> None:
+        self.left_merged.setdefault(merged, set()).add(clip_id)
 
     def process(self, element: Element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         written = self.written.get(element.clip_id)
@@ -312,13 +325,17 @@ class _WriteCompleteInBundle(beam.DoFn):
         held.append(WindowedValue(element, timestamp, [window]))
         arrived = [value.value for value in held]
         if clip_complete(arrived):
-            write_clip(self.output, element.clip_id, arrived, time_partition(arrived, self.window_seconds), self.asked)
+            write_clip(self.output, element.clip_id, arrived, time_partition(arrived, self.window_seconds), self.asked,
+                       self._leave_merged)
             del self.held[element.clip_id]
             version = _version_of(arrived)
             self.written[element.clip_id] = (version,)
             yield _Written(element.clip_id, version)
 
     def finish_bundle(self):
+        for merged, clip_ids in sorted(self.left_merged.items()):  # one rewrite per merged file and bundle
+            remove_clip_rows(self.output, merged, clip_ids)
+        self.left_merged = {}
         for held in self.held.values():
             yield from held
         self.held = {}

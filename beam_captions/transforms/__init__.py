@@ -1,4 +1,4 @@
-"""One PTransform per stage: read, prepare, preview, caption, enhance, write.
+"""One PTransform per stage: read, prepare, preview, caption, enhance, write; and compact (a job of its own).
 
 Each is imported on first use, so that importing one stage (say ``prepare`` on a CPU worker)
 does not import the others' machinery (the inference engine).
@@ -13,6 +13,7 @@ _MODULES = {
     "CaptionWindows": "caption",
     "EnhanceCaptions": "enhance",
     "WriteOutputs": "write",
+    "CompactCaptions": "compact",
 }
 
 __all__ = list(_MODULES)

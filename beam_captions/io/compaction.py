@@ -25,7 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from beam_captions.io.files import parallel_map, read_json, write_bytes, write_json
+from beam_captions.io.files import delete_quietly, matching, parallel_map, read_json, write_bytes, write_json
+from beam_captions.io.metas import read_meta
 from beam_captions.io.parquet import CAPTION_SCHEMA
 from beam_captions.io.paths import captions_dir, meta_path
 
@@ -73,17 +74,10 @@ def is_compacted(relpath: str) -> bool:
     return posixpath.basename(relpath).startswith(COMPACTED_PREFIX)
 
 
-def _match(pattern: str) -> list[Any]:
-    try:
-        return [m for result in FileSystems.match([pattern]) for m in result.metadata_list]
-    except Exception:  # noqa: BLE001 - the folder does not exist yet
-        return []
-
-
 def list_caption_files(output: str) -> list[CaptionFile]:
     """Every Parquet file a reader of ``OUT/captions`` sees (not temporaries: ``.``/``_`` names), by path."""
     found = []
-    for metadata in _match(FileSystems.join(captions_dir(output), "**.parquet")):
+    for metadata in matching(FileSystems.join(captions_dir(output), "**.parquet")):
         relpath = _relative(output, metadata.path)
         if not posixpath.basename(relpath).startswith((".", "_")):
             found.append(CaptionFile(relpath, int(metadata.size_in_bytes)))
@@ -138,15 +132,6 @@ def _read_table(path: str) -> pa.Table:
         return pq.read_table(pa.BufferReader(handle.read()), schema=CAPTION_SCHEMA)
 
 
-def _read_meta(output: str, clip_id: str) -> Optional[dict]:
-    path = meta_path(output, clip_id)
-    try:
-        document = read_json(path) if FileSystems.exists(path) else None
-    except Exception:  # noqa: BLE001 - unreadable: treated as none (the clip is redone by a run)
-        return None
-    return document if isinstance(document, dict) else None
-
-
 def _clip_ids(table: pa.Table) -> list[str]:
     return sorted(set(table.column("clip_id").to_pylist()))
 
@@ -172,7 +157,7 @@ def _repoint(output: str, clip_ids: Iterable[str], sources: set[str], target: st
     """Point the metas of ``clip_ids`` whose rows were in one of ``sources`` at ``target``."""
 
     def repoint(clip_id: str) -> int:
-        meta = _read_meta(output, clip_id)
+        meta = read_meta(output, clip_id)
         if meta is None or meta.get("captions_file") not in sources or meta.get("captions_file") == target:
             return 0
         write_json(meta_path(output, clip_id), {**meta, "captions_file": target})
@@ -182,11 +167,7 @@ def _repoint(output: str, clip_ids: Iterable[str], sources: set[str], target: st
 
 
 def _delete(output: str, relpaths: Iterable[str]) -> None:
-    for relpath in relpaths:
-        try:
-            FileSystems.delete([_absolute(output, relpath)])
-        except Exception:  # noqa: BLE001 - already gone (a retried or replayed step)
-            pass
+    delete_quietly(_absolute(output, relpath) for relpath in relpaths)
 
 
 def _journal_path(output: str, merged: str) -> str:
@@ -231,7 +212,7 @@ def merge_group(output: str, group: Sequence[CaptionFile],
     for item in group:
         table = _read_table(_absolute(output, item.relpath))
         clip_ids = _clip_ids(table)
-        metas = dict(zip(clip_ids, parallel_map(lambda c: _read_meta(output, c), clip_ids)))
+        metas = dict(zip(clip_ids, parallel_map(lambda c: read_meta(output, c), clip_ids)))
         if not is_compacted(item.relpath) and any(metas[c] is None for c in clip_ids):
             continue  # an unfinished clip's own file: left for the run that finishes it
         keep = [c for c in clip_ids if metas[c] is None or metas[c].get("captions_file") == item.relpath]
@@ -258,7 +239,7 @@ def merge_group(output: str, group: Sequence[CaptionFile],
 
 def finish_journals(output: str) -> int:
     """Finish every compaction a kill left part way (its journal is still there); returns how many."""
-    journals = _match(FileSystems.join(output, _JOURNALS, "*.json"))
+    journals = matching(FileSystems.join(output, _JOURNALS, "*.json"))
     for metadata in journals:
         _commit(output, read_json(metadata.path))
     return len(journals)
@@ -266,7 +247,7 @@ def finish_journals(output: str) -> int:
 
 def remove_stray_files(output: str) -> int:
     """Delete staged merged files no journal names (a compaction killed before its journal)."""
-    strays = [m.path for m in _match(FileSystems.join(captions_dir(output), f"**{_STAGED_PREFIX}{COMPACTED_PREFIX}*"))]
+    strays = [m.path for m in matching(FileSystems.join(captions_dir(output), f"**{_STAGED_PREFIX}{COMPACTED_PREFIX}*"))]
     for path in strays:
         FileSystems.delete([path])
     return len(strays)

@@ -7,11 +7,11 @@ import os
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
 
 from apache_beam.io.filesystems import FileSystems
 
-__all__ = ["parallel_map", "write_bytes", "write_json", "read_json"]
+__all__ = ["delete_quietly", "matching", "parallel_map", "read_json", "read_json_or_none", "write_bytes", "write_json"]
 
 _T = TypeVar("_T")
 IO_THREADS = 16  # small reads and writes on an object store wait on the network, not the CPU
@@ -71,3 +71,38 @@ def parallel_map(function: Callable[[Any], _T], items: Sequence[Any], threads: i
         return [function(item) for item in items]
     with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
         return list(pool.map(function, items))
+
+
+def read_json_or_none(path: str) -> Optional[dict]:
+    """The JSON object at ``path``, or ``None`` when there is none or it cannot be read as one (a torn
+    or foreign file counts as none)."""
+    try:
+        if not FileSystems.exists(path):
+            return None
+        document = read_json(path)
+    except Exception:  # noqa: BLE001
+        return None
+    return document if isinstance(document, dict) else None
+
+
+def matching(pattern: str) -> list[Any]:
+    """Beam ``FileMetadata`` of every file matching ``pattern`` (none when its folder does not exist)."""
+    try:
+        return [m for result in FileSystems.match([pattern]) for m in result.metadata_list]
+    except Exception:  # noqa: BLE001 - nothing there yet
+        return []
+
+
+def delete_quietly(paths: Iterable[str]) -> None:
+    """Delete ``paths``; those already gone (a concurrent writer, a retried bundle) are no error."""
+    paths = list(paths)
+    if not paths:
+        return
+    try:
+        FileSystems.delete(paths)
+    except Exception:  # noqa: BLE001 - one missing path fails the batch: delete one by one
+        for path in paths:
+            try:
+                FileSystems.delete([path])
+            except Exception:  # noqa: BLE001
+                pass

@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Sequence
 from urllib.parse import quote
 
 from apache_beam.io.filesystems import FileSystems

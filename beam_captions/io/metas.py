@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional
 
+from beam_captions.io.files import read_json_or_none
 from beam_captions.io.parquet import CAPTION_KINDS, check_columns
+from beam_captions.io.paths import meta_path
 from beam_captions.records import ClipInfo, Failure, WindowRecord
 
 __all__ = [
     "META_VERSION", "CAPTION_GROUP", "PREVIEW_GROUP", "clip_meta", "window_meta", "failure_meta", "version_meta",
-    "finished_for", "merge_windows",
+    "finished_for", "merge_windows", "read_meta",
 ]
 
 META_VERSION = 2
@@ -152,3 +154,9 @@ def clip_meta(
             for f in sorted(failures, key=lambda f: (f.window_index is not None, f.window_index or 0, f.stage))
         ],
     }
+
+
+def read_meta(output: str, clip_id: str) -> Optional[dict[str, Any]]:
+    """The clip's metas under ``output``, or ``None`` when there is none (or it cannot be read: the clip
+    then counts as not done, and its next write replaces the file)."""
+    return read_json_or_none(meta_path(output, clip_id))

@@ -17,9 +17,9 @@ from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.io.filesystems import FileSystems
 
 from beam_captions.io.compaction import is_compacted, remove_clip_rows
-from beam_captions.io.files import read_json, write_bytes, write_json
+from beam_captions.io.files import delete_quietly, matching, write_bytes, write_json
 from beam_captions.io.metas import (
-    CAPTION_GROUP, PREVIEW_GROUP, clip_meta, failure_meta, finished_for, merge_windows, version_meta, window_meta,
+    CAPTION_GROUP, read_meta, PREVIEW_GROUP, clip_meta, failure_meta, finished_for, merge_windows, version_meta, window_meta,
 )
 from beam_captions.io.parquet import caption_row, parquet_bytes
 from beam_captions.io.paths import (
@@ -70,39 +70,6 @@ def _count_row(record: WindowRecord) -> None:
             count(f"flagged_{flag}")
 
 
-def _read_meta(output: str, clip_id: str) -> Optional[dict]:
-    """The clip's metas, or ``None`` when there is none (or it cannot be read: then it is rewritten)."""
-    path = meta_path(output, clip_id)
-    try:
-        if not FileSystems.exists(path):
-            return None
-        document = read_json(path)
-    except Exception:  # noqa: BLE001 - a torn or foreign file is as good as none
-        return None
-    return document if isinstance(document, dict) else None
-
-
-def _delete(paths: Iterable[str]) -> None:
-    paths = list(paths)
-    if not paths:
-        return
-    try:
-        FileSystems.delete(paths)
-    except Exception:  # noqa: BLE001 - already gone (a concurrent writer, a retried bundle)
-        for path in paths:
-            try:
-                FileSystems.delete([path])
-            except Exception:  # noqa: BLE001
-                pass
-
-
-def _listed(pattern: str) -> list[str]:
-    try:
-        return [m.path for result in FileSystems.match([pattern]) for m in result.metadata_list]
-    except Exception:  # noqa: BLE001 - nothing there yet
-        return []
-
-
 def _captions_file(clip_id: str, partition: Optional[str]) -> str:
     """The clip's Parquet file relative to the output root (as recorded in its metas)."""
     return "/".join(["captions", *([partition] if partition else []), f"{clip_id}.parquet"])
@@ -148,7 +115,7 @@ def write_clip(
     windows = [by_index[i] for i in sorted(by_index)]
     failures = list({f.name: f for f in elements if isinstance(f, Failure)}.values())
     version = _version_of(elements)
-    old = _read_meta(output, clip_id)
+    old = read_meta(output, clip_id)
     same_source = old is not None and (version is None or old.get("source_version") == version_meta(version))
     complete = bool(infos) and not failures
     if not complete and same_source and old.get("status") == "done" and finished_for(old, asked, version, True):
@@ -159,8 +126,8 @@ def write_clip(
         count(f"failures_{failure.stage}")
         write_json(failure_path(output, failure.name), failure_meta(failure))
     keep = {f"{failure.name}.json" for failure in failures}
-    _delete(p for p in _listed(FileSystems.join(failures_dir(output), f"{clip_id}_*.json"))
-            if posixpath.basename(p.replace(os.sep, "/")) not in keep)
+    delete_quietly(m.path for m in matching(FileSystems.join(failures_dir(output), f"{clip_id}_*.json"))
+                   if posixpath.basename(m.path.replace(os.sep, "/")) not in keep)
     captions_file = None
     if windows:
         for record in windows:
@@ -183,15 +150,15 @@ def write_clip(
             _captions_file(clip_id, None) if old.get("windows") else None)
         if before and before != captions_file:
             if before.endswith(f"/{clip_id}.parquet"):  # the clip's own file
-                _delete([FileSystems.join(output, *before.split("/"))])
+                delete_quietly([FileSystems.join(output, *before.split("/"))])
             elif is_compacted(before):  # a merged file of many clips: only this clip's rows go
                 if left_merged is None:
                     remove_clip_rows(output, before, [clip_id])
                 else:
                     left_merged(before, clip_id)
     previews = {posixpath.basename(str(w["preview"]).replace(os.sep, "/")) for w in window_metas if w.get("preview")}
-    _delete(p for p in _listed(FileSystems.join(previews_dir(output), clip_id, "*.webp"))
-            if posixpath.basename(p.replace(os.sep, "/")) not in previews)
+    delete_quietly(m.path for m in matching(FileSystems.join(previews_dir(output), clip_id, "*.webp"))
+                   if posixpath.basename(m.path.replace(os.sep, "/")) not in previews)
     return True
 
 
@@ -206,7 +173,7 @@ class _SkipFinished(beam.DoFn):
         if clip.version is None:
             clip = dataclasses.replace(clip, version=source_version(clip.source))
         if self.skip_existing:
-            meta = _read_meta(self.output, clip.clip_id)
+            meta = read_meta(self.output, clip.clip_id)
             if finished_for(meta, self.asked, clip.version, self.retry_failed):
                 count("clips_skipped")
                 return

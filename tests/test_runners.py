@@ -18,11 +18,8 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 import apache_beam as beam
 import pyarrow.parquet as pq
@@ -35,6 +32,7 @@ from beam_captions.cli import run_job
 from beam_captions.options import build_parser, parse_args
 from beam_captions.pipeline import build_pipeline
 from conftest import VLLM_KWARGS
+import services
 from gcs import storage_emulator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,12 +57,6 @@ IMAGE = "us-docker.pkg.dev/test-project/beam-captions/beam-captions:test"
 # A valid bucket name: for an invalid one ("b" is too short) Beam ignores temp_location and tries to
 # create a default bucket instead.
 BUCKET = "beam-captions-test"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -443,59 +435,11 @@ def in_memory_run(tmp_path_factory, captioner_dir, real_clips_dir):
     return found, counts
 
 
-def _start(command: list[str], env: dict, log_path) -> subprocess.Popen:
-    log = open(log_path, "wb")
-    return subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop a process started by _start, with everything it started (its own process group)."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            os.killpg(proc.pid, signal.SIGKILL)  # children left behind in the group
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, log_path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode}:\n{open(log_path).read()[-3000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"nothing listens on {port} after {timeout} s:\n{open(log_path).read()[-3000:]}")
-
-
 @pytest.fixture(scope="module")
 def portable_services(tmp_path_factory):
     """Beam's Python job service and a worker pool (start_worker_pool.sh, this venv) on loopback ports."""
-    logs = tmp_path_factory.mktemp("portable-logs")
-    env = dict(os.environ, OMP_NUM_THREADS="1", VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", VLLM_LOGGING_LEVEL="WARNING")
-    job_port, pool_port = free_port(), free_port()
-    job_log, pool_log = logs / "job_service.log", logs / "worker_pool.log"
-    job = _start([sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
-                  f"--port={job_port}"], env, job_log)
-    pool = _start(["bash", os.path.join(FLINK_DIR, "start_worker_pool.sh"), "--venv", sys.prefix,
-                   "--port", str(pool_port)], env, pool_log)
-    try:
-        _wait_for_port(job_port, job, job_log)
-        _wait_for_port(pool_port, pool, pool_log)
-        yield f"localhost:{job_port}", f"localhost:{pool_port}", pool_log
-    finally:
-        _stop(pool)
-        _stop(job)
+    with services.portable_services(tmp_path_factory.mktemp("portable-logs")) as running:
+        yield running
 
 
 def assert_same_run(found: dict, counts: dict, expected: tuple[dict, dict]) -> None:
@@ -507,14 +451,12 @@ def assert_same_run(found: dict, counts: dict, expected: tuple[dict, dict]) -> N
 def test_portable_runner_with_an_external_worker_pool_writes_what_the_direct_runner_writes(
     portable_services, in_memory_run, tmp_path, captioner_dir, real_clips_dir
 ):
-    job_endpoint, pool, pool_log = portable_services
     out = str(tmp_path / "portable")
-    counts = run_job(job_args(real_clips_dir, out, captioner_dir) + [
-        "--runner=PortableRunner", f"--job_endpoint={job_endpoint}",
-        "--environment_type=EXTERNAL", f"--environment_config={pool}",
-    ], release_models=False)  # (this process has no engine of this job; keep the in-memory run's)
+    counts = run_job(job_args(real_clips_dir, out, captioner_dir) + portable_services.runner_args(),
+                     release_models=False)  # (this process has no engine of this job; keep the in-memory run's)
     assert_same_run(outputs(out), counts, in_memory_run)
-    assert "worker pool: python" in open(pool_log).read()  # the SDK worker came from start_worker_pool.sh's pool
+    # the SDK worker came from start_worker_pool.sh's pool
+    assert "worker pool: python" in services.log_tail(portable_services.pool_log, 10**6)
 
 
 def test_flink_options_file_is_a_valid_flink_job(captioner_dir):

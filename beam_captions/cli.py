@@ -106,9 +106,14 @@ def compact(argv: Sequence[str]) -> dict[str, int]:
         if not os.path.isdir(os.path.join(output, "captions")):
             _refuse(f"compact {args.output}: no captions folder there (is it the output root of a run?)")
     started = time.monotonic()
-    pipeline = beam.Pipeline(options=PipelineOptions(local_beam_args(beam_args, args.local_workers, False)))
+    options = PipelineOptions(local_beam_args(beam_args, args.local_workers, False))
+    pipeline = beam.Pipeline(options=options)
     pipeline | "Compact" >> CompactCaptions(output, int(args.target_size_mb * 2**20))
     result = pipeline.run()
+    if _submitted_only(options):
+        print(f"beam-captions compact: job built and handed to {options.get_all_options()['runner']}; "
+              "no run happened here")
+        return {}
     result.wait_until_finish()
     counts = counters(result)
     print(f"beam-captions compact finished in {time.monotonic() - started:.1f} s\n"

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from clips import make_clip
 from gcs import gcs  # noqa: F401  (the module-scoped fixture)
+from services import portable_services
 
 from beam_captions.cli import compact, run_job
 from beam_captions.io.compaction import MANIFEST, list_caption_files, merge_group, plan_groups
@@ -239,3 +240,16 @@ def test_a_rerun_that_redoes_every_compacted_clip_rewrites_the_merged_file_once_
     assert not os.path.exists(os.path.join(out, merged.relpath))  # every clip left it
     rows = table_rows(out)
     assert len(rows) == sum(len(m["windows"]) for m in metas(out).values())
+
+
+def test_compact_runs_on_the_portable_runner(thousand, tmp_path):
+    """The compaction job through Beam's job service and an EXTERNAL worker pool (Flink's path): its steps
+    pickle and run in an SDK worker of their own."""
+    out = str(tmp_path / "out")
+    shutil.copytree(thousand, out)
+    before = table_rows(out)
+    with portable_services(tmp_path / "services") as services:
+        counts = compact([out, "--target-size-mb", "0.1", *services.runner_args()])
+    assert counts["files_before"] == NUM_CLIPS and counts["files_after"] == len(list_caption_files(out)) <= 10
+    assert table_rows(out) == before
+    assert_each_clip_in_its_file(out)

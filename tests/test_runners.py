@@ -28,7 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import FlinkRunnerOptions, PipelineOptions, PortableOptions
 from apache_beam.portability.api import beam_runner_api_pb2
 
-from beam_captions.cli import run_job
+from beam_captions.cli import compact, run_job
 from beam_captions.options import build_parser, parse_args
 from beam_captions.pipeline import build_pipeline
 from conftest import VLLM_KWARGS
@@ -191,6 +191,12 @@ def test_flex_template_launch_writes_a_job_with_gpus_on_the_inference_steps(buck
 def test_run_job_dry_run_on_dataflow_returns_without_a_gallery(bucket, tiny_models):
     run_job(full_job_args(bucket, tiny_models) + dataflow_args(bucket, dry_run=True))
     assert not FileSystems.exists(f"{bucket}/out/index.html")
+
+
+def test_compact_builds_a_dataflow_job_without_running_it(bucket, capsys):
+    assert compact([f"{bucket}/out", *dataflow_args(bucket, dry_run=True)]) == {}
+    assert "handed to DataflowRunner" in capsys.readouterr().out
+    assert not FileSystems.exists(f"{bucket}/out/captions/_manifest.json")
 
 
 # ---------------------------------------------------------------------------------------------------

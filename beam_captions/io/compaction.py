@@ -153,11 +153,13 @@ def write_clustered(table: pa.Table, rows_per_group: int = ROW_GROUP_ROWS) -> by
     return sink.getvalue()
 
 
-def _repoint(output: str, clip_ids: Iterable[str], sources: set[str], target: str) -> int:
-    """Point the metas of ``clip_ids`` whose rows were in one of ``sources`` at ``target``."""
+def _repoint(output: str, clip_ids: Iterable[str], sources: set[str], target: str,
+             known: Optional[dict[str, Optional[dict]]] = None) -> int:
+    """Point the metas of ``clip_ids`` whose rows were in one of ``sources`` at ``target`` (``known``:
+    metas already read, by clip id; the others are read)."""
 
     def repoint(clip_id: str) -> int:
-        meta = read_meta(output, clip_id)
+        meta = known[clip_id] if known and clip_id in known else read_meta(output, clip_id)
         if meta is None or meta.get("captions_file") not in sources or meta.get("captions_file") == target:
             return 0
         write_json(meta_path(output, clip_id), {**meta, "captions_file": target})
@@ -182,7 +184,7 @@ def _exists(output: str, relpath: str) -> bool:
     return FileSystems.exists(_absolute(output, relpath))
 
 
-def _commit(output: str, journal: dict) -> None:
+def _commit(output: str, journal: dict, known: Optional[dict[str, Optional[dict]]] = None) -> None:
     """Carry out a journal: the staged file into place, the clips' metas to it, the small files away."""
     merged, staged = journal["merged"], journal["staged"]
     if merged is not None and _exists(output, staged):
@@ -192,7 +194,7 @@ def _commit(output: str, journal: dict) -> None:
     if merged is not None and not _exists(output, merged):
         raise RuntimeError(f"compaction journal for {merged}: neither the merged file nor its staged copy exists")
     if merged is not None:
-        _repoint(output, journal["clips"], set(journal["members"]), merged)
+        _repoint(output, journal["clips"], set(journal["members"]), merged, known)
     _delete(output, [m for m in journal["members"] if m != merged])
     FileSystems.delete([_journal_path(output, journal["name"])])
 
@@ -207,12 +209,13 @@ def merge_group(output: str, group: Sequence[CaptionFile],
     ``fail_after`` (tests) is called with each step's name, to stop a compaction part way.
     """
     step = fail_after or (lambda name: None)
+    read = parallel_map(lambda item: _read_table(_absolute(output, item.relpath)), group)
+    every_clip = sorted(set().union(*(_clip_ids(table) for table in read)))
+    metas = dict(zip(every_clip, parallel_map(lambda clip_id: read_meta(output, clip_id), every_clip)))
     tables, members, moved_clips = [], [], set()
     stale_rows = 0
-    for item in group:
-        table = _read_table(_absolute(output, item.relpath))
+    for item, table in zip(group, read):
         clip_ids = _clip_ids(table)
-        metas = dict(zip(clip_ids, parallel_map(lambda c: read_meta(output, c), clip_ids)))
         if not is_compacted(item.relpath) and any(metas[c] is None for c in clip_ids):
             continue  # an unfinished clip's own file: left for the run that finishes it
         keep = [c for c in clip_ids if metas[c] is None or metas[c].get("captions_file") == item.relpath]
@@ -232,7 +235,7 @@ def merge_group(output: str, group: Sequence[CaptionFile],
         step("staged")
     write_json(_journal_path(output, journal["name"]), journal)
     step("journal")
-    _commit(output, journal)
+    _commit(output, journal, metas)
     return {"files_merged": len(members), "files_written": int(merged is not None), "rows_moved": merged_table.num_rows,
             "rows_stale_dropped": stale_rows}
 

@@ -153,6 +153,7 @@ def test_a_compaction_killed_part_way_is_finished_by_the_next(tmp_path, killed_a
     assert_each_clip_in_its_file(out)
 
 
+# Previews-only runs here pass release_models=False: the session's caption engine stays loaded for later tests.
 def previews_args(clips: str, out: str) -> list[str]:
     return ["--input", clips, "--output", out, "--generate-previews", "--captioning-window-size", "16",
             "--captioning-remainder-threshold", "8", "--preview-target-height", "32", "--preview-target-fps", "4"]
@@ -163,20 +164,20 @@ def test_a_run_on_a_compacted_output_skips_redoes_and_keeps_rows_once(tmp_path):
     clips.mkdir()
     for number in range(5):
         make_clip(str(clips / f"c{number}.mp4"), 24 + 8 * number, 10.0, 96, 64)
-    run_job(previews_args(str(clips), out) + ["--no-gallery"])
+    run_job(previews_args(str(clips), out) + ["--no-gallery"], release_models=False)
     before = table_rows(out)
     compact([out])
     [merged] = list_caption_files(out)
     assert table_rows(out) == before
     stamps = {p: os.stat(p).st_mtime_ns for p in glob.glob(os.path.join(out, "**", "*"), recursive=True)
               if "logs" not in p}
-    counts = run_job(previews_args(str(clips), out))
+    counts = run_job(previews_args(str(clips), out), release_models=False)
     assert counts["clips_skipped"] == 5 and counts.get("clips", 0) == 0
     assert all(os.stat(p).st_mtime_ns == t for p, t in stamps.items() if not p.endswith(".html"))
     assert "c3.mp4" in open(write_gallery(out)).read()
     replaced = str(clips / "c3.mp4")
     make_clip(replaced, 26, 10.0, 96, 64)  # another file under the same name: two windows
-    counts = run_job(previews_args(str(clips), out))
+    counts = run_job(previews_args(str(clips), out), release_models=False)
     assert counts["clips_replaced"] == 1 and counts["clips_skipped"] == 4
     rows = table_rows(out)  # asserts each window once
     mine = [dict(r) for r in rows if dict(r)["clip_id"] == clip_id_for(replaced)]
@@ -228,13 +229,14 @@ def test_a_rerun_that_redoes_every_compacted_clip_rewrites_the_merged_file_once_
     clips.mkdir()
     for number in range(6):
         make_clip(str(clips / f"c{number}.mp4"), 24 + 8 * number, 10.0, 96, 64)
-    run_job(previews_args(str(clips), out) + ["--no-gallery"])
+    run_job(previews_args(str(clips), out) + ["--no-gallery"], release_models=False)
     compact([out])
     [merged] = list_caption_files(out)
     rewrites = []
     original = write.remove_clip_rows
     monkeypatch.setattr(write, "remove_clip_rows", lambda *a: (rewrites.append(sorted(a[2])), original(*a))[1])
-    counts = run_job(previews_args(str(clips), out)[:-1] + ["8", "--no-gallery", "--local-workers", "2"])
+    counts = run_job(previews_args(str(clips), out)[:-1] + ["8", "--no-gallery", "--local-workers", "2"],
+                     release_models=False)
     assert counts["clips_extended"] == 6  # other preview settings: every clip redone
     assert 1 <= len(rewrites) <= 2 and sorted(c for batch in rewrites for c in batch) == sorted(metas(out))
     assert not os.path.exists(os.path.join(out, merged.relpath))  # every clip left it

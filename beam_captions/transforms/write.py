@@ -19,7 +19,8 @@ from apache_beam.io.filesystems import FileSystems
 from beam_captions.io.compaction import is_compacted, remove_clip_rows
 from beam_captions.io.files import delete_quietly, matching, write_bytes, write_json
 from beam_captions.io.metas import (
-    CAPTION_GROUP, read_meta, PREVIEW_GROUP, clip_meta, failure_meta, finished_for, merge_windows, version_meta, window_meta,
+    CAPTION_GROUP, PREVIEW_GROUP, clip_meta, failure_meta, finished_for, merge_windows, read_meta, version_meta,
+    window_meta,
 )
 from beam_captions.io.parquet import caption_row, parquet_bytes
 from beam_captions.io.paths import (

@@ -85,7 +85,7 @@ def compact(argv: Sequence[str]) -> dict[str, int]:
     from beam_captions.local import local_beam_args
     from beam_captions.metrics import counters
     from beam_captions.transforms.compact import CompactCaptions
-    from beam_captions.transforms.read import is_local
+    from beam_captions.io.paths import is_local, local_path
 
     parser = argparse.ArgumentParser(
         prog="beam-captions compact",
@@ -102,7 +102,7 @@ def compact(argv: Sequence[str]) -> dict[str, int]:
         parser.exit(2, f"{parser.prog}: error: --target-size-mb must be positive\n")
     output = args.output
     if is_local(output):
-        output = os.path.abspath(output[len("file://"):] if output.startswith("file://") else output)
+        output = os.path.abspath(local_path(output))
         if not os.path.isdir(os.path.join(output, "captions")):
             _refuse(f"compact {args.output}: no captions folder there (is it the output root of a run?)")
     started = time.monotonic()
@@ -309,11 +309,11 @@ def _refuse_missing_inputs(config) -> None:
 def _refuse_unwritable_output(output: str) -> None:
     """A local output root must be a folder this process can create files in; checked before any clip is
     decoded. (An object store is checked by its first write.)"""
-    from beam_captions.transforms.read import is_local
+    from beam_captions.io.paths import is_local, local_path
 
     if not is_local(output):
         return
-    root = output[len("file://"):] if output.startswith("file://") else output
+    root = local_path(output)
     for folder in (root, *(os.path.join(root, name) for name in ("captions", "previews", "metas", "failures"))):
         if os.path.lexists(folder) and not os.path.isdir(folder):
             _refuse(f"--output {root}: cannot write there: {folder} is a file, not a folder")

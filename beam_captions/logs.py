@@ -59,11 +59,10 @@ SUMMARISED = "beam_captions_summarised"
 def default_log_path(output: str) -> str:
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     name = f"beam-captions-{stamp}-{os.getpid()}.log"
-    from beam_captions.transforms.read import is_local
+    from beam_captions.io.paths import is_local, local_path
 
     if is_local(output):
-        root = output[len("file://"):] if output.startswith("file://") else output
-        return os.path.join(root, "logs", name)
+        return os.path.join(local_path(output), "logs", name)
     return os.path.join(tempfile.gettempdir(), "beam-captions-logs", name)
 
 

@@ -95,21 +95,32 @@ mounted on the dashboard of a grey car. Signs pass by, the lane markings are whi
 and the sun sets behind the hills in shades of pink, purple and gold.
 """
 
+_CONTENT_ITEMS = """\
+{%- for item in message['content'] %}
+{%- if item['type'] == 'image' or 'image' in item %}
+{{- '@IMAGE@' }}
+{%- elif item['type'] == 'video' or 'video' in item %}
+{{- '@VIDEO@' }}
+{%- elif item['type'] == 'text' %}
+{{- item['text'] }}
+{%- endif %}
+{%- endfor %}
+"""
+
+
+def content_items_template(image: str, video: str) -> str:
+    """Chat-template lines that render a message given as a list of items: its text, and each image
+    and video as the model's placeholder (``image``, ``video``)."""
+    return _CONTENT_ITEMS.replace("@IMAGE@", image).replace("@VIDEO@", video)
+
+
 _TEMPLATE_HEAD = """\
 {%- for message in messages %}
 {{- '<|im_start|>' + message['role'] + '\\n' }}
 {%- if message['content'] is string %}
 {{- message['content'] }}
 {%- else %}
-{%- for item in message['content'] %}
-{%- if item['type'] == 'image' or 'image' in item %}
-{{- '<|vision_start|><|image_pad|><|vision_end|>' }}
-{%- elif item['type'] == 'video' or 'video' in item %}
-{{- '<|vision_start|><|video_pad|><|vision_end|>' }}
-{%- elif item['type'] == 'text' %}
-{{- item['text'] }}
-{%- endif %}
-{%- endfor %}
+""" + content_items_template("<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>") + """\
 {%- endif %}
 {{- '<|im_end|>\\n' }}
 {%- endfor %}

@@ -35,6 +35,7 @@ from typing import Any
 
 from beam_captions.inference.tiny_models import (
     MARKER_FILE,
+    content_items_template,
     _build_once,
     _non_word_ids,
     _token_id,
@@ -95,15 +96,7 @@ _CHAT_TEMPLATE = """\
 {{- message['content'] }}
 {%- endif %}
 {%- else %}
-{%- for item in message['content'] %}
-{%- if item['type'] == 'image' or 'image' in item %}
-{{- '<image>' }}
-{%- elif item['type'] == 'video' or 'video' in item %}
-{{- '<video>' }}
-{%- elif item['type'] == 'text' %}
-{{- item['text'] }}
-{%- endif %}
-{%- endfor %}
+""" + content_items_template("<image>", "<video>") + """\
 {%- endif %}
 {{- '<|im_end|>\\n' }}
 {%- endfor %}

@@ -127,9 +127,9 @@ def _merged_relpath(group: Sequence[CaptionFile]) -> str:
     return posixpath.join(posixpath.dirname(group[0].relpath), f"{COMPACTED_PREFIX}{digest}.parquet")
 
 
-def _read_table(path: str) -> pa.Table:
+def _read_table(path: str, columns: Optional[list[str]] = None) -> pa.Table:
     with FileSystems.open(path) as handle:
-        return pq.read_table(pa.BufferReader(handle.read()), schema=CAPTION_SCHEMA)
+        return pq.read_table(pa.BufferReader(handle.read()), schema=CAPTION_SCHEMA, columns=columns)
 
 
 def _clip_ids(table: pa.Table) -> list[str]:
@@ -210,12 +210,12 @@ def merge_group(output: str, group: Sequence[CaptionFile],
     """
     step = fail_after or (lambda name: None)
     read = parallel_map(lambda item: _read_table(_absolute(output, item.relpath)), group)
-    every_clip = sorted(set().union(*(_clip_ids(table) for table in read)))
+    ids = [_clip_ids(table) for table in read]
+    every_clip = sorted(set().union(*ids))
     metas = dict(zip(every_clip, parallel_map(lambda clip_id: read_meta(output, clip_id), every_clip)))
     tables, members, moved_clips = [], [], set()
     stale_rows = 0
-    for item, table in zip(group, read):
-        clip_ids = _clip_ids(table)
+    for item, table, clip_ids in zip(group, read, ids):
         if not is_compacted(item.relpath) and any(metas[c] is None for c in clip_ids):
             continue  # an unfinished clip's own file: left for the run that finishes it
         keep = [c for c in clip_ids if metas[c] is None or metas[c].get("captions_file") == item.relpath]
@@ -288,8 +288,7 @@ def build_manifest(output: str, target_bytes: int) -> dict[str, Any]:
     totals; the schema. Written by ``compact``; a later write of a compacted clip removes it."""
 
     def describe(item: CaptionFile) -> dict[str, Any]:
-        with FileSystems.open(_absolute(output, item.relpath)) as handle:
-            clip_ids = pq.read_table(pa.BufferReader(handle.read()), columns=["clip_id"]).column("clip_id")
+        clip_ids = _read_table(_absolute(output, item.relpath), ["clip_id"]).column("clip_id")
         return {"path": item.relpath, "bytes": item.size, "rows": len(clip_ids),
                 "clips": len(set(clip_ids.to_pylist())), "_ids": set(clip_ids.to_pylist())}
 

@@ -11,6 +11,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
 
 from apache_beam.io.filesystems import FileSystems
 
+from beam_captions.io.paths import is_local, local_path
+
 __all__ = ["delete_quietly", "matching", "parallel_map", "read_json", "read_json_or_none", "write_bytes", "write_json"]
 
 _T = TypeVar("_T")
@@ -34,8 +36,8 @@ def _umask() -> int:
 
 def write_bytes(path: str, data: bytes, mime_type: str = "application/octet-stream") -> None:
     """Write ``data`` to ``path``: locally to a temporary name then renamed; object stores commit on close."""
-    if FileSystems.get_scheme(path) in (None, "file"):
-        local = path[len("file://"):] if path.startswith("file://") else path
+    if is_local(path):
+        local = local_path(path)
         folder = os.path.dirname(local) or "."
         os.makedirs(folder, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(local))

@@ -6,7 +6,17 @@ from typing import Any, Optional
 
 from apache_beam.io.filesystems import FileSystems
 
-__all__ = ["caption_table_path", "captions_dir", "previews_dir", "metas_dir", "failures_dir", "preview_path", "meta_path", "failure_path"]
+__all__ = ["is_local", "local_path", "caption_table_path", "captions_dir", "previews_dir", "metas_dir", "failures_dir", "preview_path", "meta_path", "failure_path"]
+
+
+def is_local(location: str) -> bool:
+    """Whether ``location`` is on this machine's filesystem (a plain path or a ``file://`` URI)."""
+    return FileSystems.get_scheme(location) in (None, "file")
+
+
+def local_path(location: str) -> str:
+    """``location`` without a leading ``file://``."""
+    return location[len("file://"):] if location.startswith("file://") else location
 
 
 def captions_dir(output: str) -> str:

@@ -15,6 +15,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_captions.inference.frame_bounds import DEFAULT_FRAME_BOUNDS, FrameBounds, NemotronFrameSize, model_frame_bounds
 from beam_captions.media.decode import DecodedWindow, PreviewSpec, VideoInfo, iter_decode
+from beam_captions.io.paths import is_local, local_path
 from beam_captions.logs import warn
 from beam_captions.metrics import count
 from beam_captions.records import ClipInfo, ClipRef, Failure, WindowRecord, failure_from_exception
@@ -88,8 +89,8 @@ class _LocalCopy:
 
     def path(self) -> str:
         source = self.source
-        if FileSystems.get_scheme(source) in (None, "file"):
-            return source[len("file://"):] if source.startswith("file://") else source
+        if is_local(source):
+            return local_path(source)
         self._file = tempfile.NamedTemporaryFile(prefix="beam-captions-", suffix=os.path.splitext(source)[1])
         with FileSystems.open(source, compression_type=CompressionTypes.UNCOMPRESSED) as remote:
             shutil.copyfileobj(remote, self._file, _COPY_CHUNK)

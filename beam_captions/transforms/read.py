@@ -30,6 +30,7 @@ from apache_beam.io.fileio import EmptyMatchTreatment
 from apache_beam.utils.timestamp import Timestamp
 
 from beam_captions.extensions import ANY_EXTENSION, VIDEO_EXTENSIONS, is_video_path, parse_extensions
+from beam_captions.io.paths import is_local, local_path
 from beam_captions.metrics import count
 from beam_captions.records import ClipRef
 
@@ -45,20 +46,12 @@ class InputError(ValueError):
     """An ``--input`` that names nothing; the message is one line."""
 
 
-def is_local(location: str) -> bool:
-    return FileSystems.get_scheme(location) in (None, "file")
-
-
-def _local(location: str) -> str:
-    return location[len("file://"):] if location.startswith("file://") else location
-
-
 def normalise_source(path: str) -> str:
     """The form a clip id is made from: local paths absolute, links resolved (a dangling or looping link
     stays the absolute path of the link itself, so its failure record names it); other URIs as they are."""
     if not is_local(path):
         return path
-    local = os.path.abspath(_local(path))
+    local = os.path.abspath(local_path(path))
     return os.path.realpath(local) if os.path.exists(local) else local
 
 
@@ -70,7 +63,7 @@ def to_match_pattern(location: str) -> str:
     """A Beam match pattern for ``location``: a file stays itself, a folder or prefix matches all under it,
     a glob stays as it is. An existing local name has its glob characters escaped."""
     if is_local(location):
-        local = _local(location)
+        local = local_path(location)
         if os.path.isdir(local):
             return glob.escape(local.rstrip("/")) + "/**"
         if os.path.lexists(local):
@@ -119,7 +112,7 @@ def list_location(location: str, extensions: Optional[Iterable[str]] = None) -> 
     """Every clip ``location`` names (see the module doc), normalised; files passed over are counted."""
     extensions = VIDEO_EXTENSIONS if extensions is None else frozenset(extensions)
     if is_local(location):
-        local = _local(location)
+        local = local_path(location)
         if os.path.isdir(local):
             found = _scan_local(local, extensions)
         elif os.path.lexists(local):
@@ -156,7 +149,7 @@ def check_inputs(locations: Sequence[str], streaming: bool = False) -> None:
         if not location.strip():
             raise InputError("--input must not be empty")
         if is_local(location):
-            local = _local(location)
+            local = local_path(location)
             if os.path.lexists(local):
                 continue
             if _has_glob(local) and not streaming:

@@ -187,9 +187,7 @@ def _exists(output: str, relpath: str) -> bool:
 def _commit(output: str, journal: dict, known: Optional[dict[str, Optional[dict]]] = None) -> None:
     """Carry out a journal: the staged file into place, the clips' metas to it, the small files away."""
     merged, staged = journal["merged"], journal["staged"]
-    if merged is not None and _exists(output, staged):
-        if _exists(output, merged):
-            _delete(output, [merged])
+    if merged is not None and _exists(output, staged):  # the rename replaces a file of that name
         FileSystems.rename([_absolute(output, staged)], [_absolute(output, merged)])
     if merged is not None and not _exists(output, merged):
         raise RuntimeError(f"compaction journal for {merged}: neither the merged file nor its staged copy exists")

@@ -84,6 +84,7 @@ class JobConfig:
     enhance_captions_vllm_kwargs: Optional[dict[str, Any]] = None
     accelerator: Optional[str] = None
     share_model_across_processes: bool = False
+    model_request_timeout_seconds: float = 1800.0
     preview_target_fps: float = 1.0
     preview_target_height: int = 240
     preview_compression_level: int = 6
@@ -161,8 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--captioning-dtype", choices=ENGINE_DTYPES, default="auto",
                      help="dtype vLLM computes in (default auto: the checkpoint's)")
     cap.add_argument("--captioning-batch-size", type=int, default=64,
-                     help="windows a worker process keeps in flight to vLLM, which batches them continuously "
-                          "(default 64; each holds its sampled frames in memory)")
+                     help="windows in flight to each captioning engine, which batches them continuously "
+                          "(default 64; per engine, however many threads and processes feed it; each holds its "
+                          "sampled frames in memory)")
     cap.add_argument("--captioning-max-output-tokens", type=int, default=512)
     cap.add_argument("--captioning-use-fp8-weights", action="store_true",
                      help="fp8 weight quantization (Qwen; a Nemotron variant's precision is its checkpoint's)")
@@ -175,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "'type:nvidia-l4;count:1;install-nvidia-driver' (Dataflow right fitting)")
     cap.add_argument("--share-model-across-processes", action="store_true",
                      help="one vLLM engine per machine, shared by its SDK processes (Dataflow starts one per vCPU)")
+    cap.add_argument("--model-request-timeout-seconds", type=float, default=1800.0,
+                     help="longest wait for one window's answer from a model (caption or enhancement); past it the "
+                          "engine counts as hung: it is restarted and the window tried once more, then recorded as "
+                          "failed (default 1800)")
     cap.add_argument("--vllm-kwargs", default="{}", help='JSON object passed to vllm.LLM(), e.g. \'{"max_model_len": 8192}\'')
 
     cap.add_argument("--captioning-gpu-memory-share", type=float,
@@ -190,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     enh.add_argument("--enhance-captions-prompt-variant", choices=tuple(ENHANCE_PROMPTS), default="default")
     enh.add_argument("--enhance-captions-prompt-text", help="custom enhancement instruction; overrides the variant")
     enh.add_argument("--enhance-captions-batch-size", type=int, default=128,
-                     help="captions a worker process keeps in flight to the text model (default 128)")
+                     help="captions in flight to each enhancement engine (default 128; per engine)")
     enh.add_argument("--enhance-captions-max-output-tokens", type=int, default=512)
     enh.add_argument("--enhance-captions-use-fp8-weights", action="store_true")
     enh.add_argument("--enhance-captions-gpu-memory-share", type=float,
@@ -234,6 +240,7 @@ def validate(config: JobConfig) -> None:
     for flag, value in (("--watch-interval-seconds", config.watch_interval_seconds),
                         ("--window-seconds", config.window_seconds),
                         ("--clip-time-budget-seconds", config.clip_time_budget_seconds),
+                        ("--model-request-timeout-seconds", config.model_request_timeout_seconds),
                         ("--captioning-sampling-fps", config.captioning_sampling_fps),
                         ("--preview-target-fps", config.preview_target_fps),
                         ("--captioning-gpu-memory-share", config.captioning_gpu_memory_share),
@@ -244,6 +251,7 @@ def validate(config: JobConfig) -> None:
     _check(config.window_seconds > 0, "--window-seconds must be positive")
     _check(config.max_frame_pixels >= 1, "--max-frame-pixels must be positive")
     _check(config.clip_time_budget_seconds > 0, "--clip-time-budget-seconds must be positive")
+    _check(config.model_request_timeout_seconds > 0, "--model-request-timeout-seconds must be positive")
     _check(config.local_workers is None or config.local_workers >= 1, "--local-workers must be at least 1")
     _check(config.captioning_window_size >= 4, "--captioning-window-size must be at least 4")
     _check(0 <= config.captioning_remainder_threshold <= config.captioning_window_size,

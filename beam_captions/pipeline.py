@@ -103,6 +103,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             vllm_kwargs=config.vllm_kwargs,
             accelerator=config.accelerator,
             share_across_processes=config.share_model_across_processes,
+            request_timeout_s=config.model_request_timeout_seconds,
         )
     if config.enhance_captions:
         elements = elements | "EnhanceCaptions" >> EnhanceCaptions(
@@ -118,6 +119,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             vllm_kwargs=config.vllm_kwargs if config.enhance_captions_vllm_kwargs is None else config.enhance_captions_vllm_kwargs,
             accelerator=config.accelerator,
             share_across_processes=config.share_model_across_processes,
+            request_timeout_s=config.model_request_timeout_seconds,
         )
     elements | "WriteOutputs" >> WriteOutputs(
         config.output,

@@ -1,8 +1,8 @@
 """Plain, picklable records that flow between the pipeline's transforms.
 
 One PCollection carries three kinds of element: ``ClipInfo`` (one per decoded
-clip), ``WindowRecord`` (one per caption window, filled in stage by stage) and
-``Failure`` (one per failed clip or window). Each transform works on the kind it
+clip), ``WindowRecord`` (one per caption window, filled in stage by stage, carrying
+the failures of its stages) and ``Failure`` (one per clip that could not be decoded). Each transform works on the kind it
 knows and passes the others through, so the stages chain with ``|``.
 """
 
@@ -89,6 +89,7 @@ class WindowRecord:
     enhance_model: Optional[str] = None
     prompt_variant: Optional[str] = None
     source_version: Optional[tuple[int, float]] = None  # the ``ClipRef.version`` that was decoded
+    failures: tuple["Failure", ...] = ()  # what went wrong for this window, stage by stage: its outcome travels whole
 
     @property
     def num_sampled_frames(self) -> int:
@@ -105,6 +106,12 @@ class WindowRecord:
     def replace(self, **changes) -> "WindowRecord":
         return dataclasses.replace(self, **changes)
 
+    def with_failure(self, failure: "Failure") -> "WindowRecord":
+        """This window with ``failure`` added to its outcome (stamped with the window's source version)."""
+        if failure.source_version is None and self.source_version is not None:
+            failure = failure.replace(source_version=self.source_version)
+        return self.replace(failures=(*self.failures, failure))
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -118,7 +125,7 @@ class Failure:
     window_index: Optional[int] = None
     windows_before: int = 0  # windows a clip had already given when its ``prepare`` step failed
     found_at: Optional[float] = None  # the clip's event time, on ``prepare`` failures (streaming)
-    source_version: Optional[tuple[int, float]] = None  # on ``prepare`` failures: the version that failed
+    source_version: Optional[tuple[int, float]] = None  # the source version it failed on
 
     def replace(self, **changes) -> "Failure":
         return dataclasses.replace(self, **changes)
@@ -131,8 +138,10 @@ class Failure:
 
 
 def failure_from_exception(
-    error: BaseException, *, source: str, clip_id: str, stage: str, window_index: Optional[int] = None
+    error: BaseException, *, source: str, clip_id: str, stage: str, window_index: Optional[int] = None,
+    source_version: Optional[tuple[int, float]] = None,
 ) -> Failure:
     """A failure record for ``error``, with a one-line message."""
     message = " ".join(str(error).split()) or repr(error)
-    return Failure(source, clip_id, stage, type(error).__name__, message[:2000], window_index)
+    return Failure(source, clip_id, stage, type(error).__name__, message[:2000], window_index,
+                   source_version=source_version)

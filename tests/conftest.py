@@ -72,3 +72,13 @@ def spying_on(engine):
         yield calls
     finally:
         del engine.generate
+
+
+def served(handler, windows, engine=None) -> list:
+    """``(outcome, its failure or None)`` of each window through ``handler.run_inference`` on ``engine``
+    (an engine, or a stand-in for fault injection; default: the handler's own), all in flight at once."""
+    from beam_captions.inference.serving import WindowServer
+
+    server = handler.load_model() if engine is None else WindowServer(handler, engine, max(1, len(windows)))
+    return [(outcome, outcome.failures[-1] if outcome.failures else None)
+            for outcome in handler.run_inference(list(windows), server)]

@@ -13,7 +13,7 @@ from beam_captions.inference.enhance_handler import EnhanceRequest, QwenTextEnha
 from beam_captions.prompts import ENHANCE_PROMPTS, enhance_prompt
 from beam_captions.records import Failure, WindowRecord
 from beam_captions.transforms.enhance import EnhanceCaptions
-from conftest import VLLM_KWARGS, spying_on
+from conftest import VLLM_KWARGS, spying_on, served
 
 SENT: list[int] = []
 
@@ -32,7 +32,7 @@ def enhancer_dir(tiny_models):
 
 @pytest.fixture(scope="module")
 def engine(enhancer_dir):
-    return QwenTextEnhanceHandler(enhancer_dir, vllm_kwargs=VLLM_KWARGS).load_model()
+    return QwenTextEnhanceHandler(enhancer_dir, vllm_kwargs=VLLM_KWARGS).load_model().engine
 
 
 @pytest.mark.parametrize("variant", sorted(ENHANCE_PROMPTS) + ["custom"])
@@ -43,7 +43,7 @@ def test_each_prompt_variant_reaches_the_engine(engine, enhancer_dir, variant):
         max_output_tokens=12,
     )
     with spying_on(engine) as calls:
-        (record, failure), = handler.run_inference([captioned(0, stage2="Refined: a red car turns left.")], engine)
+        (record, failure), = served(handler, [captioned(0, stage2="Refined: a red car turns left.")], engine)
     seen = [i["prompt"] for inputs, _ in calls for i in inputs]
     assert failure is None and record.enhanced_caption and record.enhance_model == "enhancer"
     assert record.caption == "A red car turns left at a green light."  # the stage-1 caption is kept
@@ -71,7 +71,7 @@ def test_a_failing_batch_is_isolated_and_keeps_stage1_captions(engine, enhancer_
         return enhance_batch(eng, batch, request)
 
     handler = QwenTextEnhanceHandler(enhancer_dir, vllm_kwargs=VLLM_KWARGS, max_output_tokens=8, inference_fn=flaky)
-    results = list(handler.run_inference([captioned(i) for i in range(3)], engine))
+    results = served(handler, [captioned(i) for i in range(3)], engine)
     assert [bool(r.enhanced_caption) for r, _ in results] == [True, False, True]
     record, failure = results[1]
     assert record.caption and failure.stage == "enhance" and failure.error_type == "MemoryError"

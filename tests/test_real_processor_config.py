@@ -17,7 +17,7 @@ from beam_captions.inference.tiny_models import with_real_processor_config
 from beam_captions.prompts import caption_prompt
 from beam_captions.records import ClipRef, WindowRecord
 from beam_captions.transforms.prepare import PrepareWindows, prepare_clip
-from conftest import VLLM_KWARGS
+from conftest import VLLM_KWARGS, served
 
 LONG_CONTEXT = {**VLLM_KWARGS, "max_model_len": 32768, "max_num_batched_tokens": 32768}  # the job's default
 # qwen-vl-utils' smart_resize of 1920x1080 and 3840x2160 to at most 768 x 28 x 28 pixels: 36 x 20 patches
@@ -34,10 +34,10 @@ def test_1080p_and_4k_windows_cost_what_the_reference_spends(tmp_path: Path, tin
     assert [r.frames.shape for r in records] == [(8, REFERENCE_SIZE[1], REFERENCE_SIZE[0], 3)] * 2
 
     handler = VideoCaptionHandler(real, vllm_kwargs=LONG_CONTEXT, max_output_tokens=8)
-    engine = handler.load_model()
+    engine = handler.load_model().engine
     try:
         text_tokens = len(engine.tokenizer.encode(video_input(engine, records[0], caption_prompt("default"))["prompt"]))
-        results = list(handler.run_inference(records, engine))
+        results = served(handler, records, engine)
     finally:
         release_engines(engine)
 

@@ -11,7 +11,7 @@ from beam_captions.media.windowing import FrameWindow
 from beam_captions.options import parse_args
 from beam_captions.records import WindowRecord
 from beam_captions.transforms.previews import GeneratePreviews, conform_preview, preview_window
-from conftest import VLLM_KWARGS
+from conftest import VLLM_KWARGS, served
 
 
 def window(frames: int = 4, size: int = 56) -> WindowRecord:
@@ -68,10 +68,10 @@ def test_frames_keep_their_values_in_the_asked_dtype():
 
 def test_a_float16_window_is_captioned_by_the_real_engine(captioner_dir):
     handler = VideoCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, max_output_tokens=4, frames_dtype="float16")
-    engine = handler.load_model()
+    engine = handler.load_model().engine
     frames, _ = video_input(engine, window(), "x", frames_dtype="float16")["multi_modal_data"]["video"]
     assert frames.dtype == np.float16
-    (record, failure), = handler.run_inference([window()], engine)
+    (record, failure), = served(handler, [window()], engine)
     assert failure is None and record.caption
 
 

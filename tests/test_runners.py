@@ -524,6 +524,6 @@ def test_an_engine_shared_across_processes_is_used_through_its_proxy(in_memory_r
             pipeline
             | beam.Create(windows)
             | RunInference(handler)
-            | beam.Map(lambda o: (o[0].window_index, bool(o[0].caption), o[0].caption_model, o[1] is None))
+            | beam.Map(lambda o: (o.window_index, bool(o.caption), o.caption_model, o.failures == ()))
         )
         assert_that(outcomes, equal_to([(i, True, "captioner", True) for i in range(4)]))

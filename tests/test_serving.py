@@ -1,8 +1,10 @@
-"""Serving windows to the engine: concurrent requests without a lock, windows in flight as they arrive,
-varied caption lengths, and one restart per engine death."""
+"""Serving windows to the engine: concurrent requests without a lock, windows in flight as they arrive and
+bounded per engine, one start per engine generation, one restart per death, and timeouts for a hung engine."""
 
 from __future__ import annotations
 
+import asyncio
+import multiprocessing
 import threading
 import time
 from types import SimpleNamespace
@@ -13,8 +15,10 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_captions.inference.caption_handler import VideoCaptionHandler, video_input
-from beam_captions.inference.engine import Engine, EngineSettings
-from beam_captions.records import Failure, WindowRecord
+from beam_captions.inference.engine import Engine, EngineSettings, EngineStartError
+from beam_captions.inference.serving import WindowServer, serve_async
+from beam_captions.records import WindowRecord
+from beam_captions.transforms._inference import ServeWindows
 from beam_captions.transforms.caption import CaptionWindows
 from conftest import VLLM_KWARGS
 
@@ -35,7 +39,7 @@ def handler(captioner_dir):
 
 @pytest.fixture(scope="module")
 def engine(handler):
-    return handler.load_model().start()
+    return handler.load_model().engine.start()
 
 
 def test_a_short_request_is_not_held_behind_a_long_one(engine, handler):
@@ -69,61 +73,124 @@ def test_tiny_captions_end_at_varied_lengths(engine, handler):
     assert len(set(lengths)) >= 4 and min(lengths) < max(lengths) // 2
 
 
-_in_flight = {"now": 0, "peak": 0}
-_in_flight_lock = threading.Lock()
+
+# Fault injection: model calls that take a while and count how many windows are alive at once.
+_alive = {"made": 0, "served": 0, "peak_alive": 0, "now": 0, "peak_in_flight": 0}
+_alive_lock = threading.Lock()
+
+
+def _made(index: int) -> WindowRecord:
+    with _alive_lock:
+        _alive["made"] += 1
+    return window(index)
 
 
 def _slow_caption(engine, batch, request):
-    """Takes a while, counts how many calls overlap; window 3 fails (fault injection)."""
-    with _in_flight_lock:
-        _in_flight["now"] += 1
-        _in_flight["peak"] = max(_in_flight["peak"], _in_flight["now"])
-    time.sleep(0.2)
-    with _in_flight_lock:
-        _in_flight["now"] -= 1
+    with _alive_lock:
+        _alive["now"] += 1
+        _alive["peak_in_flight"] = max(_alive["peak_in_flight"], _alive["now"])
+        _alive["peak_alive"] = max(_alive["peak_alive"], _alive["made"] - _alive["served"])
+    time.sleep(0.15)
+    with _alive_lock:
+        _alive["now"] -= 1
+        _alive["served"] += 1
     if batch[0].window_index == 3:
         raise RuntimeError("CUDA error: device-side assert")
     return [r.replace(frames=None, caption=f"c{r.window_index}") for r in batch]
 
 
-class _NoEngineHandler(VideoCaptionHandler):
-    def load_model(self):
-        return SimpleNamespace(name="m", start=lambda: None)
-
-
-def test_windows_are_in_flight_together_and_bounded():
-    """ServeWindows sends each window as it arrives (several at once), never more than the bound."""
-    handler = _NoEngineHandler("unused-bounded", caption_batch_size=4, inference_fn=_slow_caption)
+def test_windows_are_in_flight_together_bounded_and_push_back_on_the_upstream():
+    """ServeWindows sends each window as it arrives, never more than the bound at once, and the step
+    upstream waits meanwhile: windows made but not yet served never exceed the bound (+1 being handed over)."""
+    handler = VideoCaptionHandler("unused-bounded", caption_batch_size=4, inference_fn=_slow_caption)
     with beam.Pipeline() as pipeline:
         out = (
             pipeline
-            | beam.Create([window(i) for i in range(12)] + ["not a window"], reshuffle=False)
-            | CaptionWindows(handler=handler)
-            | beam.Map(lambda e: ("failure", e.window_index) if isinstance(e, Failure)
-                       else (e.caption, e.window_index) if isinstance(e, WindowRecord) else e)
+            | beam.Create(list(range(12)) + [-1], reshuffle=False)
+            | beam.Map(lambda i: _made(i) if i >= 0 else "not a window")
+            | CaptionWindows(handler)
+            | beam.Map(lambda e: (e.caption, e.window_index, [f.stage for f in e.failures])
+                       if isinstance(e, WindowRecord) else e)
         )
-        expected = [(f"c{i}", i) for i in range(12) if i != 3] + [(None, 3), ("failure", 3), "not a window"]
+        expected = [(f"c{i}", i, []) for i in range(12) if i != 3] + [(None, 3, ["caption"]), "not a window"]
         assert_that(out, equal_to(expected))
-    assert 2 <= _in_flight["peak"] <= 4
+    assert 2 <= _alive["peak_in_flight"] <= 4
+    assert _alive["peak_alive"] <= 5, _alive
 
 
-def test_two_threads_that_see_one_death_restart_the_engine_once(monkeypatch):
+def _drive(dofn: ServeWindows, elements) -> list:
+    """Run one bundle through a ``ServeWindows`` instance by hand, as a runner would."""
+    out = []
+    dofn.setup()
+    dofn.start_bundle()
+    try:
+        for element in elements:
+            out.extend(dofn.process(element, timestamp=0, window=None))
+        out.extend(dofn.finish_bundle())
+    finally:
+        dofn.teardown()
+    return [value.value if hasattr(value, "value") else value for value in out]
+
+
+def _engine_that_cannot_start(monkeypatch, seconds: float = 0.3) -> list:
+    attempts = []
+
+    def failing_start(self):
+        attempts.append(time.monotonic())
+        time.sleep(seconds)
+        raise OSError("no GPU memory left for the weights")
+
+    monkeypatch.setattr(Engine, "_start", failing_start)
+    return attempts
+
+
+def test_an_engine_that_cannot_start_is_tried_once_for_64_windows_in_flight(monkeypatch):
+    """Every window waiting on the failed start gets its error at once: one load attempt, the bundle fails
+    in about one load time, and the runner's retry of the bundle tries once more."""
+    attempts = _engine_that_cannot_start(monkeypatch)
+    handler = VideoCaptionHandler("never-starts", caption_batch_size=64)
+    started = time.monotonic()
+    with pytest.raises(EngineStartError, match="no GPU memory left"):
+        _drive(ServeWindows(handler), [window(i) for i in range(64)])
+    assert len(attempts) == 1 and time.monotonic() - started < 5
+    with pytest.raises(EngineStartError):  # the runner retries the bundle: one more attempt
+        _drive(ServeWindows(handler), [window(i) for i in range(8)])
+    assert len(attempts) == 2
+
+
+def test_a_failing_start_also_fails_run_inference_once(monkeypatch):
+    attempts = _engine_that_cannot_start(monkeypatch, 0.1)
+    handler = VideoCaptionHandler("never-starts-either", caption_batch_size=16)
+    with pytest.raises(EngineStartError):
+        list(handler.run_inference([window(i) for i in range(16)], handler.load_model()))
+    assert len(attempts) == 1
+
+
+def _fake_vllm(monkeypatch, behaviours: list[str]) -> list:
+    """``AsyncLLMEngine`` stand-ins, one per start, each behaving as the next of ``behaviours``:
+    ``answer``, ``die`` (the first request raises EngineDeadError after 0.2 s; others keep running),
+    ``hang`` (never answers)."""
     import vllm
     from vllm.v1.engine.exceptions import EngineDeadError
 
     built = []
 
     class FakeAsync:
-        """Dies on its first requests (fault injection); a replacement answers."""
-
         def __init__(self):
-            self.dead = not built
+            self.behaviour = behaviours[min(len(built), len(behaviours) - 1)]
+            self.requests = 0
             built.append(self)
 
         async def generate(self, prompt, params, request_id):
-            await __import__("asyncio").sleep(0.2)
-            if self.dead:
-                raise EngineDeadError()
+            self.requests += 1
+            if self.behaviour == "hang":
+                await asyncio.sleep(3600)
+            if self.behaviour == "die":
+                if self.requests == 1:
+                    await asyncio.sleep(0.2)
+                    raise EngineDeadError()
+                await asyncio.sleep(3600)  # in flight when the engine is replaced
+            await asyncio.sleep(0.05)
             yield SimpleNamespace(outputs=[SimpleNamespace(text="ok", token_ids=[1], finish_reason="stop")],
                                   prompt_token_ids=[1, 2])
 
@@ -132,21 +199,45 @@ def test_two_threads_that_see_one_death_restart_the_engine_once(monkeypatch):
 
     monkeypatch.setattr(vllm, "AsyncEngineArgs", dict)
     monkeypatch.setattr(vllm.AsyncLLMEngine, "from_engine_args", lambda args: FakeAsync())
-    engine = Engine(EngineSettings(model_dir="fake-model", extra={"model": "fake-model"}))
-    handler = VideoCaptionHandler("fake-model", inference_fn=lambda e, batch, request: [
-        r.replace(frames=None, caption=e.generate([{}], None)[0].outputs[0].text) for r in batch])
     monkeypatch.setattr("beam_captions.inference.engine._final_only", lambda params: params)
-    engine.start()
-    results = []
-    threads = [threading.Thread(target=lambda i=i: results.extend(handler.outcomes([window(i)], engine)))
-               for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    engine.shutdown()
+    return built
+
+
+def _ask(engine, batch, request):
+    return [r.replace(frames=None, caption=engine.generate([{}], None)[0].outputs[0].text) for r in batch]
+
+
+def test_a_restart_retries_the_requests_other_threads_had_in_flight(monkeypatch):
+    """One request sees the engine die; the restart cancels the requests of three other threads: all four
+    are retried on the new engine (none becomes a failure), and the engine is started once more, not four times."""
+    built = _fake_vllm(monkeypatch, ["die", "answer"])
+    engine = Engine(EngineSettings(model_dir="fake-model", extra={"model": "fake-model"}), request_timeout_s=30)
+    handler = VideoCaptionHandler("fake-model", inference_fn=_ask)
+    server = WindowServer(handler, engine, bound=8)
+    try:
+        engine.start()
+        results = list(handler.run_inference([window(i) for i in range(4)], server))
+    finally:
+        engine.shutdown()
     assert len(built) == 2 and engine.generation == 2
-    assert [record.caption for record, failure in results] == ["ok", "ok"]
+    assert [(r.caption, r.failures) for r in results] == [("ok", ())] * 4
+
+
+def test_a_hung_engine_is_restarted_and_the_window_retried_then_recorded_as_failed(monkeypatch):
+    built = _fake_vllm(monkeypatch, ["hang", "answer", "hang"])
+    engine = Engine(EngineSettings(model_dir="fake-hung", extra={"model": "fake-hung"}), request_timeout_s=0.5)
+    handler = VideoCaptionHandler("fake-hung", inference_fn=_ask)
+    try:
+        (record,) = handler.run_inference([window(0)], WindowServer(handler, engine, bound=2))
+        assert record.caption == "ok" and record.failures == () and len(built) == 2
+
+        built[-1].behaviour = "hang"  # hangs again, and so does its replacement
+        (record,) = handler.run_inference([window(1)], WindowServer(handler, engine, bound=2))
+    finally:
+        engine.shutdown()
+    assert record.caption is None and len(built) == 3
+    (failure,) = record.failures
+    assert failure.stage == "caption" and failure.error_type == "EngineDied" and "hung" in failure.message
 
 
 def test_windows_reach_an_engine_shared_across_processes(captioner_dir, handler):
@@ -157,17 +248,57 @@ def test_windows_reach_an_engine_shared_across_processes(captioner_dir, handler)
         out = (
             pipeline
             | beam.Create([window(i) for i in range(3)], reshuffle=False)
-            | CaptionWindows(handler=shared)
-            | beam.Map(lambda r: (r.window_index, bool(r.caption), r.caption_model, r.frames is None))
+            | CaptionWindows(shared)
+            | beam.Map(lambda r: (r.window_index, bool(r.caption), r.caption_model, r.frames is None, r.failures))
         )
-        assert_that(out, equal_to([(i, True, "captioner", True) for i in range(3)]))
+        assert_that(out, equal_to([(i, True, "captioner", True, ()) for i in range(3)]))
 
 
-def test_each_bound_is_its_own_for_one_engine():
-    """Two steps on one engine with different in-flight bounds keep their own (the first does not win)."""
-    from beam_captions.transforms._inference import _slots_for
+def _sleepy(engine, batch, request):
+    time.sleep(0.05)
+    return [r.replace(frames=None, caption="c") for r in batch]
 
-    small, large = _slots_for("engine-x", 2), _slots_for("engine-x", 5)
-    assert small is _slots_for("engine-x", 2) and small is not large
-    assert [small.free.acquire(blocking=False) for _ in range(3)] == [True, True, False]
-    assert all(large.free.acquire(blocking=False) for _ in range(5))
+
+SHARED_BOUND = 3
+
+
+def _shared_handler() -> VideoCaptionHandler:
+    return VideoCaptionHandler("unused-shared", caption_batch_size=SHARED_BOUND, inference_fn=_sleepy,
+                               share_across_processes=True)
+
+
+def _feed_shared_engine(tag: str, windows: int) -> int:
+    """One SDK process: 8 threads send windows to the machine's one server through its proxy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from apache_beam.utils import multi_process_shared
+
+    server = multi_process_shared.MultiProcessShared(_shared_handler().load_model, tag=tag, always_proxy=True).acquire()
+    with ThreadPoolExecutor(8) as pool:
+        futures = []
+        for i in range(windows):
+            futures.append(serve_async(server, window(i, frames=2, size=8), pool))
+        return sum(1 for future in futures if future.result().caption == "c")
+
+
+def test_the_in_flight_bound_is_per_engine_across_processes(tmp_path):
+    """Three SDK processes share one engine: together they never hold more than its bound of windows
+    (a bound per process would let 3 x 8 threads in at once)."""
+    from apache_beam.utils import multi_process_shared
+
+    tag = f"beam-captions-test-bound-{tmp_path.name}"
+    server = multi_process_shared.MultiProcessShared(_shared_handler().load_model, tag=tag, always_proxy=True).acquire()
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(3) as pool:
+        served = pool.starmap(_feed_shared_engine, [(tag, 12)] * 3)
+    assert served == [12, 12, 12]
+    assert server.max_held() == SHARED_BOUND
+    assert server.held() == 0
+
+
+def test_a_place_held_by_a_caller_that_died_is_taken_back():
+    server = WindowServer(VideoCaptionHandler("unused"), SimpleNamespace(name="m"), bound=1, lease_s=0.2)
+    server.reserve()  # never served: its caller died
+    started = time.monotonic()
+    server.release(server.reserve())
+    assert 0.15 < time.monotonic() - started < 2

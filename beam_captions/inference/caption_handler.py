@@ -3,7 +3,7 @@
 Example::
 
     handler = VideoCaptionHandler(model_dir="models/captioner", model_variant="nemotron")
-    outcomes = windows | RunInference(handler)   # (WindowRecord, Failure | None) per window
+    outcomes = windows | RunInference(handler)   # one WindowRecord per window: captioned, or carrying its Failure
 
 What differs between model families (chat turns, template switches, vLLM settings) comes from the
 variant's ``CaptionFamily`` (``beam_captions.inference.variants``); the rest is the same for all.
@@ -17,14 +17,14 @@ from typing import Any, Callable, Optional, Sequence
 
 from beam_captions.inference.engine import Engine, EngineSettings
 from beam_captions.inference.variants import QWEN25, CaptionFamily, caption_model
-from beam_captions.inference.vllm_handler import VLLMWindowHandler
+from beam_captions.inference.vllm_handler import DEFAULT_REQUEST_TIMEOUT_S, VLLMWindowHandler
 from beam_captions.prompts import caption_prompt, stage2_prompt
 from beam_captions.quality import CaptionCheck, better_caption, check_caption
 from beam_captions.records import WindowRecord
 
 __all__ = [
     "CaptionRequest", "Generated", "VideoCaptionHandler", "caption_batch", "generate_checked",
-    "strip_reasoning", "video_input",
+    "refuse_unknown", "strip_reasoning", "video_input",
 ]
 
 @dataclass(frozen=True)
@@ -190,9 +190,11 @@ class VideoCaptionHandler(VLLMWindowHandler):
     ship their config class as code. ``fp8`` is vLLM's on-the-fly fp8 (Qwen only; a Nemotron
     variant's precision is its checkpoint's).
 
-    A failing batch is retried window by window; a window that still fails comes back
-    without a caption and with a ``Failure`` (stage ``caption``), so the rest of the
-    batch keeps its captions. ``inference_fn`` replaces the call into the engine.
+    Each window is its own request: a window that fails comes back without a caption and carrying a
+    ``Failure`` (stage ``caption``); the others keep their captions. ``caption_batch_size`` is the
+    reference's name for the windows in flight to the engine (per engine, whatever the number of
+    threads and processes feeding it). ``inference_fn`` replaces the call into the engine. The
+    reference's names ``model_batch_size`` and ``preprocess_dtype`` are accepted too, and ``verbose``.
     """
 
     stage = "caption"
@@ -219,8 +221,15 @@ class VideoCaptionHandler(VLLMWindowHandler):
         vllm_kwargs: Optional[dict] = None,
         trust_remote_code: bool = False,
         share_across_processes: bool = False,
+        request_timeout_s: Optional[float] = DEFAULT_REQUEST_TIMEOUT_S,
         inference_fn: Callable[[Engine, Sequence[WindowRecord], CaptionRequest], list[WindowRecord]] = caption_batch,
+        **reference_names: Any,
     ):
+        # The reference's CaptionGenerationStage / CaptionPreparationStage names, where ours differ.
+        caption_batch_size = reference_names.pop("model_batch_size", caption_batch_size)
+        frames_dtype = reference_names.pop("preprocess_dtype", frames_dtype)
+        self.verbose = bool(reference_names.pop("verbose", False))
+        refuse_unknown("VideoCaptionHandler", reference_names)
         model = caption_model(model_variant)
         family = model.family
         if fp8 and not model.fp8_flag:
@@ -251,7 +260,8 @@ class VideoCaptionHandler(VLLMWindowHandler):
         if frames_dtype not in FRAME_DTYPES:
             raise ValueError(f"frames_dtype must be one of {', '.join(FRAME_DTYPES)}, got {frames_dtype!r}")
         super().__init__(
-            settings, request, inference_fn, batch_size=caption_batch_size, share_across_processes=share_across_processes
+            settings, request, inference_fn, batch_size=caption_batch_size,
+            share_across_processes=share_across_processes, request_timeout_s=request_timeout_s,
         )
 
     def wants(self, element: object) -> bool:
@@ -265,4 +275,10 @@ class VideoCaptionHandler(VLLMWindowHandler):
 
     def get_num_bytes(self, batch: Sequence[WindowRecord]) -> int:
         return sum(r.frames.nbytes for r in batch if isinstance(r, WindowRecord) and r.frames is not None)
+
+
+def refuse_unknown(name: str, extra: dict) -> None:
+    """A ``TypeError`` like Python's for keyword arguments ``name`` does not take."""
+    if extra:
+        raise TypeError(f"{name}() got unexpected keyword arguments: {', '.join(sorted(extra))}")
 

@@ -9,13 +9,21 @@ import logging
 import os
 import threading
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-__all__ = ["EngineSettings", "Engine", "llm_kwargs", "load_engine", "release_engines"]
+__all__ = [
+    "EngineDied", "EngineSettings", "EngineStartError", "Engine", "llm_kwargs", "load_engine", "release_engines",
+]
 
 log = logging.getLogger(__name__)
+
+
+def is_engine_dead(error: BaseException) -> bool:
+    """vLLM's ``EngineDeadError``: the engine process is gone and must be started again."""
+    return type(error).__name__ == "EngineDeadError"
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,25 @@ class EngineSettings:
     mm_processor_kwargs: tuple[tuple[str, Any], ...] = (("cap_pixels_per_frame", True),)
     # A Mamba hybrid (Nemotron): vLLM's CPU Mamba prefill fails with prefix caching on, so without a GPU it is off.
     mamba: bool = False
+
+
+class EngineStartError(RuntimeError):
+    """The engine could not start; every request that waited on that start gets this error."""
+
+
+class EngineDied(RuntimeError):
+    """A request found its engine dead, hung past the request timeout, or replaced under it.
+
+    ``generation`` is the engine generation the request ran on, so that threads that see the same
+    death restart the engine once (``Engine.restart``).
+    """
+
+    def __init__(self, message: str, generation: int):
+        super().__init__(message)
+        self.generation = generation
+
+    def __reduce__(self):  # picklable across Beam's multi-process proxy
+        return (EngineDied, (str(self), self.generation))
 
 
 MAX_BATCHED_TOKENS = 32768  # the reference's max_num_batched_tokens; never more than max_model_len
@@ -120,27 +147,55 @@ async def _generate_all(llm: Any, inputs: Sequence[dict], params: Any) -> list:
 class Engine:
     """vLLM's async engine on its own event-loop thread, started on first use.
 
-    ``generate`` may be called from any number of threads at once, with no lock: each call's
-    requests join the engine's running batch and vLLM schedules them together (continuous
+    ``generate`` may be called from any number of threads at once, with no lock around generation:
+    each call's requests join the engine's running batch and vLLM schedules them together (continuous
     batching), so a caller waits for its own requests only. Starting lazily means a worker that
     gets no window (a re-run where every clip is already done) never loads the model.
+
+    Lifecycle: one start per generation, however many threads wait on it. A failed start is
+    remembered: every caller that was waiting on it, and every later one until ``allow_start``
+    (a new bundle), gets the same ``EngineStartError`` at once instead of loading again. A request
+    is sent under the lock, so it never races a restart; a request that sees the engine die, hang
+    past ``request_timeout_s`` or be replaced raises ``EngineDied`` (a retry, not a failure).
     """
 
-    def __init__(self, settings: EngineSettings):
+    def __init__(self, settings: EngineSettings, request_timeout_s: Optional[float] = None):
         self.settings = settings
+        self.request_timeout_s = request_timeout_s
         self.name = os.path.basename(os.path.normpath(settings.model_dir))
         self.generation = 0  # bumped at every start, so a restart can tell whether the engine it saw die is gone
+        self.start_attempts = 0  # starts tried, failed ones included
+        self._start_failure: Optional[EngineStartError] = None
         self._llm: Any = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
         self._start_lock = threading.Lock()
 
     def start(self) -> "Engine":
-        """Start the engine if it is not running."""
+        """Start the engine if it is not running; raise the remembered error if its start failed."""
         with self._start_lock:
-            if self._llm is None:
-                self._start()
+            self._start_if_needed()
         return self
+
+    def allow_start(self) -> None:
+        """Forget a failed start, so that the next request tries again (Beam retries the bundle)."""
+        with self._start_lock:
+            self._start_failure = None
+
+    def _start_if_needed(self) -> None:
+        if self._llm is not None:
+            return
+        if self._start_failure is not None:
+            raise self._start_failure
+        self.start_attempts += 1
+        try:
+            self._start()
+        except BaseException as error:  # noqa: BLE001 - remembered, then raised to every waiter
+            message = " ".join(str(error).split()) or type(error).__name__
+            self._start_failure = EngineStartError(f"the {self.name} engine could not start: {message}")
+            self._start_failure.__cause__ = error
+            log.error("the %s engine could not start", self.name, exc_info=error)
+            raise self._start_failure from error
 
     def _engine_kwargs(self) -> dict[str, Any]:
         from beam_captions.inference.model_source import resolve_model_dir
@@ -182,26 +237,37 @@ class Engine:
         self._llm, self._loop, self._thread = llm, loop, thread
         self.generation += 1
 
-    def _running(self) -> tuple[Any, asyncio.AbstractEventLoop]:
-        self.start()
-        llm, loop = self._llm, self._loop
-        if llm is None or loop is None:  # shut down by another thread in between
-            raise RuntimeError(f"the {self.name} engine was shut down")
-        return llm, loop
-
     @property
     def tokenizer(self) -> Any:
-        return self._running()[0].get_tokenizer()
+        with self._start_lock:
+            self._start_if_needed()
+            return self._llm.get_tokenizer()
 
-    def submit(self, inputs: Sequence[dict], sampling_params: Any) -> "Future[list]":
-        """Send ``inputs`` to the engine now; the future gives one final ``RequestOutput`` per input."""
-        llm, loop = self._running()
+    def submit(self, inputs: Sequence[dict], sampling_params: Any) -> tuple["Future[list]", int]:
+        """Send ``inputs`` to the engine now: a future of one final ``RequestOutput`` per input, and the
+        generation it went to. Sent under the lock, so a restart cannot close the loop in between."""
         params = _final_only(sampling_params)
-        return asyncio.run_coroutine_threadsafe(_generate_all(llm, list(inputs), params), loop)
+        with self._start_lock:
+            self._start_if_needed()
+            future = asyncio.run_coroutine_threadsafe(_generate_all(self._llm, list(inputs), params), self._loop)
+            return future, self.generation
 
     def generate(self, inputs: Sequence[dict], sampling_params: Any) -> list:
-        """One final ``RequestOutput`` per input, in order (blocks this thread only)."""
-        return self.submit(inputs, sampling_params).result()
+        """One final ``RequestOutput`` per input, in order (blocks this thread only, at most
+        ``request_timeout_s``). A dead, hung or replaced engine raises ``EngineDied``."""
+        future, generation = self.submit(inputs, sampling_params)
+        try:
+            return future.result(timeout=self.request_timeout_s)
+        except FutureTimeout as error:
+            future.cancel()
+            raise EngineDied(f"no answer from the {self.name} engine in {self.request_timeout_s:g} s "
+                             "(a hung engine)", generation) from error
+        except (CancelledError, asyncio.CancelledError) as error:
+            raise EngineDied(f"the request was cancelled: the {self.name} engine was stopped", generation) from error
+        except Exception as error:
+            if is_engine_dead(error) or "Event loop is closed" in str(error):
+                raise EngineDied(f"the {self.name} engine died ({type(error).__name__}: {error})", generation) from error
+            raise
 
     def restart(self, generation: Optional[int] = None) -> "Engine":
         """Start a new engine after this one died.
@@ -212,7 +278,8 @@ class Engine:
         with self._start_lock:
             if generation is None or generation == self.generation:
                 self._stop()
-                self._start()
+                self._start_failure = None
+            self._start_if_needed()
         return self
 
     def shutdown(self) -> None:
@@ -266,13 +333,21 @@ _engines: dict[str, Engine] = {}
 _engines_lock = threading.Lock()
 
 
-def load_engine(settings: EngineSettings) -> Engine:
+def engine_key(settings: EngineSettings) -> str:
+    """Names an engine: settings with the same vLLM arguments share one."""
+    return json.dumps(llm_kwargs(settings), sort_keys=True, default=str)
+
+
+def load_engine(settings: EngineSettings, request_timeout_s: Optional[float] = None) -> Engine:
     """The process's engine for ``settings`` (one per distinct settings, shared); it starts on first use."""
-    key = json.dumps(llm_kwargs(settings), sort_keys=True, default=str)
+    key = engine_key(settings)
     with _engines_lock:
         if key not in _engines:
-            _engines[key] = Engine(settings)
-        return _engines[key]
+            _engines[key] = Engine(settings, request_timeout_s)
+        engine = _engines[key]
+        if request_timeout_s is not None:
+            engine.request_timeout_s = request_timeout_s
+        return engine
 
 
 def release_engines(only: Optional[Engine] = None) -> None:

@@ -3,7 +3,7 @@
 Example::
 
     handler = QwenTextEnhanceHandler(model_dir="models/enhancer", model_variant="qwen3")
-    outcomes = captioned | RunInference(handler)   # (WindowRecord, Failure | None) per window
+    outcomes = captioned | RunInference(handler)   # one WindowRecord per window: enhanced, or carrying its Failure
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from beam_captions.inference.caption_handler import generate_checked
+from beam_captions.inference.caption_handler import generate_checked, refuse_unknown
 from beam_captions.inference.engine import Engine, EngineSettings
 from beam_captions.inference.variants import ENHANCE_MODELS, canonical_variant
-from beam_captions.inference.vllm_handler import VLLMWindowHandler
+from beam_captions.inference.vllm_handler import DEFAULT_REQUEST_TIMEOUT_S, VLLMWindowHandler
 from beam_captions.prompts import enhance_prompt
 from beam_captions.records import WindowRecord
 
@@ -68,7 +68,10 @@ def enhance_batch(engine: Engine, batch: Sequence[WindowRecord], request: Enhanc
 
 
 class QwenTextEnhanceHandler(VLLMWindowHandler):
-    """Fills ``enhanced_caption`` of captioned windows; a failed window keeps its captions and gains a ``Failure``."""
+    """Fills ``enhanced_caption`` of captioned windows; a failed window keeps its captions and carries a ``Failure``.
+
+    ``batch_size`` (the reference's ``model_batch_size``, also accepted) is the captions in flight to the engine.
+    """
 
     stage = "enhance"
     done_counter = "windows_enhanced"
@@ -89,8 +92,13 @@ class QwenTextEnhanceHandler(VLLMWindowHandler):
         vllm_kwargs: Optional[dict] = None,
         trust_remote_code: bool = False,
         share_across_processes: bool = False,
+        request_timeout_s: Optional[float] = DEFAULT_REQUEST_TIMEOUT_S,
         inference_fn: Callable[[Engine, Sequence[WindowRecord], EnhanceRequest], list[WindowRecord]] = enhance_batch,
+        **reference_names: Any,
     ):
+        batch_size = reference_names.pop("model_batch_size", batch_size)  # the reference's EnhanceCaptionStage name
+        self.verbose = bool(reference_names.pop("verbose", False))
+        refuse_unknown("QwenTextEnhanceHandler", reference_names)
         settings = EngineSettings(
             model_dir=model_dir,
             fp8=fp8,
@@ -107,7 +115,8 @@ class QwenTextEnhanceHandler(VLLMWindowHandler):
             max_output_tokens=max_output_tokens,
             disable_thinking=canonical_variant(model_variant) == "qwen3",
         )
-        super().__init__(settings, request, inference_fn, batch_size=batch_size, share_across_processes=share_across_processes)
+        super().__init__(settings, request, inference_fn, batch_size=batch_size,
+                         share_across_processes=share_across_processes, request_timeout_s=request_timeout_s)
 
     def wants(self, element: object) -> bool:
         return isinstance(element, WindowRecord) and bool(source_caption(element))

@@ -1,33 +1,41 @@
-"""What the caption and enhancement handlers share: one vLLM engine, batching, per-window isolation."""
+"""What the caption and enhancement handlers share: one vLLM engine, one request and one outcome per window."""
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from apache_beam.ml.inference.base import ModelHandler
 
-from beam_captions.inference.engine import Engine, EngineSettings, llm_kwargs, load_engine
-from beam_captions.inference.isolation import is_engine_dead, run_isolated
+from beam_captions.inference.engine import (
+    Engine, EngineDied, EngineSettings, EngineStartError, engine_key, is_engine_dead, load_engine,
+)
+from beam_captions.inference.serving import WindowServer, serve_async
 from beam_captions.metrics import count
-from beam_captions.records import Failure, WindowRecord, failure_from_exception
+from beam_captions.records import WindowRecord, failure_from_exception
 
-__all__ = ["Outcome", "SharedEngine", "VLLMWindowHandler"]
+__all__ = ["DEFAULT_REQUEST_TIMEOUT_S", "VLLMWindowHandler"]
 
 log = logging.getLogger(__name__)
 
-Outcome = tuple[WindowRecord, Optional[Failure]]
 InferenceFn = Callable[[Engine, Sequence[WindowRecord], Any], list[WindowRecord]]
+DEFAULT_REQUEST_TIMEOUT_S = 1800.0
 
 
-class VLLMWindowHandler(ModelHandler[WindowRecord, Outcome, Engine]):
-    """Runs ``inference_fn(engine, windows, request)`` on the ``WindowRecord``s this handler ``wants``.
+class VLLMWindowHandler(ModelHandler[WindowRecord, WindowRecord, WindowServer]):
+    """Runs ``inference_fn(engine, [window], request)`` on each ``WindowRecord`` this handler ``wants``.
 
-    Other elements of a batch (clip infos, failures, windows with nothing to do) pass through, so
-    the handler sits on the pipeline's one mixed PCollection without splitting it. A failing batch is retried window by window; a window that still fails comes back
-    unchanged but for ``on_failure`` and with a ``Failure`` of this handler's ``stage``,
-    so the rest of its batch keeps its results.
+    Its model is a ``WindowServer``: the engine with at most ``batch_size`` windows in flight to it
+    (vLLM batches them continuously). Each window is its own request and comes back as one element,
+    its outcome: the window filled in, or unchanged but for ``on_failure`` and carrying a ``Failure``
+    of this handler's ``stage`` (``WindowRecord.failures``). An engine that died, hung past
+    ``request_timeout_s`` or was replaced under a request is started again (once per death, however
+    many threads saw it) and the window tried once more. An engine that cannot start raises
+    ``EngineStartError`` (the bundle fails and is retried by the runner).
+
+    With Beam's ``RunInference`` the other elements of a batch pass through unchanged, so the handler
+    sits on the pipeline's one mixed PCollection; ``ServeWindows`` serves each window as it arrives.
     """
 
     stage = "inference"
@@ -41,19 +49,29 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, Outcome, Engine]):
         *,
         batch_size: int,
         share_across_processes: bool = False,
-        model_copies: Optional[int] = None,
+        request_timeout_s: Optional[float] = DEFAULT_REQUEST_TIMEOUT_S,
     ):
-        # Beam's own switches: one engine per machine shared by its processes (large_model), or exactly
-        # ``model_copies`` per machine; either way RunInference (and ServeWindows) then use a proxy.
-        super().__init__(large_model=share_across_processes, model_copies=model_copies)
+        # Beam's switch for one model per machine shared by its processes, behind a proxy.
+        super().__init__(large_model=share_across_processes)
         self.settings = settings
         self.request = request
         self.batch_size = batch_size
+        self.request_timeout_s = request_timeout_s
         self._inference_fn = inference_fn
 
-    def load_model(self) -> Union[Engine, "SharedEngine"]:
-        engine = load_engine(self.settings)
-        return SharedEngine(self, engine) if self.share_model_across_processes() else engine
+    def load_model(self) -> WindowServer:
+        """The engine (started on first use) behind a server that holds ``batch_size`` windows in flight."""
+        engine = load_engine(self.settings, self.request_timeout_s)
+        lease = None if self.request_timeout_s is None else 4 * self.request_timeout_s
+        return WindowServer(self, engine, self.batch_size, lease_s=lease)
+
+    def server_key(self) -> str:
+        """Names this handler's server: one per process (or machine, when shared) for a stage, engine and bound."""
+        return f"{self.stage}:{self.batch_size}:{engine_key(self.settings)}"
+
+    def wants(self, element: object) -> bool:
+        """Whether ``element`` goes to the model; every other element passes through unchanged."""
+        return isinstance(element, WindowRecord)
 
     def on_failure(self, record: WindowRecord, engine: Engine) -> WindowRecord:
         """The window as written when this stage failed for it."""
@@ -63,91 +81,57 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, Outcome, Engine]):
         """A problem with a result that did not raise (for example an empty answer)."""
         return None
 
-    def _failure(self, error: Exception, record: WindowRecord) -> Failure:
+    def infer_window(self, engine: Engine, window: WindowRecord) -> WindowRecord:
+        """The outcome of ``window``: filled in, or with a ``Failure`` on it. Raises only ``EngineStartError``."""
+        for attempt in (1, 2):
+            try:
+                (result,) = self._inference_fn(engine, [window], self.request)
+            except EngineStartError:
+                raise
+            except Exception as error:  # noqa: BLE001 - a model error fails this window alone
+                if attempt == 1 and (isinstance(error, EngineDied) or is_engine_dead(error)):
+                    log.warning("%s; starting it again and retrying window %d of %s",
+                                error, window.window_index, window.source)
+                    count("engine_restarts")
+                    engine.restart(getattr(error, "generation", None))  # once per death, however many saw it
+                    continue
+                return self._failed(window, error, engine)
+            problem = self.check(result)
+            return result if problem is None else result.with_failure(self._failure(problem, result))
+        raise AssertionError("unreachable")
+
+    def _failure(self, error: BaseException, record: WindowRecord):
         return failure_from_exception(
-            error, source=record.source, clip_id=record.clip_id, stage=self.stage, window_index=record.window_index
+            error, source=record.source, clip_id=record.clip_id, stage=self.stage, window_index=record.window_index,
+            source_version=record.source_version,
         )
 
-    def wants(self, element: object) -> bool:
-        """Whether ``element`` goes to the model; every other element passes through unchanged."""
-        return isinstance(element, WindowRecord)
+    def _failed(self, window: WindowRecord, error: BaseException, engine: Engine) -> WindowRecord:
+        log.warning("%s failed for window %d of %s: %s", self.stage, window.window_index, window.source, error)
+        return self.on_failure(window, engine).with_failure(self._failure(error, window))
 
     def run_inference(
-        self, batch: Sequence[object], model: Any, inference_args: Optional[dict] = None
-    ) -> Iterable[Outcome]:
+        self, batch: Sequence[object], model: WindowServer, inference_args: Optional[dict] = None
+    ) -> Iterable[object]:
+        """Every element of ``batch``, in order: windows it wants as their outcomes, the rest unchanged.
+        The wanted windows are in flight together (``model`` may be a proxy of a shared server)."""
         wanted = [element for element in batch if self.wants(element)]
-        if not wanted:
-            outcomes: list[Outcome] = []
-        elif self.share_model_across_processes():
-            # ``model`` is a multi_process_shared proxy of a SharedEngine: it forwards method calls only and
-            # pickles their arguments and results, so the windows run where the engine is and come back done.
-            outcomes = model.outcomes(wanted)
-        else:
-            outcomes = self.outcomes(wanted, model)
-        done = iter(outcomes)
+        if wanted:
+            model.allow_start()
+            with ThreadPoolExecutor(len(wanted), "run-inference") as pool:
+                futures = [serve_async(model, window, pool) for window in wanted]
+            outcomes = iter([future.result() for future in futures])
         for element in batch:
             if not self.wants(element):
-                yield element, None
+                yield element
                 continue
             count(self.done_counter)  # counted here: Beam's counters do not cross the proxy
-            yield next(done)
-
-    def outcomes(self, windows: Sequence[WindowRecord], model: Engine) -> list[Outcome]:
-        """(window, failure or None) for each of ``windows``; a window that fails, fails alone."""
-        model.start()  # a model that cannot load fails the bundle, not each window
-        results = run_isolated(lambda part: self._infer(model, part), windows)
-        outcomes: list[Outcome] = []
-        for window, result in zip(windows, results):
-            if isinstance(result, Exception):
-                outcomes.append((self.on_failure(window, model), self._failure(result, window)))
-                continue
-            problem = self.check(result)
-            outcomes.append((result, self._failure(problem, result) if problem else None))
-        return outcomes
-
-    def _infer(self, model: Engine, part: Sequence[WindowRecord]) -> list[WindowRecord]:
-        """One call into the engine; an engine that died is started again and the call retried once."""
-        seen = getattr(model, "generation", None)
-        try:
-            return self._inference_fn(model, part, self.request)
-        except Exception as error:
-            if not is_engine_dead(error):
-                raise
-            log.warning("the %s engine died (%s); starting it again", self.stage, error)
-            count("engine_restarts")
-            model.restart(seen)  # threads that saw the same death restart it once
-            return self._inference_fn(model, part, self.request)
+            yield next(outcomes)
 
     def batch_elements_kwargs(self) -> dict:
         """For use with ``RunInference``: full batches (Beam's adaptive batching would start at one window
         per engine call); a bundle's last batch is flushed at the bundle's end."""
         return {"min_batch_size": self.batch_size, "max_batch_size": self.batch_size}
 
-    @property
-    def max_in_flight(self) -> int:
-        """Windows a worker process keeps in flight to the engine (``ServeWindows``): the batch size."""
-        return self.batch_size
-
-    def engine_key(self) -> str:
-        """Names this handler's engine: handlers with the same key share one engine (and one bound)."""
-        return f"{self.stage}:{json.dumps(llm_kwargs(self.settings), sort_keys=True, default=str)}"
-
     def get_metrics_namespace(self) -> str:
         return f"beam_captions.{self.stage}"
-
-
-class SharedEngine:
-    """The engine of a handler that shares it across processes (``share_model_across_processes``).
-
-    RunInference keeps this object in one process per machine and gives every process a
-    ``multi_process_shared`` proxy to it, which forwards method calls only (no attributes) and pickles
-    their arguments and results: so whole batches run here, next to the engine, and only windows and
-    failures travel between processes.
-    """
-
-    def __init__(self, handler: VLLMWindowHandler, engine: Engine):
-        self._handler = handler
-        self._engine = engine
-
-    def outcomes(self, windows: list[WindowRecord]) -> list[Outcome]:
-        return self._handler.outcomes(windows, self._engine)

@@ -1,40 +1,31 @@
-"""Serve windows to one of our model handlers: each window in flight as soon as it arrives.
+"""Serve windows to a window handler's model: each window in flight as soon as it arrives.
 
 Beam's ``RunInference`` hands a model one batch at a time and waits for the whole batch, so the
 batch waits for its longest caption while the engine's finished slots sit idle, and nothing new
 is sent meanwhile. Here every window is submitted to the engine as it arrives (the engine batches
-requests from all threads continuously) and comes back as soon as it is done; a per-process bound
-on windows in flight keeps frame memory flat and pushes back on the decode upstream.
+requests from all threads continuously) and comes back as soon as it is done. The handler's model,
+a ``WindowServer``, bounds the windows in flight per engine, which keeps frame memory flat and
+pushes back on the decode upstream.
 """
 
 from __future__ import annotations
 
 import hashlib
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+import logging
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, Iterator, Optional
 
 import apache_beam as beam
-from apache_beam.utils import multi_process_shared
+from apache_beam.utils import multi_process_shared, shared
 from apache_beam.utils.windowed_value import WindowedValue
 
-from beam_captions.inference.vllm_handler import Outcome, VLLMWindowHandler
+from beam_captions.inference.serving import serve_async
+from beam_captions.inference.vllm_handler import VLLMWindowHandler
 from beam_captions.metrics import count
 
-__all__ = ["InferWindows", "ServeWindows"]
+__all__ = ["InferWindows", "ModelStep", "ServeWindows"]
 
-
-@dataclass
-class _Slots:
-    """Windows in flight in this process for one engine: a bound and the threads that wait on the engine."""
-
-    free: threading.BoundedSemaphore
-    pool: ThreadPoolExecutor
-
-
-_slots: dict[str, _Slots] = {}
-_slots_lock = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 def _digest(key: str) -> str:
@@ -42,62 +33,51 @@ def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def _slots_for(key: str, bound: int) -> _Slots:
-    """One bound per engine (and bound) per process, shared by every DoFn instance (thread) of the process."""
-    key = f"{key}:{bound}"
-    with _slots_lock:
-        if key not in _slots:
-            _slots[key] = _Slots(threading.BoundedSemaphore(bound), ThreadPoolExecutor(bound, "serve-window"))
-        return _slots[key]
-
-
 class ServeWindows(beam.DoFn):
-    """Every element through ``handler``: the windows it wants come back updated (+ ``Failure``) as
-    they finish, the rest pass through at once.
+    """Every element through ``handler``: the windows it wants come back as their outcomes (one element
+    each: filled in, or carrying a ``Failure``) as they finish; the rest pass through at once.
 
-    A window that fails gets a ``Failure`` of its own (the handler isolates it); an engine that
-    cannot start fails the bundle. With ``share_model_across_processes`` the engine lives in one
-    process per machine and the windows go to it through Beam's ``multi_process_shared`` proxy.
+    The handler's model (a ``WindowServer``) is shared by every thread of the process (Beam's
+    ``shared.Shared``) or, with ``share_model_across_processes``, by every process of the machine
+    (``multi_process_shared``). An engine that cannot start fails the bundle at once (the windows
+    still queued are cancelled); a bundle whose windows are not all back after ``bundle_timeout_s``
+    fails too (each request is already bounded by the handler's request timeout).
     """
 
     def __init__(self, handler: VLLMWindowHandler):
         self.handler = handler
-        self._model: Any = None
+        self._shared_handle = shared.Shared()
+        self._server: Any = None
+        self._pool: Optional[ThreadPoolExecutor] = None
         self._pending: list[tuple[Future, WindowedValue]] = []
+
+    @property
+    def bundle_timeout_s(self) -> Optional[float]:
+        timeout = self.handler.request_timeout_s
+        return None if timeout is None else 3 * timeout + 900  # two tries, a restart, and a load
 
     def setup(self) -> None:
         handler = self.handler
         if handler.share_model_across_processes():
-            shared = multi_process_shared.MultiProcessShared(
-                handler.load_model, tag=f"beam-captions-{_digest(handler.engine_key())}", always_proxy=True
-            )
-            self._model = shared.acquire()
+            tag = f"beam-captions-{_digest(handler.server_key())}"
+            self._server = multi_process_shared.MultiProcessShared(handler.load_model, tag=tag, always_proxy=True).acquire()
         else:
-            self._model = handler.load_model()
-        self._slots = _slots_for(handler.engine_key(), handler.max_in_flight)
+            self._server = self._shared_handle.acquire(handler.load_model, tag=handler.server_key())
+        self._pool = ThreadPoolExecutor(handler.batch_size, "serve-window")
+
+    def teardown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def start_bundle(self) -> None:
         self._pending = []
-
-    def _serve(self, window: Any) -> Outcome:
-        if self.handler.share_model_across_processes():
-            (outcome,) = self._model.outcomes([window])
-        else:
-            (outcome,) = self.handler.outcomes([window], self._model)
-        return outcome
+        self._server.allow_start()  # a runner's retry of a bundle whose engine could not start tries again
 
     def process(self, element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         if not self.handler.wants(element):
             yield element
         else:
-            slots = self._slots
-            slots.free.acquire()  # waits while this process already has ``max_in_flight`` windows out
-            try:
-                future = slots.pool.submit(self._serve, element)
-            except BaseException:
-                slots.free.release()
-                raise
-            future.add_done_callback(lambda _: slots.free.release())
+            future = serve_async(self._server, element, self._pool)  # waits while the engine's bound is full
             self._pending.append((future, WindowedValue(None, timestamp, (window,))))
         yield from self._finished(block=False)
 
@@ -105,19 +85,33 @@ class ServeWindows(beam.DoFn):
         yield from self._finished(block=True)
 
     def _finished(self, block: bool) -> Iterator[WindowedValue]:
-        """Outcomes of the windows that are done (all of them when ``block``), unpacked into elements."""
+        """Outcomes of the windows that are done (all of them when ``block``)."""
         if block and self._pending:
-            wait([future for future, _ in self._pending])
+            _, not_done = wait([future for future, _ in self._pending], timeout=self.bundle_timeout_s,
+                               return_when=FIRST_EXCEPTION)
+            if not_done and not any(f.done() and f.exception() for f, _ in self._pending):
+                self._abandon()
+                raise TimeoutError(f"{len(not_done)} windows were not back from the {self.handler.stage} engine "
+                                   f"after {self.bundle_timeout_s:g} s")
         done, pending = [], []
         for item in self._pending:
             (done if item[0].done() else pending).append(item)
+        for future, _ in done:
+            if future.exception() is not None:  # the engine could not start: fail the bundle, drop the queue
+                self._pending = pending
+                self._abandon()
+                raise future.exception()
         self._pending = pending
         for future, windowed in done:
-            record, failure = future.result()  # an engine that cannot start fails the bundle here
             count(self.handler.done_counter)
-            yield windowed.with_value(record)
-            if failure is not None:
-                yield windowed.with_value(failure)
+            yield windowed.with_value(future.result())
+
+    def _abandon(self) -> None:
+        """Cancel the windows still queued and give their places back (those being served finish on their own)."""
+        for future, _ in self._pending:
+            if future.cancel():
+                self._server.release(future.ticket)
+        self._pending = []
 
 
 class InferWindows(beam.PTransform):
@@ -133,3 +127,28 @@ class InferWindows(beam.PTransform):
         if self.accelerator:
             serve = serve.with_resource_hints(accelerator=self.accelerator)
         return elements | "ServeModel" >> serve
+
+
+class ModelStep(beam.PTransform):
+    """A model stage: a ``handler_class`` handler (given, or built from keyword settings) served every
+    window it wants; ``accelerator`` is the GPU resource hint of the serving step."""
+
+    handler_class: type = VLLMWindowHandler
+    label_of_step = "Serve"
+
+    def __init__(self, handler: Optional[VLLMWindowHandler] = None, *, accelerator: Optional[str] = None,
+                 **handler_settings: Any):
+        super().__init__()
+        name = type(self).__name__
+        if handler is None:
+            model_dir = handler_settings.pop("model_dir", None)
+            if not model_dir:
+                raise ValueError(f"{name} needs model_dir (or a handler)")
+            handler = self.handler_class(model_dir, **handler_settings)
+        elif handler_settings:
+            raise TypeError(f"{name} takes a handler or its settings, not both: {', '.join(sorted(handler_settings))}")
+        self.handler = handler
+        self.accelerator = accelerator
+
+    def expand(self, pcoll):
+        return pcoll | self.label_of_step >> InferWindows(self.handler, self.accelerator)

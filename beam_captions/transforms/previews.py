@@ -47,7 +47,7 @@ def preview_window(
     target_fps: Optional[float] = None,
     target_height: Optional[int] = None,
 ) -> Iterator[Union[WindowRecord, Failure]]:
-    """The window with its WebP bytes; on an encoding failure, the window unchanged plus a ``Failure``."""
+    """The window with its WebP bytes; on an encoding failure, the window without them, carrying a ``Failure``."""
     if record.preview_frames is None:
         yield record
         return
@@ -61,10 +61,9 @@ def preview_window(
             threads=threads,
         )
     except Exception as error:  # noqa: BLE001 - one bad preview never fails the window
-        yield failure_from_exception(
+        yield record.replace(preview_frames=None).with_failure(failure_from_exception(
             error, source=record.source, clip_id=record.clip_id, stage="preview", window_index=record.window_index
-        )
-        yield record.replace(preview_frames=None)
+        ))
         return
     count("previews_encoded")
     yield record.replace(preview_frames=None, preview_webp=webp)

@@ -52,10 +52,9 @@ class _WritePreviews(beam.DoFn):
         try:
             write_bytes(path, element.preview_webp, "image/webp")
         except Exception as error:  # noqa: BLE001
-            yield failure_from_exception(
+            yield element.replace(preview_webp=None).with_failure(failure_from_exception(
                 error, source=element.source, clip_id=element.clip_id, stage="write", window_index=element.window_index
-            )
-            yield element.replace(preview_webp=None)
+            ))
             return
         count("previews")
         yield element.replace(preview_webp=None, preview_uri=path)
@@ -114,7 +113,8 @@ def write_clip(
         if isinstance(element, WindowRecord):
             by_index.setdefault(element.window_index, element)
     windows = [by_index[i] for i in sorted(by_index)]
-    failures = list({f.name: f for f in elements if isinstance(f, Failure)}.values())
+    all_failures = [e for e in elements if isinstance(e, Failure)] + [f for w in windows for f in w.failures]
+    failures = list({f.name: f for f in all_failures}.values())
     version = _version_of(elements)
     old = read_meta(output, clip_id)
     same_source = old is not None and (version is None or old.get("source_version") == version_meta(version))
@@ -250,10 +250,10 @@ class _Written:
 
 
 def _same_delivery(written: tuple, element: Element) -> bool:
-    """Whether ``element`` belongs to the written delivery: same source version (or none known:
-    failures made after decoding carry none)."""
+    """Whether ``element`` belongs to the written delivery: the same, known source version. An element
+    whose version is not known is never taken for a duplicate."""
     version = getattr(element, "source_version", None)
-    return version is None or version == written[0]
+    return version is not None and version == written[0]
 
 
 class _WriteCompleteInBundle(beam.DoFn):

@@ -1,0 +1,107 @@
+"""One engine and the windows in flight to it: a bound per engine, one outcome per window.
+
+``WindowServer`` is what a window handler's ``load_model`` returns. It lives where the engine lives:
+in the worker process, or (``share_model_across_processes``) in the one process per machine that
+Beam's ``multi_process_shared`` keeps, with every SDK process talking to it through a proxy. So the
+bound on windows in flight (each holds its frames in memory) is per engine, whatever the number of
+processes and threads that feed it. The protocol is two blocking calls, so it works through a proxy:
+
+    ticket = server.reserve()             # waits for a free place (backpressure on the caller)
+    outcome = server.serve(window, ticket)  # the window with its result or its failure
+
+``serve`` never raises for a window: errors are data on the outcome (``WindowRecord.failures``). It
+raises only ``EngineStartError``, when the engine cannot start, which should fail the bundle.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from concurrent.futures import Executor, Future
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from beam_captions.inference.engine import Engine
+    from beam_captions.records import WindowRecord
+
+__all__ = ["WindowServer", "serve_async"]
+
+
+class WindowServer:
+    """Serves windows of one handler (``handler.infer_window``) on one engine, ``bound`` at a time.
+
+    A place is held from ``reserve`` to the end of ``serve``. A place held longer than ``lease_s``
+    (its caller died between the two calls) is taken back, so a dead SDK process cannot shrink the bound.
+    """
+
+    def __init__(self, handler: Any, engine: "Engine", bound: int, lease_s: Optional[float] = None):
+        if bound < 1:
+            raise ValueError(f"the in-flight bound must be at least 1, got {bound}")
+        self.handler = handler
+        self.engine = engine
+        self.bound = bound
+        self.lease_s = lease_s
+        self.peak = 0  # most windows held at once, for tests and benchmarks
+        self._held: dict[int, float] = {}
+        self._tickets = itertools.count()
+        self._changed = threading.Condition()
+
+    def reserve(self) -> int:
+        """Wait until fewer than ``bound`` windows are held; a ticket for ``serve`` (or ``release``)."""
+        with self._changed:
+            while True:
+                self._take_back_expired()
+                if len(self._held) < self.bound:
+                    ticket = next(self._tickets)
+                    self._held[ticket] = time.monotonic()
+                    self.peak = max(self.peak, len(self._held))
+                    return ticket
+                self._changed.wait(timeout=None if self.lease_s is None else max(self.lease_s / 4, 0.05))
+
+    def release(self, ticket: int) -> None:
+        """Give back a place (``serve`` does it itself; a caller that will not serve its ticket calls this)."""
+        with self._changed:
+            self._held.pop(ticket, None)
+            self._changed.notify()
+
+    def serve(self, window: "WindowRecord", ticket: int) -> "WindowRecord":
+        """The window's outcome, then its place back."""
+        try:
+            return self.handler.infer_window(self.engine, window)
+        finally:
+            self.release(ticket)
+
+    def allow_start(self) -> None:
+        """A new bundle: an engine whose start failed may be tried again."""
+        self.engine.allow_start()
+
+    def held(self) -> int:
+        """Windows in flight now."""
+        with self._changed:
+            return len(self._held)
+
+    def max_held(self) -> int:
+        """The most windows that were ever in flight at once (``peak``; a method so it crosses a proxy)."""
+        return self.peak
+
+    def _take_back_expired(self) -> None:
+        if self.lease_s is None:
+            return
+        now = time.monotonic()
+        for ticket, since in list(self._held.items()):
+            if now - since > self.lease_s:
+                del self._held[ticket]
+
+
+def serve_async(server: Any, window: "WindowRecord", pool: Executor) -> "Future[WindowRecord]":
+    """Reserve a place on ``server`` (blocking this thread while the engine's bound is full), then serve
+    ``window`` on ``pool``; ``server`` is a ``WindowServer`` or a proxy of one."""
+    ticket = server.reserve()
+    try:
+        future = pool.submit(server.serve, window, ticket)
+    except BaseException:
+        server.release(ticket)
+        raise
+    future.ticket = ticket  # type: ignore[attr-defined]  # to give the place back if the future is cancelled
+    return future

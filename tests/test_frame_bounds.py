@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from beam_captions.inference.frame_bounds import FrameBounds, model_frame_bounds, reference_bounds
-from beam_captions.inference.tiny_models import with_real_processor_config
+from beam_captions.tiny_models import with_real_processor_config
 
 P25, P3 = 28 * 28, 32 * 32  # pixels per merged patch
 

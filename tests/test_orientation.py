@@ -8,7 +8,10 @@ import subprocess
 import numpy as np
 import pytest
 
+from beam_captions.inference.frame_bounds import DEFAULT_FRAME_BOUNDS
 from beam_captions.media.decode import PreviewSpec, decode_windows, orientation_from_matrix
+
+SIZING = {"frame_size": DEFAULT_FRAME_BOUNDS.frame_size}  # the pipeline's default model frame sizing
 
 FFMPEG = "/usr/bin/ffmpeg"
 
@@ -69,10 +72,10 @@ def test_an_anamorphic_clip_keeps_its_display_width(clips):
 
 
 def test_model_frames_are_turned_too(clips):
-    info, windows = decode_windows(clips["rotate90"], sampling_fps=4.0)
+    info, windows = decode_windows(clips["rotate90"], sampling_fps=4.0, **SIZING)
     frames = windows[0].frames
     assert frames.shape[1] > frames.shape[2]  # portrait, as shown
-    _, plain = decode_windows(clips["base"], sampling_fps=4.0)
+    _, plain = decode_windows(clips["base"], sampling_fps=4.0, **SIZING)
     assert plain[0].frames.shape[2] > plain[0].frames.shape[1]
 
 

@@ -13,7 +13,7 @@ from clips import make_clip
 
 from beam_captions.inference.caption_handler import VideoCaptionHandler, video_input
 from beam_captions.inference.engine import release_engines
-from beam_captions.inference.tiny_models import with_real_processor_config
+from beam_captions.tiny_models import with_real_processor_config
 from beam_captions.prompts import caption_prompt
 from beam_captions.records import ClipRef, WindowRecord
 from beam_captions.transforms.prepare import PrepareWindows, prepare_clip

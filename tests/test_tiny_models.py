@@ -18,8 +18,8 @@ from transformers import (  # noqa: E402
     GenerationConfig,
 )
 
-from beam_captions.inference import tiny_models as tm  # noqa: E402
-from beam_captions.inference.tiny_models import (  # noqa: E402
+from beam_captions.tiny_models import qwen as tm  # noqa: E402
+from beam_captions.tiny_models import (  # noqa: E402
     MARKER_FILE,
     build_tiny_models,
     build_tiny_qwen2_text,

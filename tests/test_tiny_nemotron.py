@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from beam_captions.inference.tiny_nemotron import (
+from beam_captions.tiny_models import (
     MARKER_FILE,
     OMNI_ARCHITECTURE,
     VL_ARCHITECTURE,

@@ -11,7 +11,10 @@ import pytest
 from test_bad_inputs import make_vfr_clip
 
 from beam_captions import progress
+from beam_captions.inference.frame_bounds import DEFAULT_FRAME_BOUNDS
 from beam_captions.media.decode import decode_windows
+
+SIZING = {"frame_size": DEFAULT_FRAME_BOUNDS.frame_size}  # the pipeline's default model frame sizing
 
 FFMPEG, FFPROBE = "/usr/bin/ffmpeg", "/usr/bin/ffprobe"
 
@@ -29,7 +32,7 @@ def frame_times(path: str) -> list[float]:
 def test_window_times_come_from_the_frames_timestamps(tmp_path):
     clip = make_vfr_clip(str(tmp_path / "vfr.mp4"), num_frames=40)  # 80 ms and 20 ms frames in turn
     truth = frame_times(clip)
-    info, windows = decode_windows(clip, window_size=7, remainder_threshold=4, sampling_fps=4.0)
+    info, windows = decode_windows(clip, window_size=7, remainder_threshold=4, sampling_fps=4.0, **SIZING)
     assert info.num_frames == len(truth) == 40
     for decoded in windows:
         window = decoded.window
@@ -45,7 +48,7 @@ def test_window_times_come_from_the_frames_timestamps(tmp_path):
 def test_model_frames_are_sampled_by_time(tmp_path):
     clip = make_vfr_clip(str(tmp_path / "vfr.mp4"), num_frames=40)
     truth = np.array(frame_times(clip))
-    _, windows = decode_windows(clip, window_size=40, remainder_threshold=4, sampling_fps=4.0)
+    _, windows = decode_windows(clip, window_size=40, remainder_threshold=4, sampling_fps=4.0, **SIZING)
     (decoded,) = windows
     picked = truth[decoded.frame_indices]
     wanted = np.linspace(truth[0], truth[-1], len(decoded.frame_indices))
@@ -61,6 +64,6 @@ def test_an_edit_list_does_not_make_a_clip_decode_twice(tmp_path):
     subprocess.run([FFMPEG, "-loglevel", "error", "-ss", "1.3", "-i", base, "-t", "1.5", "-c", "copy", cut], check=True)
     shown = len(frame_times(cut))
     progress._reset()
-    info, windows = decode_windows(cut, window_size=16, remainder_threshold=8, sampling_fps=2.0)
+    info, windows = decode_windows(cut, window_size=16, remainder_threshold=8, sampling_fps=2.0, **SIZING)
     assert info.num_frames == shown
     assert not progress.snapshot().get("warnings_decoded_twice")

@@ -26,7 +26,6 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from beam_captions.inference.frame_bounds import DEFAULT_FRAME_BOUNDS, FrameBounds
 from beam_captions.logs import warn
 from beam_captions.media.windowing import (
     MIN_FRAMES,
@@ -44,6 +43,7 @@ __all__ = [
     "Orientation",
     "PreviewSpec",
     "DecodedWindow",
+    "FrameSize",
     "preview_size",
     "decode_windows",
     "iter_decode",
@@ -56,6 +56,9 @@ _INTERPOLATION = "AREA"
 
 Source = Union[str, os.PathLike, BinaryIO]
 Size = tuple[int, int]
+FrameSize = Callable[[int, int, int], Size]
+"""How large a window's model frames are: (clip width, clip height as displayed, the window's sampled frame
+count) -> the frames' (width, height). The caller's model decides (e.g. ``FrameBounds.frame_size``)."""
 ModelSize = Callable[[int], Size]  # a window's sampled frame count -> its model frames' (width, height)
 
 
@@ -501,7 +504,11 @@ def _require_min_frames(num_frames: int) -> None:
         raise DecodeError(f"clip has {num_frames} frames; at least {MIN_FRAMES} are needed for a caption window")
 
 
-def _check_options(sampling_fps: float, max_pixels_per_frame_source: int | None) -> None:
+def _check_options(
+    sampling_fps: float, max_pixels_per_frame_source: int | None, frame_size: FrameSize | None, model_frames: bool
+) -> None:
+    if model_frames and frame_size is None:
+        raise ValueError("model frames need a frame_size (or model_frames=False for previews only)")
     if not sampling_fps > 0:
         raise ValueError(f"sampling_fps must be positive, got {sampling_fps}")
     if max_pixels_per_frame_source is not None and max_pixels_per_frame_source <= 0:
@@ -583,7 +590,7 @@ def iter_decode(
     window_size: int = 256,
     remainder_threshold: int = 128,
     sampling_fps: float = 2.0,
-    frame_bounds: FrameBounds = DEFAULT_FRAME_BOUNDS,
+    frame_size: FrameSize | None = None,
     preview: PreviewSpec | None = None,
     model_frames: bool = True,
     max_pixels_per_frame_source: int | None = None,
@@ -594,18 +601,18 @@ def iter_decode(
     Yields ``DecodedWindow``s and, last, the clip's ``VideoInfo``. Each window is yielded
     as soon as its frames are in and no frame count could change it, so memory holds a
     window or two whatever the clip's length. Each window's model frames are sized by
-    ``frame_bounds`` for its own sampled frame count. ``model_frames=False``
-    skips the model frames (previews only). ``max_pixels_per_frame_source`` refuses
+    ``frame_size`` for its own sampled frame count (required unless ``model_frames=False``,
+    which skips the model frames: previews only). ``max_pixels_per_frame_source`` refuses
     clips with larger frames before decoding; ``time_budget_s`` stops a clip that decodes
     too slowly. ``source`` is a path or a seekable binary file object holding the whole
     clip. Raises ``DecodeError`` for unusable inputs.
     """
     deadline = _Deadline(source, time_budget_s)
-    _check_options(sampling_fps, max_pixels_per_frame_source)
+    _check_options(sampling_fps, max_pixels_per_frame_source, frame_size, model_frames)
     _check_not_empty(source)
     width, height, codec, packet_count, fps, times, orientation = _probe(source, max_pixels_per_frame_source)
     shown_width, shown_height = orientation.display_size(width, height)
-    model_size = partial(frame_bounds.frame_size, shown_width, shown_height) if model_frames else None
+    model_size = partial(frame_size, shown_width, shown_height) if model_frames else None
     small = None if preview is None else preview_size(shown_width, shown_height, preview.target_height)
     options = (fps, window_size, remainder_threshold, sampling_fps, preview)
     plan = _plan(packet_count, *options, times)

@@ -115,7 +115,7 @@ def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInf
             window_size=config.window_size,
             remainder_threshold=config.remainder_threshold,
             sampling_fps=config.sampling_fps,
-            frame_bounds=config.frame_bounds,
+            frame_size=config.frame_bounds.frame_size,
             preview=config.preview,
             model_frames=config.model_frames,
             max_pixels_per_frame_source=config.max_frame_pixels,

@@ -10,26 +10,27 @@ random: outputs are word-like gibberish, not captions.
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from beam_captions.tiny_models.common import (
+    MARKER_FILE,
+    build_once,
+    content_items_template,
+    non_word_ids,
+    token_id,
+    train_bpe,
+)
+
 __all__ = [
     "MARKER_FILE",
-    "build_tiny_models",
     "build_tiny_qwen25_vl",
     "build_tiny_qwen2_text",
     "build_tiny_qwen3_text",
     "build_tiny_qwen3_vl",
     "with_real_processor_config",
 ]
-
-MARKER_FILE = ".tiny-model-complete"
-"""Written last into a finished model directory; its presence skips a rebuild."""
 
 VOCAB_SIZE = 512
 TEXT_HIDDEN = 128
@@ -53,7 +54,6 @@ SPECIAL_TOKENS = (
     "<|video_pad|>",
 )
 THINK_TOKENS = ("<think>", "</think>")
-_WORD_PIECE = re.compile(r"[ A-Za-z]{2,}")
 
 # preprocessor_config.json of Qwen/Qwen2.5-VL-7B-Instruct, which ships no video processor config:
 # image bounds (3136 to 16384 * 28 * 28 pixels) that transformers then applies to video frames too.
@@ -68,50 +68,6 @@ QWEN25_VL_7B_PREPROCESSOR = {
     "image_processor_type": "Qwen2VLImageProcessor",
     "processor_class": "Qwen2_5_VLProcessor",
 }
-
-CORPUS = """\
-The video shows a red car driving down a busy city street at night. Bright lights
-shine from the shop windows, and people walk along the wide sidewalk. A yellow taxi
-stops at the corner while a blue bus waits at the traffic light.
-
-A small brown dog runs across a green field in the morning sun. The camera follows
-the dog as it jumps over the tall grass and chases a white ball. Two children laugh
-and call the dog back to the wooden fence near the old house.
-
-In this clip, a woman in a black jacket rides a bicycle past a row of parked cars.
-The road is wet after the rain, and the sky is grey with heavy clouds. Trees with
-orange and golden leaves line both sides of the quiet street.
-
-A man stands on a bridge over a river and points at the boats below. The water is
-dark blue and calm. Birds fly above the bridge, and a train crosses in the distance
-while the camera slowly pans from left to right.
-
-The scene shows a kitchen with a white table, a silver pot on the stove, and a cat
-sleeping on a chair. Warm light comes through the window. Someone pours water into
-a glass and places a plate of green and red vegetables on the table.
-
-Cars, trucks and motorbikes move along the highway under a clear sky. The camera is
-mounted on the dashboard of a grey car. Signs pass by, the lane markings are white,
-and the sun sets behind the hills in shades of pink, purple and gold.
-"""
-
-_CONTENT_ITEMS = """\
-{%- for item in message['content'] %}
-{%- if item['type'] == 'image' or 'image' in item %}
-{{- '@IMAGE@' }}
-{%- elif item['type'] == 'video' or 'video' in item %}
-{{- '@VIDEO@' }}
-{%- elif item['type'] == 'text' %}
-{{- item['text'] }}
-{%- endif %}
-{%- endfor %}
-"""
-
-
-def content_items_template(image: str, video: str) -> str:
-    """Chat-template lines that render a message given as a list of items: its text, and each image
-    and video as the model's placeholder (``image``, ``video``)."""
-    return _CONTENT_ITEMS.replace("@IMAGE@", image).replace("@VIDEO@", video)
 
 
 _TEMPLATE_HEAD = """\
@@ -141,34 +97,12 @@ def _chat_template(thinking: bool) -> str:
     return _TEMPLATE_HEAD + middle + _TEMPLATE_TAIL
 
 
-def _train_bpe(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Train a deterministic byte-level BPE (Qwen pre-tokenizer) on ``CORPUS``."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator(CORPUS.splitlines(keepends=True), trainer=trainer)
-    merges = json.loads(bpe.to_str())["model"]["merges"]
-    return bpe.get_vocab(), [tuple(m.split(" ") if isinstance(m, str) else m) for m in merges]
-
-
 def _build_tokenizer(thinking: bool) -> Any:
     """Build a ``Qwen2Tokenizer`` with Qwen's special tokens and chat template."""
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
 
-    vocab, merges = _train_bpe(VOCAB_SIZE - len(SPECIAL_TOKENS) - len(THINK_TOKENS))
+    vocab, merges = train_bpe(VOCAB_SIZE - len(SPECIAL_TOKENS) - len(THINK_TOKENS))
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,
@@ -185,21 +119,13 @@ def _build_tokenizer(thinking: bool) -> Any:
     return tokenizer
 
 
-def _token_id(tokenizer: Any, token: str) -> int:
-    """Look up the id of a token that must exist in ``tokenizer``."""
-    token_id = tokenizer.convert_tokens_to_ids(token)
-    if not isinstance(token_id, int) or tokenizer.convert_ids_to_tokens(token_id) != token:
-        raise KeyError(f"token {token!r} missing from tiny tokenizer")
-    return token_id
-
-
 def _vision_token_ids(tokenizer: Any) -> dict[str, int]:
     """Top-level VL config fields holding the vision placeholder token ids."""
     return {
-        "image_token_id": _token_id(tokenizer, "<|image_pad|>"),
-        "video_token_id": _token_id(tokenizer, "<|video_pad|>"),
-        "vision_start_token_id": _token_id(tokenizer, "<|vision_start|>"),
-        "vision_end_token_id": _token_id(tokenizer, "<|vision_end|>"),
+        "image_token_id": token_id(tokenizer, "<|image_pad|>"),
+        "video_token_id": token_id(tokenizer, "<|video_pad|>"),
+        "vision_start_token_id": token_id(tokenizer, "<|vision_start|>"),
+        "vision_end_token_id": token_id(tokenizer, "<|vision_end|>"),
     }
 
 
@@ -214,9 +140,9 @@ def _text_kwargs(tokenizer: Any) -> dict[str, Any]:
         "num_key_value_heads": TEXT_HEADS,
         "max_position_embeddings": MAX_POSITIONS,
         "tie_word_embeddings": False,
-        "bos_token_id": _token_id(tokenizer, "<|endoftext|>"),
-        "eos_token_id": _token_id(tokenizer, "<|im_end|>"),
-        "pad_token_id": _token_id(tokenizer, "<|endoftext|>"),
+        "bos_token_id": token_id(tokenizer, "<|endoftext|>"),
+        "eos_token_id": token_id(tokenizer, "<|im_end|>"),
+        "pad_token_id": token_id(tokenizer, "<|endoftext|>"),
     }
 
 
@@ -224,10 +150,10 @@ def _generation_config(tokenizer: Any) -> Any:
     """Generation config stopping at ``<|im_end|>`` or ``<|endoftext|>``."""
     from transformers import GenerationConfig
 
-    end_of_text = _token_id(tokenizer, "<|endoftext|>")
+    end_of_text = token_id(tokenizer, "<|endoftext|>")
     return GenerationConfig(
         bos_token_id=end_of_text,
-        eos_token_id=[_token_id(tokenizer, "<|im_end|>"), end_of_text],
+        eos_token_id=[token_id(tokenizer, "<|im_end|>"), end_of_text],
         pad_token_id=end_of_text,
     )
 
@@ -236,14 +162,6 @@ def _pixel_bounds(patch_size: int, merge_size: int = 2) -> dict[str, int]:
     """Per-frame pixel bounds as Qwen processors store them (``size`` edges)."""
     unit = (patch_size * merge_size) ** 2
     return {"shortest_edge": MIN_FRAME_TOKENS * unit, "longest_edge": MAX_FRAME_TOKENS * unit}
-
-
-def _non_word_ids(tokenizer: Any) -> list[int]:
-    """Ids of added tokens and of tokens that are not multi-letter word pieces."""
-    added = set(tokenizer.get_added_vocab().values())
-    return [
-        i for i in range(len(tokenizer)) if i in added or not _WORD_PIECE.fullmatch(tokenizer.decode([i]))
-    ]
 
 
 def _random_model(model_cls: type, config: Any, tokenizer: Any, seed: int) -> Any:
@@ -262,9 +180,9 @@ def _random_model(model_cls: type, config: Any, tokenizer: Any, seed: int) -> An
     model = model_cls(config).to(torch.bfloat16).eval()
     with torch.no_grad():
         rows = model.get_output_embeddings().weight
-        rows[_non_word_ids(tokenizer)] = 0
+        rows[non_word_ids(tokenizer)] = 0
         (stop_word,) = tokenizer.encode(STOP_WORD, add_special_tokens=False)
-        rows[_token_id(tokenizer, "<|im_end|>")] = rows[stop_word] * STOP_SCALE
+        rows[token_id(tokenizer, "<|im_end|>")] = rows[stop_word] * STOP_SCALE
     model.generation_config = _generation_config(tokenizer)
     return model
 
@@ -288,33 +206,6 @@ def _save_processor(
             data["min_pixels"] = data["size"]["shortest_edge"]
             data["max_pixels"] = data["size"]["longest_edge"]
         (path / name).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _build_once(out_dir: str, write: Callable[[Path], None]) -> str:
-    """Run ``write`` in a staging dir, then move it to ``out_dir`` unless already built.
-
-    The marker is written last and the move is atomic, so ``out_dir`` is
-    either absent, empty, or complete; a non-empty foreign directory is refused.
-    """
-    target = Path(out_dir)
-    if (target / MARKER_FILE).exists():
-        return str(target)
-    if target.is_dir() and any(target.iterdir()):
-        raise FileExistsError(f"{target} is not empty and holds no tiny model")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    staging.chmod(0o755)
-    try:
-        write(staging)
-        (staging / MARKER_FILE).write_text("complete\n")
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not (target / MARKER_FILE).exists():  # a concurrent build may have won
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return str(target)
 
 
 def _write_qwen25_vl(path: Path, seed: int) -> None:
@@ -451,48 +342,24 @@ def with_real_processor_config(model_dir: str, out_dir: str, qwen3: bool = False
         shutil.copytree(model_dir, path, dirs_exist_ok=True, ignore=shutil.ignore_patterns(MARKER_FILE))
         _write_real_processor_config(path, qwen3)
 
-    return _build_once(out_dir, write)
+    return build_once(out_dir, write)
 
 
 def build_tiny_qwen25_vl(out_dir: str, seed: int = 0) -> str:
     """Build a tiny Qwen2.5-VL video captioner in ``out_dir``; return its path."""
-    return _build_once(out_dir, lambda path: _write_qwen25_vl(path, seed))
+    return build_once(out_dir, lambda path: _write_qwen25_vl(path, seed))
 
 
 def build_tiny_qwen3_vl(out_dir: str, seed: int = 0) -> str:
     """Build a tiny Qwen3-VL video captioner in ``out_dir``; return its path."""
-    return _build_once(out_dir, lambda path: _write_qwen3_vl(path, seed))
+    return build_once(out_dir, lambda path: _write_qwen3_vl(path, seed))
 
 
 def build_tiny_qwen2_text(out_dir: str, seed: int = 0) -> str:
     """Build a tiny text-only Qwen2 caption enhancer in ``out_dir``; return its path."""
-    return _build_once(out_dir, lambda path: _write_text(path, seed, qwen3=False))
+    return build_once(out_dir, lambda path: _write_text(path, seed, qwen3=False))
 
 
 def build_tiny_qwen3_text(out_dir: str, seed: int = 0) -> str:
     """Build a tiny Qwen3 enhancer (``enable_thinking`` template) in ``out_dir``."""
-    return _build_once(out_dir, lambda path: _write_text(path, seed, qwen3=True))
-
-
-_BUILDERS: dict[str, Callable[[str, int], str]] = {
-    "captioner": build_tiny_qwen25_vl,
-    "captioner-qwen3": build_tiny_qwen3_vl,
-    "enhancer": build_tiny_qwen2_text,
-    "enhancer-qwen3": build_tiny_qwen3_text,
-}
-
-
-def _nemotron_builders() -> dict[str, Callable[[str, int], str]]:
-    from beam_captions.inference.tiny_nemotron import build_tiny_nemotron_omni, build_tiny_nemotron_vl
-
-    return {"captioner-nemotron": build_tiny_nemotron_vl, "captioner-nemotron-omni": build_tiny_nemotron_omni}
-
-
-def build_tiny_models(root: str, seed: int = 0, nemotron: bool = False) -> dict[str, str]:
-    """Build the tiny Qwen models (and with ``nemotron`` the tiny Nemotron VL and Omni) under ``root``.
-
-    Returns ``{name: model_dir}``. The Nemotron ones are the CPU forms (``tiny_nemotron``): they load
-    with ``trust_remote_code``, which their caption variants turn on.
-    """
-    builders = {**_BUILDERS, **(_nemotron_builders() if nemotron else {})}
-    return {name: build(os.path.join(root, name), seed) for name, build in builders.items()}
+    return build_once(out_dir, lambda path: _write_text(path, seed, qwen3=True))

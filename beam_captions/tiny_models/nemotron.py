@@ -33,13 +33,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from beam_captions.inference.tiny_models import (
+from beam_captions.tiny_models.common import (
     MARKER_FILE,
+    build_once,
     content_items_template,
-    _build_once,
-    _non_word_ids,
-    _token_id,
-    _train_bpe,
+    non_word_ids,
+    token_id,
+    train_bpe,
 )
 
 __all__ = [
@@ -179,7 +179,7 @@ def _build_tokenizer(thinking: bool) -> Any:
     from transformers import Qwen2Tokenizer
 
     extra = len(SPECIAL_TOKENS) + (len(THINK_TOKENS) if thinking else 0)
-    vocab, merges = _train_bpe(VOCAB_SIZE - extra - 8)
+    vocab, merges = train_bpe(VOCAB_SIZE - extra - 8)
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,
@@ -220,9 +220,9 @@ def _llm_config(tokenizer: Any, pattern: str, moe: bool) -> dict[str, Any]:
         "dtype": "bfloat16",  # vLLM asserts language_model.config.dtype is a torch.dtype
         "max_position_embeddings": MAX_POSITIONS,
         "tie_word_embeddings": False,
-        "bos_token_id": _token_id(tokenizer, "<s>"),
-        "eos_token_id": _token_id(tokenizer, "<|im_end|>"),
-        "pad_token_id": _token_id(tokenizer, "</s>"),
+        "bos_token_id": token_id(tokenizer, "<s>"),
+        "eos_token_id": token_id(tokenizer, "<|im_end|>"),
+        "pad_token_id": token_id(tokenizer, "</s>"),
     }
     if moe:
         config.update(
@@ -316,7 +316,7 @@ def _llm_weights(llm_config: dict[str, Any], tokenizer: Any, seed: int) -> dict[
     model = NemotronHForCausalLM(NemotronHConfig(**llm_config)).eval()
     with torch.no_grad():
         # Special and non-word tokens get zero logits, so output is word-like text.
-        model.get_output_embeddings().weight[_non_word_ids(tokenizer)] = 0
+        model.get_output_embeddings().weight[non_word_ids(tokenizer)] = 0
     with tempfile.TemporaryDirectory(prefix="nemotron-llm-") as tmp:
         model.save_pretrained(tmp)
         state = load_file(str(Path(tmp) / "model.safetensors"))
@@ -363,23 +363,23 @@ def _write_nemotron(path: Path, seed: int, omni: bool, moe: bool = False) -> Non
         "norm_mean": NORM_MEAN,
         "norm_std": NORM_STD,
         "use_thumbnail": True,
-        "img_context_token_id": _token_id(tokenizer, "<image>"),
-        "video_context_token_id": _token_id(tokenizer, "<video>"),
-        "eos_token_id": _token_id(tokenizer, "<|im_end|>"),
+        "img_context_token_id": token_id(tokenizer, "<image>"),
+        "video_context_token_id": token_id(tokenizer, "<video>"),
+        "eos_token_id": token_id(tokenizer, "<|im_end|>"),
         "tie_word_embeddings": False,
     }
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tokenizer.save_pretrained(path)
     GenerationConfig(
-        bos_token_id=_token_id(tokenizer, "<s>"),
-        eos_token_id=[_token_id(tokenizer, "<|im_end|>"), _token_id(tokenizer, "</s>")],
-        pad_token_id=_token_id(tokenizer, "</s>"),
+        bos_token_id=token_id(tokenizer, "<s>"),
+        eos_token_id=[token_id(tokenizer, "<|im_end|>"), token_id(tokenizer, "</s>")],
+        pad_token_id=token_id(tokenizer, "</s>"),
     ).save_pretrained(path)
 
 
 def build_tiny_nemotron_vl(out_dir: str, seed: int = 0) -> str:
     """Build a tiny ``NemotronH_Nano_VL_V2`` (Nano 12B v2 VL layout) in ``out_dir``."""
-    return _build_once(out_dir, lambda path: _write_nemotron(path, seed, omni=False))
+    return build_once(out_dir, lambda path: _write_nemotron(path, seed, omni=False))
 
 
 def build_tiny_nemotron_omni(out_dir: str, seed: int = 0, moe: bool = False) -> str:
@@ -393,4 +393,4 @@ def build_tiny_nemotron_omni(out_dir: str, seed: int = 0, moe: bool = False) -> 
     of the Omni video path (2-frame tubelets, aspect-preserving frame resize,
     thinking chat template) runs on CPU.
     """
-    return _build_once(out_dir, lambda path: _write_nemotron(path, seed, omni=True, moe=moe))
+    return build_once(out_dir, lambda path: _write_nemotron(path, seed, omni=True, moe=moe))

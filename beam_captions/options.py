@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from beam_captions.inference.checkpoint_family import caption_mismatch, enhance_mismatch, read_config
 from beam_captions.inference.gpu_budget import MODEL_SPECS, check_share, gpu_total_gib, memory_shares
 from beam_captions.inference.model_source import ModelUnavailableError, check_model_source, pinned_revision
 from beam_captions.inference.variants import (
@@ -273,10 +274,17 @@ def validate(config: JobConfig) -> None:
     _check(config.gpu_memory_gib is None or config.gpu_memory_gib > 0, "--gpu-memory-gib must be positive")
     if config.generate_captions:
         _check_model_dir("--model-dir", config.model_dir, captioner.hub_id)
+        _check_family(caption_mismatch, config.captioning_algorithm, "--model-dir", config.model_dir,
+                      config.vllm_kwargs, "--vllm-kwargs")
     if config.enhance_captions:
         _check(config.generate_captions, "--enhance-captions needs --generate-captions")
         _check_model_dir("--enhance-captions-model-dir", config.enhance_captions_model_dir,
                          ENHANCE_MODELS[canonical_variant(config.enhance_captions_algorithm)])
+        own_kwargs = config.enhance_captions_vllm_kwargs is not None
+        _check_family(enhance_mismatch, config.enhance_captions_algorithm, "--enhance-captions-model-dir",
+                      config.enhance_captions_model_dir,
+                      config.enhance_captions_vllm_kwargs if own_kwargs else config.vllm_kwargs,
+                      "--enhance-captions-vllm-kwargs" if own_kwargs else "--vllm-kwargs")
         _check(config.enhance_captions_batch_size >= 1, "--enhance-captions-batch-size must be at least 1")
         _check(config.enhance_captions_max_output_tokens >= 1, "--enhance-captions-max-output-tokens must be at least 1")
     for flag, share in (("--captioning-gpu-memory-share", config.captioning_gpu_memory_share),
@@ -324,6 +332,21 @@ def _check_model_dir(flag: str, model_dir: Optional[str], model_id: str) -> None
         check_model_source(model_dir, model_id=model_id, revision=pinned_revision(model_id))
     except ModelUnavailableError as error:
         raise ConfigError(f"{flag} {error}") from None
+
+
+def _check_family(mismatch, algorithm: str, flag: str, model_dir: str, kwargs: dict[str, Any], kwargs_flag: str) -> None:
+    """The checkpoint vLLM will load is one of ``algorithm``'s family (``checkpoint_family``): its
+    ``config.json`` is read when there is one (after ``_check_model_dir``, so a directory just downloaded
+    into is read too); a location without one, or a remote one that cannot be read now, is not judged.
+    A ``model`` in the engine's vLLM kwargs replaces the model directory, so that one is read instead."""
+    if isinstance(kwargs.get("model"), str):
+        flag, model_dir = f"{kwargs_flag} model", kwargs["model"]
+    try:
+        checkpoint = read_config(model_dir)
+    except ValueError as error:
+        raise ConfigError(f"{flag} {error}") from None
+    message = mismatch(checkpoint, algorithm, model_dir, flag) if checkpoint is not None else None
+    _check(message is None, message or "")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[JobConfig, list[str]]:

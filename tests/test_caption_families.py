@@ -34,6 +34,15 @@ HUB_IDS = {
 }
 
 
+@pytest.fixture(scope="module")
+def model_dir_of(tiny_models, nemotron_models):
+    """The tiny checkpoint of a variant's family (the command line refuses another family's checkpoint)."""
+    dirs = {"qwen2.5": tiny_models["captioner"], "qwen3": tiny_models["captioner-qwen3"],
+            "nemotron-vl": nemotron_models["captioner-nemotron"],
+            "nemotron-omni": nemotron_models["captioner-nemotron-omni"]}
+    return lambda variant: dirs[caption_model(variant).family.name]
+
+
 def error_line(argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
         parse_args(["--input", "in", "--output", "out", *argv])
@@ -53,8 +62,8 @@ def test_the_flag_takes_every_variant_of_the_issue_table():
 
 
 @pytest.mark.parametrize("variant", sorted(HUB_IDS))
-def test_each_variant_parses_and_validates(variant, captioner_dir):
-    config, _ = parse_args(["--input", "i", "--output", "o", "--generate-captions", "--model-dir", captioner_dir,
+def test_each_variant_parses_and_validates(variant, model_dir_of):
+    config, _ = parse_args(["--input", "i", "--output", "o", "--generate-captions", "--model-dir", model_dir_of(variant),
                             "--captioning-algorithm", variant])
     assert config.captioning_algorithm == variant
 
@@ -85,8 +94,8 @@ def test_fp8_flag_with_a_nemotron_variant_names_the_right_variant(variant, hint,
 
 
 @pytest.mark.parametrize("variant", ["qwen", "qwen3"])
-def test_fp8_flag_still_quantizes_qwen(variant, captioner_dir):
-    config, _ = parse_args(["--input", "i", "--output", "o", "--generate-captions", "--model-dir", captioner_dir,
+def test_fp8_flag_still_quantizes_qwen(variant, model_dir_of):
+    config, _ = parse_args(["--input", "i", "--output", "o", "--generate-captions", "--model-dir", model_dir_of(variant),
                             "--captioning-algorithm", variant, "--captioning-use-fp8-weights"])
     assert config.captioning_use_fp8_weights
     assert llm_kwargs(VideoCaptionHandler("m", model_variant=variant, fp8=True).settings)["quantization"] == "fp8"
@@ -109,8 +118,8 @@ MEMORY_CASES = [
 
 
 @pytest.mark.parametrize("variant, flags, gpu_gib, fits", MEMORY_CASES)
-def test_the_memory_check_knows_each_checkpoint(variant, flags, gpu_gib, fits, captioner_dir, capsys):
-    argv = ["--generate-captions", "--model-dir", captioner_dir, "--captioning-algorithm", variant,
+def test_the_memory_check_knows_each_checkpoint(variant, flags, gpu_gib, fits, model_dir_of, capsys):
+    argv = ["--generate-captions", "--model-dir", model_dir_of(variant), "--captioning-algorithm", variant,
             "--gpu-memory-gib", str(gpu_gib), *flags]
     if fits:
         parse_args(["--input", "i", "--output", "o", *argv])
@@ -119,11 +128,13 @@ def test_the_memory_check_knows_each_checkpoint(variant, flags, gpu_gib, fits, c
         assert HUB_IDS[variant] in err and "GiB" in err and f"of {gpu_gib:.1f} GiB" in err
 
 
-def test_the_memory_check_covers_the_enhancer_beside_the_captioner(captioner_dir, tiny_models, capsys):
-    base = ["--generate-captions", "--model-dir", captioner_dir, "--enhance-captions",
+def test_the_memory_check_covers_the_enhancer_beside_the_captioner(model_dir_of, tiny_models, capsys):
+    base = ["--generate-captions", "--enhance-captions",
             "--enhance-captions-model-dir", tiny_models["enhancer"], "--gpu-memory-gib", str(GPU_80GB)]
-    parse_args(["--input", "i", "--output", "o", *base, "--captioning-algorithm", "nemotron"])
-    err = error_line([*base, "--captioning-algorithm", "nemotron-3-nano-omni"], capsys)
+    parse_args(["--input", "i", "--output", "o", *base, "--captioning-algorithm", "nemotron",
+                "--model-dir", model_dir_of("nemotron")])
+    err = error_line([*base, "--captioning-algorithm", "nemotron-3-nano-omni",
+                      "--model-dir", model_dir_of("nemotron-3-nano-omni")], capsys)
     assert "Nemotron-3-Nano-Omni" in err and "(0.35 of 79.6 GiB)" in err
 
 

@@ -81,7 +81,7 @@ def test_vllm_kwargs_are_parsed_as_json():
 def test_enhancement_flags_and_shared_gpu_budget(captioner_dir, tiny_models):
     config, _ = parse_args([
         "--input", "i", "--output", "o", "--generate-captions", "--model-dir", captioner_dir,
-        "--enhance-captions", "--enhance-captions-model-dir", tiny_models["enhancer"],
+        "--enhance-captions", "--enhance-captions-model-dir", tiny_models["enhancer-qwen3"],
         "--enhance-captions-algorithm", "qwen3", "--enhance-captions-prompt-variant", "av",
     ])
     assert (config.enhance_captions_batch_size, config.enhance_captions_max_output_tokens) == (128, 512)

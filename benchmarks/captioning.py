@@ -41,9 +41,7 @@ def warm_handler(model_dir: str, vllm_kwargs: dict[str, Any]) -> tuple[VideoCapt
     """The handler, its loaded engine and the seconds loading took (0 when it was already loaded)."""
     handler = make_handler(model_dir, vllm_kwargs)
     start = time.perf_counter()
-    engine = handler.load_model()
-    if hasattr(engine, "start"):  # engines may start lazily, on first use
-        engine.start()
+    engine = handler.load_model().engine.start()  # engines start lazily, on first use
     return handler, engine, time.perf_counter() - start
 
 

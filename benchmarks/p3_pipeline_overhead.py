@@ -46,14 +46,14 @@ def loop_seconds(clips: list[str], model_dir: str, vllm_kwargs: dict[str, Any]) 
     """Wall seconds of the stage functions in a plain loop, and the number of captions it made."""
     start = time.perf_counter()
     handler = make_handler(model_dir, vllm_kwargs)
-    engine = handler.load_model()  # the cached engine: no load
+    server = handler.load_model()  # the cached engine: no load
     config = prepare_config(model_dir)
     pending: list[WindowRecord] = []
     captions = 0
 
     def flush() -> int:
-        outcomes = handler.run_inference(pending, engine)
-        done = sum(1 for record, failure in outcomes if failure is None and record.caption)
+        outcomes = handler.run_inference(pending, server)
+        done = sum(1 for record in outcomes if not record.failures and record.caption)
         pending.clear()
         return done
 

@@ -1,7 +1,7 @@
 """P4: caption handler throughput (windows/s) over raw ``vllm.LLM.generate`` on the same engine.
 
 Both caption the same prepared windows in batches of the same size with the same sampling
-parameters. Ours: ``handler.run_inference(batch, engine)`` (builds each vLLM input, calls the engine,
+parameters. Ours: ``handler.run_inference(batch, server)`` (builds each vLLM input, calls the engine,
 checks and copies the records). Baseline: ``engine.generate(batch_inputs, params)`` (vLLM directly) on input
 dicts built once beforehand with ``video_input``. Also reports both at batch sizes 1, 4, 8, 16.
 """
@@ -16,6 +16,7 @@ from typing import Any, ContextManager
 
 from beam_captions.inference.caption_handler import VideoCaptionHandler, video_input
 from beam_captions.inference.engine import Engine
+from beam_captions.inference.serving import WindowServer
 from beam_captions.records import WindowRecord
 
 from captioning import BATCH_SIZE, prepare_config, prepared_windows, warm_handler
@@ -30,11 +31,12 @@ def _batches(items: Sequence, size: int) -> list[Sequence]:
 
 def handler_rate(handler: VideoCaptionHandler, engine: Engine, records: list[WindowRecord], batch: int) -> float:
     """Windows per second through ``handler.run_inference``; raises if a window failed."""
+    server = WindowServer(handler, engine, batch)
     start = time.perf_counter()
     for part in _batches(records, batch):
-        for _, failure in handler.run_inference(part, engine):
-            if failure is not None:
-                raise RuntimeError(f"caption failed: {failure.message}")
+        for record in handler.run_inference(part, server):
+            if record.failures:
+                raise RuntimeError(f"caption failed: {record.failures[0].message}")
     return len(records) / (time.perf_counter() - start)
 
 

@@ -46,7 +46,7 @@ def _window(index: int) -> WindowRecord:
 
 
 def _collect(element: Any) -> None:
-    record = element[0] if isinstance(element, tuple) else element  # RunInference yields (record, failure)
+    record = element
     if isinstance(record, WindowRecord):
         if not record.caption:
             raise RuntimeError(f"window {record.window_index} got no caption")
@@ -77,7 +77,7 @@ def run(clip: str, windows: int, repeats: int, model_dir: str, vllm_kwargs: dict
     old_handler = VideoCaptionHandler(
         model_dir, max_output_tokens=MAX_TOKENS, caption_batch_size=OLD_BATCH, vllm_kwargs=vllm_kwargs
     )
-    engine = handler.load_model().start()
+    engine = handler.load_model().engine.start()
     start = time.perf_counter()
     prepared = prepared_windows(clip, prepare_config(model_dir, window_size=WINDOW_SIZE))
     prepare_s = time.perf_counter() - start

@@ -79,7 +79,7 @@ def run(clip: str, copies: int, repeats: int, model_dir: str, vllm_kwargs: dict[
                     "windows/s", (">=", 0.85))
     handler = VideoCaptionHandler(model_dir, max_output_tokens=MAX_TOKENS, vllm_kwargs=vllm_kwargs)
     start = time.perf_counter()
-    engine = handler.load_model().start()
+    engine = handler.load_model().engine.start()
     load_s = time.perf_counter() - start
     folder = clip_folder("p6", [])
     for i in range(copies):

@@ -30,7 +30,7 @@ from common import (
     trailer_clip,
 )
 
-FIGURES = ("P1", "P2", "P7", "P9", "P3", "P4", "P4B", "P5", "P6", "P8")
+FIGURES = ("P1", "P2", "P7", "P9", "P11", "P3", "P4", "P4B", "P5", "P6", "P8")
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,13 @@ def _figure_runners(quick: bool) -> dict[str, Callable[[], Figure]]:
 
         return p9_compact.run(1000 if quick else 10000, plan.repeats_cores)
 
-    return {"P1": p1, "P2": p2, "P3": p3, "P4": p4, "P4B": p4b, "P5": p5, "P6": p6, "P7": p7, "P8": p8, "P9": p9}
+    def p11() -> Figure:
+        import p11_accounting
+
+        return p11_accounting.run(200 if quick else 1000)
+
+    return {"P1": p1, "P2": p2, "P3": p3, "P4": p4, "P4B": p4b, "P5": p5, "P6": p6, "P7": p7, "P8": p8, "P9": p9,
+            "P11": p11}
 
 
 def _target(figure: Figure) -> str:

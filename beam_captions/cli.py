@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
+from beam_captions.logs import restore_terminal, terminal
+
 __all__ = ["main", "run_job"]
 
 
@@ -140,10 +142,10 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from beam_captions.inference.engine import release_engines
+    from beam_captions.inference.engine import release_engines, start_failures
     from beam_captions.io.gallery import write_gallery
     from beam_captions.local import local_beam_args
-    from beam_captions.logs import setup_logging, terminal
+    from beam_captions.logs import setup_logging
     from beam_captions.metrics import counters
     from beam_captions.options import parse_args
     from beam_captions.pipeline import build_pipeline
@@ -160,9 +162,11 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
     if config.streaming:
         beam_args = [*beam_args, "--streaming"]
     started = time.monotonic()
+    earlier_start_failures = len(start_failures())  # of earlier runs in this process (tests, notebooks)
     options = PipelineOptions(beam_args)
     submitted_only = _submitted_only(options)
     logs = None
+    stop: Optional[_StopOnSignal] = None
     if not submitted_only:
         _refuse_missing_inputs(config)
         _refuse_unwritable_output(config.output)
@@ -175,11 +179,14 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
         build_pipeline(pipeline, config)
 
         def finish(result) -> dict[str, int]:
-            if release_models:
-                release_engines()
+            stopped = stop.signum is not None
+            restore_terminal()  # the summary reaches the terminal, even if an engine is starting right now
+            if release_models or stopped:
+                release_engines(wait=not stopped)  # a stop does not wait for an engine in the middle of its start
             counts = counters(result) if result is not None else progress.snapshot()
             gallery = write_gallery(config.output) if config.gallery else "not written (--no-gallery)"
-            print(format_summary(counts, config.output, time.monotonic() - started, captions=config.generate_captions))
+            print(format_summary(counts, config.output, time.monotonic() - started, captions=config.generate_captions,
+                                 stopped=stopped))
             print(f"  gallery          {gallery}", flush=True)
             if logs is not None:
                 print(f"  log              {logs.copy_to or logs.path}", flush=True)
@@ -196,13 +203,14 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
         except (KeyboardInterrupt, Exception) as error:  # noqa: BLE001
             if not isinstance(error, KeyboardInterrupt) and stop.signum is None:
                 stop.restore()
-                _broke(error, finish)
+                _broke(error, finish, start_failures()[earlier_start_failures:])
             if stop.signum is None:  # an interrupt that did not come through our handler
                 stop.signum = signal.SIGINT
             # Ctrl-C or SIGTERM (a runner may wrap the interrupt in its own error)
             logging.getLogger("beam_captions").info("stopped by signal %s", stop.signum, exc_info=True)
+            restore_terminal()
             print("\nbeam-captions: stopped; what is finished is kept, a re-run completes the rest",
-                  file=sys.stderr, flush=True)
+                  file=terminal(), flush=True)
             if result is not None:
                 try:
                     result.cancel()
@@ -220,10 +228,15 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
             stop.restore()
         if stop.signum is not None:
             raise SystemExit(128 + stop.signum)
+        failed_starts = start_failures()[earlier_start_failures:]
+        if failed_starts:  # a local run: each window of the model was recorded as failed
+            print(f"beam-captions: error: {failed_starts[0].rstrip('.')} (the clips it should have served are "
+                  "recorded as failed; a re-run tries them again)", file=terminal(), flush=True)
+            raise SystemExit(1)
         return counts
     finally:
         if logs is not None:
-            logs.close()
+            logs.close(stopping=stop is not None and stop.signum is not None)
 
 
 class _StopOnSignal:
@@ -260,7 +273,7 @@ class _StopOnSignal:
 
     def _on_signal(self, signum, frame) -> None:
         if self.signum is not None:  # the second one: at once
-            print("\nbeam-captions: stopped at once", file=sys.stderr, flush=True)
+            print("\nbeam-captions: stopped at once", file=terminal(), flush=True)
             os._exit(128 + self.signum)
         self.signum = signum
         threading.Thread(target=self._force_after_grace, daemon=True).start()
@@ -269,7 +282,7 @@ class _StopOnSignal:
     def _force_after_grace(self) -> None:
         if self.done.wait(self.grace_s):
             return
-        print("\nbeam-captions: stopped (the runner kept going; finishing from the watchdog)", file=sys.stderr)
+        print("\nbeam-captions: stopped (the runner kept going; finishing from the watchdog)", file=terminal())
         code = 128 + (self.signum or signal.SIGINT)
         threading.Timer(self.grace_s, os._exit, [code]).start()  # should finishing hang too
         try:
@@ -279,15 +292,18 @@ class _StopOnSignal:
             os._exit(code)
 
 
-def _broke(error: BaseException, finish: Callable[[object], object]) -> None:
+def _broke(error: BaseException, finish: Callable[[object], object], failed_starts: Sequence[str] = ()) -> None:
     """The run itself broke (an output that cannot be written...): one line, the summary, exit 1; the
     traceback is in the log file."""
     logging.getLogger("beam_captions").info("the run failed", exc_info=error)
-    print(f"beam-captions: error: {_one_line_error(error)}", file=sys.stderr, flush=True)
+    restore_terminal()
+    # an engine that could not start: vLLM's own error says only "see root cause above"
+    reason = failed_starts[-1] if failed_starts else _one_line_error(error)
+    print(f"beam-captions: error: {reason}", file=terminal(), flush=True)
     try:
         finish(None)
     except Exception as again:  # noqa: BLE001 - the gallery cannot be written either
-        print(f"beam-captions: error: {_one_line_error(again)}", file=sys.stderr, flush=True)
+        print(f"beam-captions: error: {_one_line_error(again)}", file=terminal(), flush=True)
     raise SystemExit(1) from None
 
 

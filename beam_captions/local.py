@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
-__all__ = ["available_cores", "local_beam_args"]
+__all__ = ["available_cores", "is_local_runner", "local_beam_args"]
 
 _DIRECT_RUNNERS = frozenset({"direct", "directrunner", "switchingdirectrunner"})
 _USER_CHOICES = ("--direct_num_workers", "--direct_running_mode")
@@ -21,6 +21,11 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def is_local_runner(runner: Optional[str]) -> bool:
+    """Whether ``runner`` (a ``--runner`` value; None for the default) runs in this process (DirectRunner)."""
+    return runner is None or (isinstance(runner, str) and runner.lower() in _DIRECT_RUNNERS)
 
 
 def _runner(beam_args: Sequence[str]) -> Optional[str]:
@@ -37,7 +42,7 @@ def local_beam_args(beam_args: Sequence[str], workers: Optional[int], streaming:
     """
     args = list(beam_args)
     runner = _runner(args)
-    if streaming or (runner is not None and runner.lower() not in _DIRECT_RUNNERS):
+    if streaming or not is_local_runner(runner):
         return args
     if any(arg.split("=", 1)[0] in _USER_CHOICES for arg in args):
         return args

@@ -89,8 +89,11 @@ class LogSetup:
     root_level: int = logging.WARNING
     displaced: tuple[logging.Handler, ...] = ()
     terminal: Optional[TextIO] = None
+    saved_stderr: Optional[TextIO] = None  # ``sys.stderr`` before the run pointed it at the log file
 
-    def close(self) -> None:
+    def close(self, stopping: bool = False) -> None:
+        """Undo the set-up. ``stopping`` (a signal stopped the run; the process ends next): what runner
+        threads still print while it ends is dropped rather than shown on the terminal."""
         global _ACTIVE
         if _ACTIVE is self:
             _ACTIVE = None
@@ -109,7 +112,13 @@ class LogSetup:
         root.setLevel(self.root_level)
         for handler in self.displaced:
             root.addHandler(handler)
+        if not root.handlers:  # runner threads still draining after a stop must not print raw tracebacks
+            root.addHandler(logging.NullHandler())
         logging.captureWarnings(False)
+        if self.saved_stderr is not None:
+            stray, sys.stderr = sys.stderr, (open(os.devnull, "w") if stopping else self.saved_stderr)
+            with contextlib.suppress(Exception):
+                stray.close()
         if self.terminal is not None and self.terminal is not sys.stderr:
             with contextlib.suppress(Exception):
                 self.terminal.close()
@@ -190,9 +199,12 @@ def setup_logging(output: str, log_file: Optional[str] = None, verbose: bool = F
     environ = {name: os.environ.get(name) for name in settings}
     os.environ.update(settings)
     route_transformers()
+    saved_stderr = None
+    if not verbose:  # what libraries print to sys.stderr themselves (Beam's worker prints tracebacks) goes to the file
+        saved_stderr, sys.stderr = sys.stderr, open(path, "a", encoding="utf-8", errors="replace", buffering=1)
     global _ACTIVE
     _ACTIVE = LogSetup(path, verbose, (file_handler, terminal), copy_to, vllm_config, environ, level,
-                       tuple(displaced), stream)
+                       tuple(displaced), stream, saved_stderr)
     return _ACTIVE
 
 
@@ -207,6 +219,24 @@ def _terminal_stream(verbose: bool) -> TextIO:
     except (AttributeError, OSError, ValueError):  # no real descriptor (a test's captured stream)
         return sys.stderr
     return stream
+
+
+def log_path() -> Optional[str]:
+    """The run's log file, if logging is set up."""
+    return _ACTIVE.path if _ACTIVE is not None else None
+
+
+def restore_terminal() -> None:
+    """Point descriptors 1 and 2 at the terminal again, even while an engine is starting: a stop's line
+    and the summary must reach the user. The engine's processes keep the log file they inherited."""
+    with _REDIRECT_LOCK:
+        if _REDIRECTS["depth"] > 0:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            saved_out, saved_err = _REDIRECTS["saved"]
+            os.dup2(saved_out, 1)
+            os.dup2(saved_err, 2)
 
 
 def terminal() -> TextIO:

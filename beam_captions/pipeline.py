@@ -5,6 +5,7 @@ from __future__ import annotations
 import apache_beam as beam
 
 from beam_captions.inference.gpu_budget import memory_shares
+from beam_captions.local import is_local_runner
 from beam_captions.media.decode import PreviewSpec
 from beam_captions.options import JobConfig
 from beam_captions.transforms.caption import CaptionWindows
@@ -80,6 +81,9 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             compression_level=config.preview_compression_level,
             num_cpus_per_worker=config.preview_num_cpus_per_worker,
         )
+    # A local run has no bundle retries: an engine that cannot start is tried once, and each window it
+    # would have served is recorded as failed (the next run retries those clips).
+    local = is_local_runner(pipeline.options.get_all_options()["runner"])
     caption_share, enhance_share = memory_shares(
         config.enhance_captions, config.captioning_gpu_memory_share, config.enhance_captions_gpu_memory_share
     )
@@ -104,6 +108,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             accelerator=config.accelerator,
             share_across_processes=config.share_model_across_processes,
             request_timeout_s=config.model_request_timeout_seconds,
+            record_start_failures=local,
         )
     if config.enhance_captions:
         elements = elements | "EnhanceCaptions" >> EnhanceCaptions(
@@ -120,6 +125,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             accelerator=config.accelerator,
             share_across_processes=config.share_model_across_processes,
             request_timeout_s=config.model_request_timeout_seconds,
+            record_start_failures=local,
         )
     elements | "WriteOutputs" >> WriteOutputs(
         config.output,

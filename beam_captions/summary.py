@@ -5,11 +5,13 @@ from __future__ import annotations
 __all__ = ["format_summary"]
 
 
-def format_summary(counts: dict[str, int], output: str, seconds: float, captions: bool = True) -> str:
+def format_summary(counts: dict[str, int], output: str, seconds: float, captions: bool = True,
+                   stopped: bool = False) -> str:
     """Clips, windows, captions, previews and failures by stage, with the caption rate and output root.
 
     ``captions=False`` (a previews-only run) leaves out the caption lines. Warnings that repeat per clip
-    are told once per kind (``warnings_<kind>`` counters).
+    are told once per kind (``warnings_<kind>`` counters). Windows add up: those prepared are written
+    (captioned or not) or not reached (a stop, a clip cut short).
     """
     from beam_captions.logs import WARNING_KINDS
 
@@ -21,7 +23,7 @@ def format_summary(counts: dict[str, int], output: str, seconds: float, captions
     prompt_tokens = counts.get("caption_prompt_tokens", 0)
     redone = sum(counts.get(name, 0) for name in ("clips_retried", "clips_replaced", "clips_extended"))
     lines = [
-        f"beam-captions finished in {seconds:.1f} s",
+        f"beam-captions {'stopped after' if stopped else 'finished in'} {seconds:.1f} s",
         f"  clips found      {counts.get('clips_found', 0)}",
         f"  files ignored    {counts.get('files_ignored_not_video', 0)} (not video by name)",
         f"  clips skipped    {counts.get('clips_skipped', 0)} (finished by an earlier run)",
@@ -30,7 +32,7 @@ def format_summary(counts: dict[str, int], output: str, seconds: float, captions
         *([f"  duplicates       {counts['duplicates_dropped']} late elements of written clips dropped"]
           if counts.get("duplicates_dropped") else []),
         f"  clips failed     {counts.get('clips_failed', 0)}",
-        f"  windows          {counts.get('windows', 0)}",
+        f"  windows          {_windows_line(counts, with_captions)}",
     ]
     if with_captions:
         lines += [
@@ -49,3 +51,14 @@ def format_summary(counts: dict[str, int], output: str, seconds: float, captions
         told = [f"{n} {what.replace('clips ', 'clip ', 1) if n == 1 else what}" for n, what in warned]
         lines.insert(-1, "  warnings         " + ", ".join(told))
     return "\n".join(lines)
+
+
+def _windows_line(counts: dict[str, int], captions: bool) -> str:
+    """Windows prepared = captioned + not captioned (failed) + not reached; or written + not reached."""
+    written = counts.get("windows", 0)
+    prepared = max(counts.get("windows_prepared", 0), written)
+    parts = ([f"{counts.get('captions', 0)} captioned", f"{written - counts.get('captions', 0)} failed"]
+             if captions else [f"{written} written"])
+    if prepared > written:
+        parts.append(f"{prepared - written} not reached")
+    return f"{prepared} ({', '.join(parts)})"

@@ -267,8 +267,8 @@ class VideoCaptionHandler(VLLMWindowHandler):
     def wants(self, element: object) -> bool:
         return isinstance(element, WindowRecord) and element.frames is not None
 
-    def on_failure(self, record: WindowRecord, engine: Engine) -> WindowRecord:
-        return record.replace(frames=None, caption_model=engine.name)
+    def on_failure(self, record: WindowRecord) -> WindowRecord:
+        return record.replace(frames=None, caption_model=self.model_name)
 
     def check(self, record: WindowRecord) -> Optional[Exception]:
         return None if record.caption else ValueError("the model returned an empty caption")

@@ -7,6 +7,7 @@ import atexit
 import json
 import logging
 import os
+import re
 import threading
 import uuid
 from concurrent.futures import CancelledError, Future
@@ -15,7 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 __all__ = [
-    "EngineDied", "EngineSettings", "EngineStartError", "Engine", "llm_kwargs", "load_engine", "release_engines",
+    "EngineClosed", "EngineDied", "EngineSettings", "EngineStartError", "Engine", "llm_kwargs", "load_engine",
+    "release_engines", "start_failures",
 ]
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,18 @@ class EngineSettings:
 
 class EngineStartError(RuntimeError):
     """The engine could not start; every request that waited on that start gets this error."""
+
+
+class EngineClosed(EngineStartError):
+    """The engine was shut down (the run is stopping): nothing starts it again."""
+
+
+_START_FAILURES: list[str] = []  # this process's engine start failures, for the run's one-line error
+
+
+def start_failures() -> list[str]:
+    """Why each engine that could not start in this process failed (one line each)."""
+    return list(_START_FAILURES)
 
 
 class EngineDied(RuntimeError):
@@ -166,6 +180,7 @@ class Engine:
         self.generation = 0  # bumped at every start, so a restart can tell whether the engine it saw die is gone
         self.start_attempts = 0  # starts tried, failed ones included
         self._start_failure: Optional[EngineStartError] = None
+        self._closed = False
         self._llm: Any = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
@@ -183,19 +198,27 @@ class Engine:
             self._start_failure = None
 
     def _start_if_needed(self) -> None:
+        if self._closed:
+            raise EngineClosed(f"the {self.name} engine was shut down")
         if self._llm is not None:
             return
         if self._start_failure is not None:
             raise self._start_failure
         self.start_attempts += 1
+        log_offset = _log_size()
         try:
             self._start()
         except BaseException as error:  # noqa: BLE001 - remembered, then raised to every waiter
-            message = " ".join(str(error).split()) or type(error).__name__
-            self._start_failure = EngineStartError(f"the {self.name} engine could not start: {message}")
-            self._start_failure.__cause__ = error
-            log.error("the %s engine could not start", self.name, exc_info=error)
+            if self._closed:  # stopped while starting (Ctrl-C reaches the engine's processes too)
+                raise EngineClosed(f"the {self.name} engine was shut down") from error
+            cause = _root_cause(error, log_offset)
+            self._start_failure = EngineStartError(f"the {self.name} engine could not start: {cause}")
+            _START_FAILURES.append(str(self._start_failure))
+            log.info("the %s engine could not start", self.name, exc_info=error)  # the trace: log file only
             raise self._start_failure from error
+        if self._closed:  # shut down while it started: stop it again
+            self._stop()
+            raise EngineClosed(f"the {self.name} engine was shut down")
 
     def _engine_kwargs(self) -> dict[str, Any]:
         from beam_captions.inference.model_source import resolve_model_dir
@@ -286,6 +309,16 @@ class Engine:
         with self._start_lock:
             self._stop()
 
+    def close(self, wait: bool = True) -> None:
+        """Shut the engine down for good: no request starts it again. Without ``wait``, an engine that is
+        starting right now is left to stop itself when its start returns (a stopping run does not wait)."""
+        self._closed = True
+        if self._start_lock.acquire(timeout=-1 if wait else 0.5):
+            try:
+                self._stop()
+            finally:
+                self._start_lock.release()
+
     def _stop(self) -> None:
         llm, loop, thread = self._llm, self._loop, self._thread
         self._llm = self._loop = self._thread = None
@@ -350,11 +383,49 @@ def load_engine(settings: EngineSettings, request_timeout_s: Optional[float] = N
         return engine
 
 
-def release_engines(only: Optional[Engine] = None) -> None:
-    """Shut down ``only``, or every engine this process started (at the end of a local run)."""
+def release_engines(only: Optional[Engine] = None, wait: bool = True) -> None:
+    """Shut down ``only``, or every engine this process started (at the end of a local run); ``wait=False``
+    (a run that is stopping) does not wait for an engine in the middle of its start."""
     with _engines_lock:
         keys = [key for key, engine in _engines.items() if only is None or engine is only]
         engines = [_engines.pop(key) for key in keys]
     for engine in engines:
-        engine.shutdown()
+        engine.close(wait=wait)
+
+
+_WRAPPER_ERRORS = ("Engine core initialization failed", "WorkerProc initialization failed",
+                   "EngineCore failed to start")
+_ERROR_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$")
+
+
+def _log_size() -> Optional[int]:
+    from beam_captions.logs import log_path
+
+    path = log_path()
+    try:
+        return os.path.getsize(path) if path else None
+    except OSError:
+        return None
+
+
+def _root_cause(error: BaseException, log_offset: Optional[int]) -> str:
+    """One line saying why a start failed: the first error the engine's processes wrote to the log since
+    ``log_offset`` (vLLM's own exception only says "see root cause above"), else ``error``'s message."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    from beam_captions.logs import log_path
+
+    path = log_path()
+    if log_offset is None or not path:
+        return message
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            handle.seek(log_offset)
+            lines = handle.read().splitlines()
+    except OSError:
+        return message
+    for line in lines:
+        found = _ERROR_LINE.match(line.strip())
+        if found and not any(wrapper in found.group(2) for wrapper in _WRAPPER_ERRORS):
+            return f"{found.group(1)}: {found.group(2)}"[:500]
+    return message
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -73,7 +74,12 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, WindowRecord, WindowServer]):
         """Whether ``element`` goes to the model; every other element passes through unchanged."""
         return isinstance(element, WindowRecord)
 
-    def on_failure(self, record: WindowRecord, engine: Engine) -> WindowRecord:
+    @property
+    def model_name(self) -> str:
+        """The model's name as rows record it (its directory's name)."""
+        return os.path.basename(os.path.normpath(self.settings.model_dir))
+
+    def on_failure(self, record: WindowRecord) -> WindowRecord:
         """The window as written when this stage failed for it."""
         return record
 
@@ -95,7 +101,7 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, WindowRecord, WindowServer]):
                     count("engine_restarts")
                     engine.restart(getattr(error, "generation", None))  # once per death, however many saw it
                     continue
-                return self._failed(window, error, engine)
+                return self.failed(window, error)
             problem = self.check(result)
             return result if problem is None else result.with_failure(self._failure(problem, result))
         raise AssertionError("unreachable")
@@ -106,9 +112,12 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, WindowRecord, WindowServer]):
             source_version=record.source_version,
         )
 
-    def _failed(self, window: WindowRecord, error: BaseException, engine: Engine) -> WindowRecord:
-        log.warning("%s failed for window %d of %s: %s", self.stage, window.window_index, window.source, error)
-        return self.on_failure(window, engine).with_failure(self._failure(error, window))
+    def failed(self, window: WindowRecord, error: BaseException) -> WindowRecord:
+        """The outcome of ``window`` when this stage failed for it with ``error``."""
+        # an engine that could not start is told once, at the end of the run, not once per window
+        level = logging.INFO if isinstance(error, EngineStartError) else logging.WARNING
+        log.log(level, "%s failed for window %d of %s: %s", self.stage, window.window_index, window.source, error)
+        return self.on_failure(window).with_failure(self._failure(error, window))
 
     def run_inference(
         self, batch: Sequence[object], model: WindowServer, inference_args: Optional[dict] = None

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ALL_COMPLETED, FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, Iterator, Optional
 
 import apache_beam as beam
 from apache_beam.utils import multi_process_shared, shared
 from apache_beam.utils.windowed_value import WindowedValue
 
+from beam_captions.inference.engine import EngineClosed
 from beam_captions.inference.serving import serve_async
 from beam_captions.inference.vllm_handler import VLLMWindowHandler
 from beam_captions.metrics import count
@@ -40,16 +41,20 @@ class ServeWindows(beam.DoFn):
     The handler's model (a ``WindowServer``) is shared by every thread of the process (Beam's
     ``shared.Shared``) or, with ``share_model_across_processes``, by every process of the machine
     (``multi_process_shared``). An engine that cannot start fails the bundle at once (the windows
-    still queued are cancelled); a bundle whose windows are not all back after ``bundle_timeout_s``
-    fails too (each request is already bounded by the handler's request timeout).
+    still queued are cancelled), and the runner's retry of the bundle tries one more start; with
+    ``record_start_failures`` (a local run, which has no retries) the start is tried once per run and
+    every window gets the start's failure instead, so its clip is recorded as failed. A bundle whose
+    windows are not all back after ``bundle_timeout_s`` fails (each request is already bounded by the
+    handler's request timeout).
     """
 
-    def __init__(self, handler: VLLMWindowHandler):
+    def __init__(self, handler: VLLMWindowHandler, record_start_failures: bool = False):
         self.handler = handler
+        self.record_start_failures = record_start_failures
         self._shared_handle = shared.Shared()
         self._server: Any = None
         self._pool: Optional[ThreadPoolExecutor] = None
-        self._pending: list[tuple[Future, WindowedValue]] = []
+        self._pending: list[tuple[Future, Any, WindowedValue]] = []
 
     @property
     def bundle_timeout_s(self) -> Optional[float]:
@@ -71,14 +76,15 @@ class ServeWindows(beam.DoFn):
 
     def start_bundle(self) -> None:
         self._pending = []
-        self._server.allow_start()  # a runner's retry of a bundle whose engine could not start tries again
+        if not self.record_start_failures:
+            self._server.allow_start()  # a runner's retry of a bundle whose engine could not start tries again
 
     def process(self, element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         if not self.handler.wants(element):
             yield element
         else:
             future = serve_async(self._server, element, self._pool)  # waits while the engine's bound is full
-            self._pending.append((future, WindowedValue(None, timestamp, (window,))))
+            self._pending.append((future, element, WindowedValue(None, timestamp, (window,))))
         yield from self._finished(block=False)
 
     def finish_bundle(self):
@@ -87,28 +93,32 @@ class ServeWindows(beam.DoFn):
     def _finished(self, block: bool) -> Iterator[WindowedValue]:
         """Outcomes of the windows that are done (all of them when ``block``)."""
         if block and self._pending:
-            _, not_done = wait([future for future, _ in self._pending], timeout=self.bundle_timeout_s,
-                               return_when=FIRST_EXCEPTION)
-            if not_done and not any(f.done() and f.exception() for f, _ in self._pending):
+            futures = [future for future, _, _ in self._pending]
+            _, not_done = wait(futures, timeout=self.bundle_timeout_s,
+                               return_when=ALL_COMPLETED if self.record_start_failures else FIRST_EXCEPTION)
+            if not_done and not any(f.done() and f.exception() for f in futures):
                 self._abandon()
                 raise TimeoutError(f"{len(not_done)} windows were not back from the {self.handler.stage} engine "
                                    f"after {self.bundle_timeout_s:g} s")
         done, pending = [], []
         for item in self._pending:
             (done if item[0].done() else pending).append(item)
-        for future, _ in done:
-            if future.exception() is not None:  # the engine could not start: fail the bundle, drop the queue
-                self._pending = pending
-                self._abandon()
-                raise future.exception()
         self._pending = pending
-        for future, windowed in done:
+        for future, element, windowed in done:
+            error = future.exception()
+            if error is None:
+                outcome = future.result()
+            elif self.record_start_failures and not isinstance(error, EngineClosed):
+                outcome = self.handler.failed(element, error)  # the engine could not start: the window failed
+            else:  # fail the bundle, drop the queue
+                self._abandon()
+                raise error
             count(self.handler.done_counter)
-            yield windowed.with_value(future.result())
+            yield windowed.with_value(outcome)
 
     def _abandon(self) -> None:
         """Cancel the windows still queued and give their places back (those being served finish on their own)."""
-        for future, _ in self._pending:
+        for future, _, _ in self._pending:
             if future.cancel():
                 self._server.release(future.ticket)
         self._pending = []
@@ -117,13 +127,15 @@ class ServeWindows(beam.DoFn):
 class InferWindows(beam.PTransform):
     """``ServeWindows`` as a step; ``accelerator`` is a resource hint on it (the GPU step)."""
 
-    def __init__(self, handler: VLLMWindowHandler, accelerator: Optional[str] = None):
+    def __init__(self, handler: VLLMWindowHandler, accelerator: Optional[str] = None,
+                 record_start_failures: bool = False):
         super().__init__()
         self.handler = handler
         self.accelerator = accelerator
+        self.record_start_failures = record_start_failures
 
     def expand(self, elements):
-        serve = beam.ParDo(ServeWindows(self.handler))
+        serve = beam.ParDo(ServeWindows(self.handler, self.record_start_failures))
         if self.accelerator:
             serve = serve.with_resource_hints(accelerator=self.accelerator)
         return elements | "ServeModel" >> serve
@@ -131,13 +143,14 @@ class InferWindows(beam.PTransform):
 
 class ModelStep(beam.PTransform):
     """A model stage: a ``handler_class`` handler (given, or built from keyword settings) served every
-    window it wants; ``accelerator`` is the GPU resource hint of the serving step."""
+    window it wants; ``accelerator`` is the GPU resource hint of the serving step; ``record_start_failures``
+    (local runs) turns an engine that cannot start into a failure of each window (see ``ServeWindows``)."""
 
     handler_class: type = VLLMWindowHandler
     label_of_step = "Serve"
 
     def __init__(self, handler: Optional[VLLMWindowHandler] = None, *, accelerator: Optional[str] = None,
-                 **handler_settings: Any):
+                 record_start_failures: bool = False, **handler_settings: Any):
         super().__init__()
         name = type(self).__name__
         if handler is None:
@@ -149,6 +162,7 @@ class ModelStep(beam.PTransform):
             raise TypeError(f"{name} takes a handler or its settings, not both: {', '.join(sorted(handler_settings))}")
         self.handler = handler
         self.accelerator = accelerator
+        self.record_start_failures = record_start_failures
 
     def expand(self, pcoll):
-        return pcoll | self.label_of_step >> InferWindows(self.handler, self.accelerator)
+        return pcoll | self.label_of_step >> InferWindows(self.handler, self.accelerator, self.record_start_failures)

@@ -30,7 +30,7 @@ from common import (
     trailer_clip,
 )
 
-FIGURES = ("P1", "P2", "P7", "P9", "P11", "P3", "P4", "P4B", "P5", "P6", "P8")
+FIGURES = ("P1", "P2", "P7", "P9", "P11", "P12", "P3", "P4", "P4B", "P5", "P6", "P8")
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,13 @@ def _figure_runners(quick: bool) -> dict[str, Callable[[], Figure]]:
 
         return p11_accounting.run(200 if quick else 1000)
 
+    def p12() -> Figure:
+        import p12_shared_memory
+
+        return p12_shared_memory.run(windows_per_thread=2 if quick else 6, repeats=1 if quick else 2)
+
     return {"P1": p1, "P2": p2, "P3": p3, "P4": p4, "P4B": p4b, "P5": p5, "P6": p6, "P7": p7, "P8": p8, "P9": p9,
-            "P11": p11}
+            "P11": p11, "P12": p12}
 
 
 def _target(figure: Figure) -> str:
@@ -154,6 +159,11 @@ def format_table(figures: list[Figure]) -> str:
         if sweep:
             cells = ", ".join(f"{b}: {v['handler']:.2f} vs {v['raw']:.2f}" for b, v in sweep.items())
             lines.append(f"\n{f.name} windows/s by batch size (handler vs raw): {cells}")
+        tuned = f.details.get("fixed_mmap_threshold")
+        if tuned:
+            lines.append(f"\n{f.name} with the engine process's malloc at a fixed 1 MiB mmap threshold: "
+                         f"{tuned['ours_mb']:.0f} vs {tuned['baseline_mb']:.0f} MiB, ratio {tuned['ratio']:.2f}; "
+                         f"max_held {tuned['max_held']}")
     return "\n".join(lines)
 
 

@@ -1,15 +1,22 @@
 """Stopping a local run: a swallowed KeyboardInterrupt still ends the process, with its summary; Ctrl-C and
-SIGTERM end a real run within seconds with its summary and exit 130 / 143."""
+SIGTERM end a real run within seconds with its summary and exit 130 / 143, also while the engine starts or
+generates, with no traceback and a summary that adds up; an engine that cannot start is one line."""
 
 import glob
+import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import pyarrow.parquet as pq
 import pytest
 from clips import make_clip
+
+from conftest import VLLM_KWARGS
 
 SCRIPT = """
 import time
@@ -61,8 +68,115 @@ def test_a_real_run_stops_within_seconds_with_its_summary_and_exit_code(tmp_path
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == code, stderr[-3000:]
     assert time.monotonic() - started < 25
-    assert "beam-captions finished" in stdout and "clips found" in stdout
+    assert "beam-captions stopped after" in stdout and "clips found" in stdout
     assert "Traceback" not in stderr, stderr[-3000:]
     assert "stopped" in stderr
     finished = len(glob.glob(os.path.join(out, "metas", "*.json")))
     assert 0 < finished < 40
+
+
+def windows_line(stdout: str) -> tuple[int, dict[str, int]]:
+    """The summary's windows: ``prepared`` and its parts (``captioned``, ``failed``, ``written``, ``not reached``)."""
+    found = re.search(r"^  windows +(\d+) \(([^)]*)\)", stdout, re.MULTILINE)
+    assert found, stdout
+    parts = {name: int(n) for n, name in re.findall(r"(\d+) ([a-z ]+?)(?:,|$)", found.group(2))}
+    return int(found.group(1)), parts
+
+
+def told(stderr: str) -> list[str]:
+    """What the terminal's stderr said besides the progress lines (``[   30 s] ...``)."""
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith("[")]
+
+
+def summary_count(stdout: str, name: str) -> int:
+    return int(re.search(rf"^  {name} +(\d+)", stdout, re.MULTILINE).group(1))
+
+
+def captioned_on_disk(out: str) -> int:
+    """Windows with a caption in the Parquet files that a metas names (clips finished on disk)."""
+    total = 0
+    for path in glob.glob(os.path.join(out, "metas", "*.json")):
+        with open(path) as handle:
+            meta = json.load(handle)
+        if meta.get("captions_file"):
+            rows = pq.read_table(os.path.join(out, meta["captions_file"])).to_pylist()
+            total += sum(1 for row in rows if row["caption"])
+    return total
+
+
+def captions_command(clips: str, out: str, model_dir: str, tokens: int) -> list[str]:
+    return [sys.executable, "-m", "beam_captions", "--input", clips, "--output", out, "--generate-captions",
+            "--generate-previews", "--model-dir", model_dir, "--captioning-window-size", "16",
+            "--captioning-remainder-threshold", "8", "--captioning-max-output-tokens", str(tokens),
+            "--vllm-kwargs", json.dumps(VLLM_KWARGS), "--no-gallery"]
+
+
+def _log_text(out: str) -> str:
+    logs = glob.glob(os.path.join(out, "logs", "*.log"))
+    if not logs:
+        return ""
+    with open(logs[0], errors="replace") as handle:
+        return handle.read()
+
+
+@pytest.mark.parametrize("moment", ["engine start", "generation"])
+def test_a_captions_run_stopped_at_any_moment_tells_the_terminal_and_adds_up(tmp_path, many_clips, captioner_dir,
+                                                                            moment):
+    out = str(tmp_path / "out")
+    clips = str(tmp_path / "clips")
+    os.makedirs(clips)
+    for name in sorted(os.listdir(many_clips))[:12]:
+        shutil.copy(os.path.join(many_clips, name), clips)
+    process = subprocess.Popen(captions_command(clips, out, captioner_dir, 200), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if moment == "engine start" and "starting vLLM" in _log_text(out):
+            break
+        if moment == "generation" and captioned_on_disk(out) > 0:
+            break
+        time.sleep(0.1)
+    assert process.poll() is None, "the run ended before it could be stopped"
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr[-3000:]
+    assert "beam-captions: stopped" in stderr and "beam-captions stopped after" in stdout
+    assert told(stderr) == ["beam-captions: stopped; what is finished is kept, a re-run completes the rest"], stderr
+    prepared, parts = windows_line(stdout)
+    assert parts["captioned"] + parts["failed"] + parts.get("not reached", 0) == prepared
+    assert summary_count(stdout, "previews") <= prepared
+    assert "duplicates" not in stdout  # nothing is a late duplicate on a first run
+    on_disk = captioned_on_disk(out)
+    assert on_disk <= parts["captioned"] <= on_disk + 4  # a clip being written as the stop came may count
+    if moment == "generation":
+        assert on_disk > 0
+
+
+def test_an_engine_that_cannot_start_is_one_line_and_every_clip_is_recorded_failed(tmp_path, many_clips,
+                                                                                 captioner_dir):
+    broken = str(tmp_path / "broken-captioner")
+    shutil.copytree(captioner_dir, broken)
+    for weights in glob.glob(os.path.join(broken, "*.safetensors")):
+        with open(weights, "r+b") as handle:
+            handle.truncate(64)  # config and tokenizer are fine: the family check passes, the load fails
+    clips = str(tmp_path / "clips")
+    os.makedirs(clips)
+    for name in sorted(os.listdir(many_clips))[:3]:
+        shutil.copy(os.path.join(many_clips, name), clips)
+    out = str(tmp_path / "out")
+    command = captions_command(clips, out, broken, 8)
+    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 1, first.stderr[-3000:]
+    errors = [line for line in first.stderr.splitlines() if line.startswith("beam-captions: error:")]
+    assert len(errors) == 1 and "could not start" in errors[0] and "see root cause" not in errors[0].lower()
+    assert "Traceback" not in first.stderr and told(first.stderr) == errors, first.stderr
+    metas = [json.load(open(path)) for path in glob.glob(os.path.join(out, "metas", "*.json"))]
+    assert len(metas) == 3 and {meta["status"] for meta in metas} == {"failed"}
+    records = [json.load(open(path)) for path in glob.glob(os.path.join(out, "failures", "*.json"))]
+    assert records and {(r["stage"], r["error_type"]) for r in records} == {("caption", "EngineStartError")}
+    assert summary_count(first.stdout, "failures") == len(records)
+    assert "Traceback" in _log_text(out)  # the whole story is in the log file
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and re.search(r"failed before 3\b", again.stdout), again.stdout

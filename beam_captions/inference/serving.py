@@ -25,7 +25,28 @@ if TYPE_CHECKING:
     from beam_captions.inference.engine import Engine
     from beam_captions.records import WindowRecord
 
-__all__ = ["WindowServer", "serve_async"]
+__all__ = ["WindowServer", "give_large_buffers_back", "serve_async"]
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def give_large_buffers_back(threshold: int = 1 << 20) -> bool:
+    """Make this process's allocations of ``threshold`` bytes and more their own mappings, given back to
+    the system when freed (glibc's ``mallopt(M_MMAP_THRESHOLD)``); False where that is not available.
+
+    A shared engine's process receives each window as one large pickled buffer on a connection thread of
+    Beam's proxy server. By default glibc raises its mmap threshold to the largest block freed so far, so
+    later windows land in per-thread arenas that keep their memory after the window is gone, and the
+    process's memory follows the number of sender threads rather than the bound (P12 measures both).
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 class WindowServer:

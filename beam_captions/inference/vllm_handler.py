@@ -12,7 +12,7 @@ from apache_beam.ml.inference.base import ModelHandler
 from beam_captions.inference.engine import (
     Engine, EngineDied, EngineSettings, EngineStartError, engine_key, is_engine_dead, load_engine,
 )
-from beam_captions.inference.serving import WindowServer, serve_async
+from beam_captions.inference.serving import WindowServer, give_large_buffers_back, serve_async
 from beam_captions.metrics import count
 from beam_captions.records import WindowRecord, failure_from_exception
 
@@ -63,6 +63,8 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, WindowRecord, WindowServer]):
     def load_model(self) -> WindowServer:
         """The engine (started on first use) behind a server that holds ``batch_size`` windows in flight."""
         engine = load_engine(self.settings, self.request_timeout_s)
+        if self.share_model_across_processes():  # this process receives every process's windows
+            give_large_buffers_back()
         lease = None if self.request_timeout_s is None else 4 * self.request_timeout_s
         return WindowServer(self, engine, self.batch_size, lease_s=lease)
 

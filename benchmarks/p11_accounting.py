@@ -83,8 +83,10 @@ def _faulty_caption(engine, batch, request):
 class _StandInEngine:
     name = "fake"
     generation = 1
+    restarts = 0
 
     def restart(self, generation=None):
+        _StandInEngine.restarts += 1
         return self
 
     def allow_start(self):
@@ -110,6 +112,7 @@ def run(clips: int, model_dir: str | None = None) -> Figure:
             _make_clip(path, i)
             sources.append(os.path.realpath(path))
         asked = {"captions": {"model": "fake"}}
+        _StandInEngine.restarts = 0
         start = time.perf_counter()
         pipeline = beam.Pipeline(options=PipelineOptions(["--direct_num_workers", "2",
                                                           "--direct_running_mode", "multi_threading"]))
@@ -141,8 +144,9 @@ def run(clips: int, model_dir: str | None = None) -> Figure:
             "clips": clips, "metas": len(metas), "done": len(done), "failed": len(failed),
             "failed_expected": len(expected_failed), "failure_records": len(failure_files),
             "engine_deaths_injected": sum(1 for s in sources if _fate(s) == "dies"),
+            "engine_restarts": _StandInEngine.restarts,
             "counters": {k: counts.get(k, 0) for k in ("clips", "windows", "captions", "failures_caption",
-                                                      "engine_restarts", "duplicates_dropped")},
+                                                      "duplicates_dropped")},
             "summary_matches_disk": (counts.get("clips") == len(metas)
                                      and counts.get("failures_caption", 0) == len(failure_files)
                                      and counts.get("captions") == len(done)),

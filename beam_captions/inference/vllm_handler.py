@@ -100,7 +100,7 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, WindowRecord, WindowServer]):
                 if attempt == 1 and (isinstance(error, EngineDied) or is_engine_dead(error)):
                     log.warning("%s; starting it again and retrying window %d of %s",
                                 error, window.window_index, window.source)
-                    count("engine_restarts")
+                    count("engine_restarts")  # this process's progress (Beam counts only a bundle's own thread)
                     engine.restart(getattr(error, "generation", None))  # once per death, however many saw it
                     continue
                 return self.failed(window, error)

@@ -231,12 +231,16 @@ def restore_terminal() -> None:
     and the summary must reach the user. The engine's processes keep the log file they inherited."""
     with _REDIRECT_LOCK:
         if _REDIRECTS["depth"] > 0:
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(Exception):
-                    stream.flush()
-            saved_out, saved_err = _REDIRECTS["saved"]
-            os.dup2(saved_out, 1)
-            os.dup2(saved_err, 2)
+            _point_descriptors_at(*_REDIRECTS["saved"])
+
+
+def _point_descriptors_at(out: int, err: int) -> None:
+    """Flush Python's streams, then make descriptors 1 and 2 copies of ``out`` and ``err``."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os.dup2(out, 1)
+    os.dup2(err, 2)
 
 
 def terminal() -> TextIO:
@@ -260,13 +264,9 @@ def engine_output_to_log() -> Iterator[None]:
         return
     with _REDIRECT_LOCK:
         if _REDIRECTS["depth"] == 0:
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(Exception):
-                    stream.flush()
             target = os.open(setup.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
             _REDIRECTS["saved"] = (os.dup(1), os.dup(2))
-            os.dup2(target, 1)
-            os.dup2(target, 2)
+            _point_descriptors_at(target, target)
             os.close(target)
         _REDIRECTS["depth"] += 1
     try:
@@ -275,12 +275,8 @@ def engine_output_to_log() -> Iterator[None]:
         with _REDIRECT_LOCK:
             _REDIRECTS["depth"] -= 1
             if _REDIRECTS["depth"] == 0:
-                for stream in (sys.stdout, sys.stderr):
-                    with contextlib.suppress(Exception):
-                        stream.flush()
                 saved_out, saved_err = _REDIRECTS["saved"]
-                os.dup2(saved_out, 1)
-                os.dup2(saved_err, 2)
+                _point_descriptors_at(saved_out, saved_err)
                 os.close(saved_out)
                 os.close(saved_err)
 

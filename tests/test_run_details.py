@@ -1,0 +1,49 @@
+"""Issue 23, point 5: the smaller points of a run's outputs and summary."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import av
+import pytest
+from clips import make_clip
+
+from beam_captions.cli import run_job
+from beam_captions.records import clip_id_for
+
+
+def previews_args(clips: str, out: str, *more: str) -> list[str]:
+    return ["--input", clips, "--output", out, "--generate-previews", "--captioning-window-size", "16",
+            "--captioning-remainder-threshold", "8", "--preview-target-height", "32", "--preview-target-fps", "4",
+            "--no-gallery", *more]
+
+
+def meta(out: str, source: str) -> dict:
+    with open(os.path.join(out, "metas", f"{clip_id_for(source)}.json")) as handle:
+        return json.load(handle)
+
+
+def _corrupt_packet_5(index: int, packet: av.Packet) -> av.Packet:
+    if index != 5:
+        return packet
+    garbage = av.Packet(b"\x00" * 200)
+    garbage.pts, garbage.dts, garbage.time_base = packet.pts, packet.dts, packet.time_base
+    garbage.stream = packet.stream
+    return garbage
+
+
+def test_a_corrupt_clip_is_counted_once_per_warning_and_its_metas_say_so(tmp_path, capsys):
+    """The clip is decoded twice (19 frames of 20 packets): its bad packet is met in both passes."""
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    bad = str(clips / "bad.avi")
+    make_clip(bad, 20, 30, 64, 48, "mjpeg", "yuvj420p", edit_packet=_corrupt_packet_5)
+    out = str(tmp_path / "out")
+    counts = run_job(previews_args(str(clips), out, "--preview-target-height", "48", "--preview-target-fps", "2"))
+    assert counts["warnings_undecodable_packets"] == 1 and counts["warnings_decoded_twice"] == 1
+    assert "1 clip with packets that could not be decoded" in capsys.readouterr().out
+    warnings = meta(out, bad)["warnings"]
+    assert "1 video packets could not be decoded" in warnings
+    assert any(text.startswith("decoded 19 frames but demuxed 20 packets") for text in warnings)
+    assert len(warnings) == 2

@@ -47,3 +47,33 @@ def test_a_corrupt_clip_is_counted_once_per_warning_and_its_metas_say_so(tmp_pat
     assert "1 video packets could not be decoded" in warnings
     assert any(text.startswith("decoded 19 frames but demuxed 20 packets") for text in warnings)
     assert len(warnings) == 2
+
+
+def test_a_relative_output_is_recorded_as_absolute_paths(tmp_path, monkeypatch):
+    """Rows and metas name previews by absolute paths: they stay right from any folder."""
+    import pyarrow.parquet as pq
+
+    from beam_captions.io.gallery import write_gallery
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    make_clip(str(clips / "a.mp4"), 24, 10.0, 96, 64)
+    monkeypatch.chdir(tmp_path)
+    run_job(previews_args("clips", "out"))
+    out = str(tmp_path / "out")
+    monkeypatch.chdir(clips)  # elsewhere
+    rows = pq.read_table(os.path.join(out, "captions")).to_pylist()
+    windows = meta(out, str(clips / "a.mp4"))["windows"]
+    previews = [row["preview"] for row in rows] + [window["preview"] for window in windows]
+    assert len(previews) == 4 and all(os.path.isabs(path) and os.path.isfile(path) for path in previews)
+    assert all(path.startswith(os.path.join(out, "previews", "")) for path in previews)
+    page = open(write_gallery(out)).read()  # the gallery's links stay relative to OUT
+    assert f'src="previews/{clip_id_for(str(clips / "a.mp4"))}/0_15.webp"' in page
+
+
+def test_output_locations_are_absolute_or_uris():
+    from beam_captions.io.paths import absolute_location
+
+    assert absolute_location("gs://bucket/out") == "gs://bucket/out"
+    assert absolute_location("out") == os.path.join(os.getcwd(), "out")
+    assert absolute_location("file:///data/out") == "/data/out"

@@ -77,3 +77,33 @@ def test_output_locations_are_absolute_or_uris():
     assert absolute_location("gs://bucket/out") == "gs://bucket/out"
     assert absolute_location("out") == os.path.join(os.getcwd(), "out")
     assert absolute_location("file:///data/out") == "/data/out"
+
+
+@pytest.mark.parametrize("frames", [1, 2])
+def test_a_previews_only_run_makes_previews_of_one_and_two_frame_clips(tmp_path, frames):
+    from PIL import Image
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    short = str(clips / "short.mp4")
+    make_clip(short, frames, 10.0, 96, 64)
+    out = str(tmp_path / "out")
+    counts = run_job(previews_args(str(clips), out))
+    document = meta(out, short)
+    assert counts.get("clips_failed", 0) == 0 and counts["previews"] == 1, document["errors"]
+    assert document["status"] == "done" and document["num_frames"] == frames
+    [window] = document["windows"]
+    assert (window["start_frame"], window["end_frame"]) == (0, frames - 1)
+    with Image.open(window["preview"]) as image:
+        assert image.format == "WEBP" and image.height == 32
+
+
+def test_captions_still_need_four_frames_and_previews_one(tmp_path):
+    from beam_captions.inference.frame_bounds import DEFAULT_FRAME_BOUNDS
+    from beam_captions.media.decode import DecodeError, PreviewSpec, decode_windows
+
+    two = make_clip(str(tmp_path / "two.mp4"), 2, 10.0, 96, 64)
+    with pytest.raises(DecodeError, match="at least 4 are needed for a caption window"):
+        decode_windows(two, frame_size=DEFAULT_FRAME_BOUNDS.frame_size, preview=PreviewSpec(4.0, 32))
+    info, [window] = decode_windows(two, model_frames=False, preview=PreviewSpec(4.0, 32))
+    assert info.num_frames == 2 and window.frames is None and window.preview_frames.shape[0] == 1

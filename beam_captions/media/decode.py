@@ -28,6 +28,7 @@ from av.video.reformatter import VideoReformatter
 
 from beam_captions.media.windowing import (
     MIN_FRAMES,
+    MIN_PREVIEW_FRAMES,
     FrameWindow,
     compute_windows,
     preview_frame_indices,
@@ -364,11 +365,12 @@ def _plan(
     remainder_threshold: int,
     sampling_fps: float,
     preview: PreviewSpec | None,
+    min_frames: int,
     times: Sequence[float] | None = None,
 ) -> _Plan:
-    """Windows of ``total`` frames; sampled by presentation time when ``times`` (one per frame and the end
-    of the last) are known, else by frame index at ``fps``."""
-    windows = compute_windows(total, window_size, remainder_threshold)
+    """Windows of ``total`` frames (none below ``min_frames``); sampled by presentation time when ``times``
+    (one per frame and the end of the last) are known, else by frame index at ``fps``."""
+    windows = compute_windows(total, window_size, remainder_threshold, min_frames)
     if times is not None and len(times) == total + 1:
         model = [sample_frame_indices_by_time(w, times, sampling_fps) for w in windows]
         previews = None if preview is None else [
@@ -510,9 +512,12 @@ class _Deadline:
             self.since = time.monotonic()
 
 
-def _require_min_frames(num_frames: int) -> None:
-    if num_frames < MIN_FRAMES:
+def _require_min_frames(num_frames: int, model_frames: bool) -> None:
+    """Captions need ``MIN_FRAMES`` frames a window; previews alone (no model frames) need one."""
+    if model_frames and num_frames < MIN_FRAMES:
         raise DecodeError(f"clip has {num_frames} frames; at least {MIN_FRAMES} are needed for a caption window")
+    if num_frames < MIN_PREVIEW_FRAMES:
+        raise DecodeError(f"clip has {num_frames} frames; at least {MIN_PREVIEW_FRAMES} is needed for a preview")
 
 
 def _check_options(
@@ -613,7 +618,8 @@ def iter_decode(
     as soon as its frames are in and no frame count could change it, so memory holds a
     window or two whatever the clip's length. Each window's model frames are sized by
     ``frame_size`` for its own sampled frame count (required unless ``model_frames=False``,
-    which skips the model frames: previews only). ``max_pixels_per_frame_source`` refuses
+    which skips the model frames: previews only; then a clip needs one frame, not the
+    ``MIN_FRAMES`` of a caption window). ``max_pixels_per_frame_source`` refuses
     clips with larger frames before decoding; ``time_budget_s`` stops a clip that decodes
     too slowly. ``source`` is a path or a seekable binary file object holding the whole
     clip. Raises ``DecodeError`` for unusable inputs. Reading problems that did not stop it
@@ -650,11 +656,12 @@ def _iter_decode(
     shown_width, shown_height = orientation.display_size(width, height)
     model_size = partial(frame_size, shown_width, shown_height) if model_frames else None
     small = None if preview is None else preview_size(shown_width, shown_height, preview.target_height)
-    options = (fps, window_size, remainder_threshold, sampling_fps, preview)
+    min_frames = MIN_FRAMES if model_frames else MIN_PREVIEW_FRAMES  # frames-per-window limits are the captions'
+    options = (fps, window_size, remainder_threshold, sampling_fps, preview, min_frames)
     plan = _plan(packet_count, *options, times)
     final_at = _final_at(plan, window_size, remainder_threshold)
     decoded, rest = yield from _decode_pass(source, plan, model_size, small, deadline, final_at, orientation, notes)
-    _require_min_frames(decoded)
+    _require_min_frames(decoded, model_frames)
     if decoded == packet_count:
         yield from rest
     else:

@@ -19,14 +19,16 @@ def format_summary(counts: dict[str, int], output: str, seconds: float, captions
     with_captions = captions
     captions = counts.get("captions", 0)
     prompt_tokens = counts.get("caption_prompt_tokens", 0)
-    redone = sum(counts.get(name, 0) for name in ("clips_retried", "clips_replaced", "clips_extended"))
+    redone = sum(counts.get(name, 0) for name in ("clips_retried", "clips_replaced", "clips_other_settings",
+                                                  "clips_extended"))
     lines = [
         f"beam-captions finished in {seconds:.1f} s",
         f"  clips found      {counts.get('clips_found', 0)}",
         f"  files ignored    {counts.get('files_ignored_not_video', 0)} (not video by name)",
         f"  clips skipped    {counts.get('clips_skipped', 0)} (finished by an earlier run)",
         *([f"  clips redone     {redone} (failed before {counts.get('clips_retried', 0)}, source replaced "
-           f"{counts.get('clips_replaced', 0)}, outputs missing {counts.get('clips_extended', 0)})"] if redone else []),
+           f"{counts.get('clips_replaced', 0)}, made with other settings {counts.get('clips_other_settings', 0)}, "
+           f"outputs missing {counts.get('clips_extended', 0)})"] if redone else []),
         *([f"  duplicates       {counts['duplicates_dropped']} late elements of written clips dropped"]
           if counts.get("duplicates_dropped") else []),
         f"  clips failed     {counts.get('clips_failed', 0)}",

@@ -107,3 +107,20 @@ def test_captions_still_need_four_frames_and_previews_one(tmp_path):
         decode_windows(two, frame_size=DEFAULT_FRAME_BOUNDS.frame_size, preview=PreviewSpec(4.0, 32))
     info, [window] = decode_windows(two, model_frames=False, preview=PreviewSpec(4.0, 32))
     assert info.num_frames == 2 and window.frames is None and window.preview_frames.shape[0] == 1
+
+
+def test_redone_clips_say_other_settings_or_outputs_missing(tmp_path, capsys):
+    from beam_captions.summary import format_summary
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    make_clip(str(clips / "a.mp4"), 24, 10.0, 96, 64)
+    make_clip(str(clips / "b.mp4"), 16, 10.0, 96, 64)
+    out = str(tmp_path / "out")
+    run_job(previews_args(str(clips), out))
+    counts = run_job(previews_args(str(clips), out, "--preview-target-height", "48"))  # another preview height
+    assert counts["clips_other_settings"] == 2 and not counts.get("clips_extended")
+    assert "clips redone     2 (failed before 0, source replaced 0, made with other settings 2, outputs missing 0)" \
+        in capsys.readouterr().out
+    text = format_summary({"clips_extended": 3}, out, 1.0)  # e.g. captions asked of a previews-only output
+    assert "clips redone     3 (failed before 0, source replaced 0, made with other settings 0, outputs missing 3)" in text

@@ -2,14 +2,40 @@
 
 from __future__ import annotations
 
-__all__ = ["format_summary"]
+from typing import Optional, Sequence
+
+__all__ = ["format_summary", "output_folders"]
+
+OUTPUT_FOLDERS = ("captions", "previews", "metas", "failures")
 
 
-def format_summary(counts: dict[str, int], output: str, seconds: float, captions: bool = True) -> str:
+def output_folders(output: str) -> list[str]:
+    """Which of ``OUTPUT_FOLDERS`` exist under ``output`` (on ``gs://``: hold an object; one listing each)."""
+    import os
+
+    from apache_beam.io.filesystems import FileSystems
+
+    from beam_captions.io.paths import is_local, local_path
+
+    if is_local(output):
+        return [name for name in OUTPUT_FOLDERS if os.path.isdir(os.path.join(local_path(output), name))]
+    found = []
+    for name in OUTPUT_FOLDERS:
+        try:
+            if FileSystems.match([FileSystems.join(output, name, "**")], limits=[1])[0].metadata_list:
+                found.append(name)
+        except Exception:  # noqa: BLE001 - cannot list: the folder is not named
+            pass
+    return found
+
+
+def format_summary(counts: dict[str, int], output: str, seconds: float, captions: bool = True,
+                   folders: Optional[Sequence[str]] = None) -> str:
     """Clips, windows, captions, previews and failures by stage, with the caption rate and output root.
 
     ``captions=False`` (a previews-only run) leaves out the caption lines. Warnings that repeat per clip
-    are told once per kind (``warnings_<kind>`` counters).
+    are told once per kind (``warnings_<kind>`` counters). The output line names the ``folders`` the output
+    has (default: those that exist now, ``output_folders``).
     """
     from beam_captions.logs import WARNING_KINDS
 
@@ -45,9 +71,14 @@ def format_summary(counts: dict[str, int], output: str, seconds: float, captions
     lines += [
         f"  previews         {counts.get('previews', 0)}",
         f"  failures         {sum(failures.values())}" + (f" ({by_stage})" if by_stage else ""),
-        f"  outputs          {output}  (captions/ previews/ metas/ failures/)",
+        f"  outputs          {output}" + _folders(output, folders),
     ]
     if warned:
         told = [f"{n} {what.replace('clips ', 'clip ', 1) if n == 1 else what}" for n, what in warned]
         lines.insert(-1, "  warnings         " + ", ".join(told))
     return "\n".join(lines)
+
+
+def _folders(output: str, folders: Optional[Sequence[str]]) -> str:
+    names = output_folders(output) if folders is None else folders
+    return f"  ({' '.join(f'{name}/' for name in names)})" if names else "  (nothing written)"

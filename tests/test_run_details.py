@@ -8,6 +8,7 @@ import os
 import av
 import pytest
 from clips import make_clip
+from gcs import gcs  # noqa: F401  (module-scoped emulator fixture, started only by the tests that use it)
 
 from beam_captions.cli import run_job
 from beam_captions.records import clip_id_for
@@ -124,3 +125,27 @@ def test_redone_clips_say_other_settings_or_outputs_missing(tmp_path, capsys):
         in capsys.readouterr().out
     text = format_summary({"clips_extended": 3}, out, 1.0)  # e.g. captions asked of a previews-only output
     assert "clips redone     3 (failed before 0, source replaced 0, made with other settings 0, outputs missing 3)" in text
+
+
+def test_the_summary_names_only_the_output_folders_that_exist(tmp_path, capsys):
+    from beam_captions.summary import format_summary
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    make_clip(str(clips / "a.mp4"), 24, 10.0, 96, 64)
+    out = str(tmp_path / "out")
+    run_job(previews_args(str(clips), out))  # no failure: no failures/ folder
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("outputs")]
+    assert line == f"  outputs          {out}  (captions/ previews/ metas/)"
+    assert format_summary({}, str(tmp_path / "none"), 1.0).endswith(f"{tmp_path / 'none'}  (nothing written)")
+    assert "(captions/ failures/)" in format_summary({}, "gs://b/o", 1.0, folders=["captions", "failures"])
+
+
+def test_output_folders_on_gs_are_those_holding_objects(gcs):  # noqa: F811
+    from beam_captions.summary import output_folders
+
+    gcs.create_bucket("folders")
+    gcs.upload_bytes(b"{}", "gs://folders/run/metas/x.json")
+    gcs.upload_bytes(b"p", "gs://folders/run/captions/x.parquet")
+    gcs.upload_bytes(b"o", "gs://folders/run-other/failures/x.json")  # another output, same prefix
+    assert output_folders("gs://folders/run") == ["captions", "metas"]

@@ -149,3 +149,132 @@ def test_output_folders_on_gs_are_those_holding_objects(gcs):  # noqa: F811
     gcs.upload_bytes(b"p", "gs://folders/run/captions/x.parquet")
     gcs.upload_bytes(b"o", "gs://folders/run-other/failures/x.json")  # another output, same prefix
     assert output_folders("gs://folders/run") == ["captions", "metas"]
+
+
+def write_lease(out: str, **fields) -> None:
+    import socket
+    import time
+
+    os.makedirs(out, exist_ok=True)
+    document = {"host": socket.gethostname(), "pid": os.getpid(), "started": "2026-01-01 00:00:00",
+                "refreshed": time.time(), "token": "theirs", **fields}
+    with open(os.path.join(out, "_lease.json"), "w") as handle:
+        json.dump(document, handle)
+
+
+@pytest.fixture
+def other_process():
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield process.pid
+    process.kill()
+    process.wait()
+
+
+@pytest.fixture
+def one_clip(tmp_path):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    make_clip(str(clips / "a.mp4"), 16, 10.0, 96, 64)
+    return str(clips)
+
+
+def test_a_run_on_an_output_a_live_run_holds_is_refused_in_one_line(tmp_path, one_clip, other_process, capsys):
+    out = str(tmp_path / "out")
+    write_lease(out, pid=other_process)
+    with pytest.raises(SystemExit) as stopped:
+        run_job(previews_args(one_clip, out))
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "is in use by another run" in error and f"PID {other_process}" in error
+    assert "--force" in error
+    assert not os.path.exists(os.path.join(out, "metas")) and not os.path.exists(os.path.join(out, "logs"))
+    assert json.load(open(os.path.join(out, "_lease.json")))["token"] == "theirs"  # left as it was
+
+
+def test_force_runs_anyway_and_says_so(tmp_path, one_clip, other_process, capsys):
+    out = str(tmp_path / "out")
+    write_lease(out, pid=other_process)
+    counts = run_job(previews_args(one_clip, out, "--force"))
+    assert counts["previews"] == 1
+    assert "--force" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "_lease.json"))  # this run's, given back at the end
+
+
+@pytest.mark.parametrize("holder", ["dead PID here", "old on another host", "torn"])
+def test_a_stale_lease_is_taken_over(tmp_path, one_clip, capsys, holder):
+    import subprocess
+    import sys
+    import time
+
+    out = str(tmp_path / "out")
+    if holder == "dead PID here":
+        done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+        write_lease(out, pid=int(done.stdout))
+    elif holder == "old on another host":
+        write_lease(out, host="elsewhere", refreshed=time.time() - 3600)
+    else:
+        os.makedirs(out)
+        open(os.path.join(out, "_lease.json"), "w").write('{"host": ')
+    counts = run_job(previews_args(one_clip, out))
+    assert counts["previews"] == 1 and capsys.readouterr().err.count("\n") <= 1  # at most the progress line
+    assert not os.path.exists(os.path.join(out, "_lease.json"))
+
+
+def test_the_lease_names_the_run_while_it_runs_and_is_refreshed(tmp_path, monkeypatch):
+    import socket
+    import time
+
+    from beam_captions.io.lease import Lease, LeaseHeld
+
+    out = str(tmp_path / "out")
+    lease = Lease.take(out, refresh_s=0.05)
+    try:
+        document = json.load(open(os.path.join(out, "_lease.json")))
+        assert (document["host"], document["pid"]) == (socket.gethostname(), os.getpid())
+        first = document["refreshed"]
+        time.sleep(0.3)
+        assert json.load(open(os.path.join(out, "_lease.json")))["refreshed"] > first
+        write_lease(out, host="elsewhere")  # a run elsewhere holds it now (forced): this one stops refreshing
+        time.sleep(0.3)
+        assert lease.lost and json.load(open(os.path.join(out, "_lease.json")))["host"] == "elsewhere"
+        with pytest.raises(LeaseHeld, match="host elsewhere"):
+            Lease.take(out)
+    finally:
+        lease.release()
+    assert os.path.exists(os.path.join(out, "_lease.json"))  # not this run's: left alone
+
+
+def test_a_lease_on_gs_is_an_object(gcs):  # noqa: F811
+    import time
+
+    from beam_captions.io.lease import Lease, LeaseHeld
+
+    gcs.create_bucket("leases")
+    out = "gs://leases/run"
+    first = Lease.take(out)
+    assert gcs.exists("gs://leases/run/_lease.json")
+    gcs.upload_bytes(json.dumps({"host": "elsewhere", "pid": 7, "refreshed": time.time(), "token": "x"}).encode(),
+                     "gs://leases/run/_lease.json")
+    with pytest.raises(LeaseHeld, match="host elsewhere, PID 7"):
+        Lease.take(out)
+    first.release()  # not its lease any more: left alone
+    gcs.upload_bytes(json.dumps({"host": "elsewhere", "pid": 7, "refreshed": time.time() - 3600, "token": "x"}).encode(),
+                     "gs://leases/run/_lease.json")
+    second = Lease.take(out)  # stale: taken over
+    assert second.displaced["token"] == "x"
+    second.release()
+    assert not gcs.exists("gs://leases/run/_lease.json")
+
+
+def test_compact_refuses_an_output_a_live_run_holds(tmp_path, one_clip, other_process, capsys):
+    from beam_captions.cli import compact
+
+    out = str(tmp_path / "out")
+    run_job(previews_args(one_clip, out))
+    write_lease(out, pid=other_process)
+    with pytest.raises(SystemExit) as stopped:
+        compact([out])
+    assert stopped.value.code == 2 and "a run is writing to it" in capsys.readouterr().err

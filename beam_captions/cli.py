@@ -107,6 +107,12 @@ def compact(argv: Sequence[str]) -> dict[str, int]:
         output = os.path.abspath(local_path(output))
         if not os.path.isdir(os.path.join(output, "captions")):
             _refuse(f"compact {args.output}: no captions folder there (is it the output root of a run?)")
+    from beam_captions.io.files import read_json_or_none
+    from beam_captions.io.lease import describe_holder, holder_is_live, lease_path
+
+    holder = read_json_or_none(lease_path(output))
+    if holder_is_live(holder):
+        _refuse(f"compact {args.output}: a run is writing to it ({describe_holder(holder)}); compact it once that run ends")
     started = time.monotonic()
     options = PipelineOptions(local_beam_args(beam_args, args.local_workers, False))
     pipeline = beam.Pipeline(options=options)
@@ -165,15 +171,19 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
     earlier_start_failures = len(start_failures())  # of earlier runs in this process (tests, notebooks)
     options = PipelineOptions(beam_args)
     submitted_only = _submitted_only(options)
-    logs = None
+    logs = lease = None
     stop: Optional[_StopOnSignal] = None
     if not submitted_only:
         _refuse_missing_inputs(config)
         _refuse_unwritable_output(config.output)
+        lease = _take_lease(config.output, config.force)
         try:
             logs = setup_logging(config.output, config.log_file, config.verbose)
         except OSError as error:
+            lease.release()
             _refuse(f"--log-file {config.log_file or ''}: cannot write there: {error.strerror or error}")
+        if lease.displaced:
+            logging.getLogger("beam_captions").info("took over the lease of %s from %s", config.output, lease.displaced)
     try:
         pipeline = beam.Pipeline(options=options)
         build_pipeline(pipeline, config)
@@ -235,6 +245,8 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
             raise SystemExit(1)
         return counts
     finally:
+        if lease is not None:
+            lease.release()
         if logs is not None:
             logs.close(stopping=stop is not None and stop.signum is not None)
 
@@ -311,6 +323,24 @@ def _refuse(message: str) -> None:
     """A one-line error and exit status 2, before any work (as the flag parser does)."""
     print(f"beam-captions: error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
+
+
+def _take_lease(output: str, force: bool):
+    """This run's lease of ``output`` (``OUT/_lease.json``); refused (exit 2) where another live run holds it,
+    unless ``force``. A stale lease (its process gone, or not refreshed for 5 minutes) is taken over."""
+    from beam_captions.io.lease import LEASE_NAME, Lease, LeaseHeld, describe_holder, holder_is_live
+
+    try:
+        lease = Lease.take(output, force)
+    except LeaseHeld as held:
+        _refuse(f"--output {held}: wait for it to end, or give --force to run anyway (both runs would then "
+                "make every clip)")
+    except Exception as error:  # noqa: BLE001 - e.g. a bucket this process may not write to
+        _refuse(f"--output {output}: cannot write its lease {LEASE_NAME}: {_one_line_error(error)}")
+    if force and holder_is_live(lease.displaced):
+        print(f"beam-captions: warning: --force: {output} is also used by another run "
+              f"({describe_holder(lease.displaced)})", file=sys.stderr, flush=True)
+    return lease
 
 
 def _refuse_missing_inputs(config) -> None:

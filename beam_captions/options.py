@@ -19,6 +19,7 @@ from beam_captions.inference.variants import (
 )
 from beam_captions.prompts import CAPTION_PROMPTS, ENHANCE_PROMPTS
 from beam_captions.extensions import parse_extensions
+from beam_captions.io.paths import absolute_location
 
 __all__ = ["JobConfig", "build_parser", "parse_args", "ConfigError"]
 
@@ -52,6 +53,7 @@ class JobConfig:
     local_workers: Optional[int] = None
     log_file: Optional[str] = None
     verbose: bool = False
+    force: bool = False  # run even where another live run holds the output's lease
     generate_captions: bool = False
     generate_previews: bool = False
     model_dir: Optional[str] = None
@@ -142,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--log-file",
                     help="where the run's log goes (default: OUT/logs/beam-captions-<time>-<pid>.log); "
                          "the terminal shows progress, warnings and the summary")
+    io.add_argument("--force", action="store_true",
+                    help="run even if another run that is still running holds --output (its OUT/_lease.json): "
+                         "without it such a run is refused, as two runs on one output would both make every clip")
     io.add_argument("--verbose", action="store_true",
                     help="also show the libraries' logs (vLLM, transformers, torch, Beam) on the terminal")
 
@@ -361,6 +366,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[JobConfig, list[st
                 values["enhance_captions_vllm_kwargs"], "--enhance-captions-vllm-kwargs"
             )
         values["input"] = tuple(values["input"])
+        if values["output"].strip():  # paths in rows and metas must not depend on where the run started
+            values["output"] = absolute_location(values["output"])
         if values["input_extensions"] is not None:
             try:
                 values["input_extensions"] = parse_extensions(values["input_extensions"])

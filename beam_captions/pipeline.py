@@ -6,6 +6,7 @@ import apache_beam as beam
 
 from beam_captions.inference.gpu_budget import memory_shares
 from beam_captions.local import is_local_runner
+from beam_captions.io.paths import absolute_location
 from beam_captions.media.decode import PreviewSpec
 from beam_captions.options import JobConfig
 from beam_captions.transforms.caption import CaptionWindows
@@ -52,6 +53,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         else None
     )
     asked = asked_outputs(config)
+    output = absolute_location(config.output)  # what rows and metas record: never relative to the current folder
     if config.input_subscription:
         clips = pipeline | "ClipsFromNotifications" >> ClipsFromNotifications(config.input_subscription)
     elif config.streaming:
@@ -62,7 +64,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         clips = pipeline | "ReadClips" >> ReadClips(config.input, config.input_extensions)
     elements = (
         clips
-        | "SkipFinished" >> SkipFinishedClips(config.output, asked, config.skip_existing, config.retry_failed)
+        | "SkipFinished" >> SkipFinishedClips(output, asked, config.skip_existing, config.retry_failed)
         | "PrepareWindows" >> PrepareWindows(
             window_size=config.captioning_window_size,
             remainder_threshold=config.captioning_remainder_threshold,
@@ -128,7 +130,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             record_start_failures=local,
         )
     elements | "WriteOutputs" >> WriteOutputs(
-        config.output,
+        output,
         window_seconds=config.window_seconds if config.streaming else None,
         asked=asked,
         accelerator=config.accelerator if config.generate_captions or config.enhance_captions else None,

@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
-__all__ = ["format_summary"]
+from typing import Optional, Sequence
+
+__all__ = ["format_summary", "output_folders"]
+
+OUTPUT_FOLDERS = ("captions", "previews", "metas", "failures")
+
+
+def output_folders(output: str) -> list[str]:
+    """Which of ``OUTPUT_FOLDERS`` exist under ``output`` (on ``gs://``: hold an object; one listing each)."""
+    import os
+
+    from apache_beam.io.filesystems import FileSystems
+
+    from beam_captions.io.paths import is_local, local_path
+
+    if is_local(output):
+        return [name for name in OUTPUT_FOLDERS if os.path.isdir(os.path.join(local_path(output), name))]
+    found = []
+    for name in OUTPUT_FOLDERS:
+        try:
+            if FileSystems.match([FileSystems.join(output, name, "**")], limits=[1])[0].metadata_list:
+                found.append(name)
+        except Exception:  # noqa: BLE001 - cannot list: the folder is not named
+            pass
+    return found
 
 
 def format_summary(counts: dict[str, int], output: str, seconds: float, captions: bool = True,
-                   stopped: bool = False) -> str:
+                   folders: Optional[Sequence[str]] = None, stopped: bool = False) -> str:
     """Clips, windows, captions, previews and failures by stage, with the caption rate and output root.
 
     ``captions=False`` (a previews-only run) leaves out the caption lines. Warnings that repeat per clip
-    are told once per kind (``warnings_<kind>`` counters). Windows add up: those prepared are written
+    are told once per kind (``warnings_<kind>`` counters). The output line names the ``folders`` the output
+    has (default: those that exist now, ``output_folders``). Windows add up: those prepared are written
     (captioned or not) or not reached (a stop, a clip cut short).
     """
     from beam_captions.logs import WARNING_KINDS
@@ -21,14 +46,16 @@ def format_summary(counts: dict[str, int], output: str, seconds: float, captions
     with_captions = captions
     captions = counts.get("captions", 0)
     prompt_tokens = counts.get("caption_prompt_tokens", 0)
-    redone = sum(counts.get(name, 0) for name in ("clips_retried", "clips_replaced", "clips_extended"))
+    redone = sum(counts.get(name, 0) for name in ("clips_retried", "clips_replaced", "clips_other_settings",
+                                                  "clips_extended"))
     lines = [
         f"beam-captions {'stopped after' if stopped else 'finished in'} {seconds:.1f} s",
         f"  clips found      {counts.get('clips_found', 0)}",
         f"  files ignored    {counts.get('files_ignored_not_video', 0)} (not video by name)",
         f"  clips skipped    {counts.get('clips_skipped', 0)} (finished by an earlier run)",
         *([f"  clips redone     {redone} (failed before {counts.get('clips_retried', 0)}, source replaced "
-           f"{counts.get('clips_replaced', 0)}, outputs missing {counts.get('clips_extended', 0)})"] if redone else []),
+           f"{counts.get('clips_replaced', 0)}, made with other settings {counts.get('clips_other_settings', 0)}, "
+           f"outputs missing {counts.get('clips_extended', 0)})"] if redone else []),
         *([f"  duplicates       {counts['duplicates_dropped']} late elements of written clips dropped"]
           if counts.get("duplicates_dropped") else []),
         f"  clips failed     {counts.get('clips_failed', 0)}",
@@ -45,7 +72,7 @@ def format_summary(counts: dict[str, int], output: str, seconds: float, captions
     lines += [
         f"  previews         {counts.get('previews', 0)}",
         f"  failures         {sum(failures.values())}" + (f" ({by_stage})" if by_stage else ""),
-        f"  outputs          {output}  (captions/ previews/ metas/ failures/)",
+        f"  outputs          {output}" + _folders(output, folders),
     ]
     if warned:
         told = [f"{n} {what.replace('clips ', 'clip ', 1) if n == 1 else what}" for n, what in warned]
@@ -62,3 +89,8 @@ def _windows_line(counts: dict[str, int], captions: bool) -> str:
     if prepared > written:
         parts.append(f"{prepared - written} not reached")
     return f"{prepared} ({', '.join(parts)})"
+
+
+def _folders(output: str, folders: Optional[Sequence[str]]) -> str:
+    names = output_folders(output) if folders is None else folders
+    return f"  ({' '.join(f'{name}/' for name in names)})" if names else "  (nothing written)"

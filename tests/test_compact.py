@@ -237,7 +237,7 @@ def test_a_rerun_that_redoes_every_compacted_clip_rewrites_the_merged_file_once_
     monkeypatch.setattr(write, "remove_clip_rows", lambda *a: (rewrites.append(sorted(a[2])), original(*a))[1])
     counts = run_job(previews_args(str(clips), out)[:-1] + ["8", "--no-gallery", "--local-workers", "2"],
                      release_models=False)
-    assert counts["clips_extended"] == 6  # other preview settings: every clip redone
+    assert counts["clips_other_settings"] == 6  # other preview settings: every clip redone
     assert 1 <= len(rewrites) <= 2 and sorted(c for batch in rewrites for c in batch) == sorted(metas(out))
     assert not os.path.exists(os.path.join(out, merged.relpath))  # every clip left it
     rows = table_rows(out)

@@ -64,7 +64,8 @@ def record_with_previews(previews: np.ndarray) -> WindowRecord:
 
 def test_an_encoding_failure_skips_only_that_preview():
     bad = np.zeros((2, 5, 3), np.uint8)  # not N x H x W x 3
-    failure, record = list(preview_window(record_with_previews(bad), quality=50, compression_level=6, threads=1))
+    (record,) = preview_window(record_with_previews(bad), quality=50, compression_level=6, threads=1)
+    (failure,) = record.failures  # one element: the window, carrying its failure
     assert failure.stage == "preview" and failure.error_type == "PreviewEncodeError" and failure.window_index == 0
     assert record.caption == "kept caption" and record.preview_webp is None and record.preview_frames is None
 

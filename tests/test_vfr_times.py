@@ -66,4 +66,5 @@ def test_an_edit_list_does_not_make_a_clip_decode_twice(tmp_path):
     progress._reset()
     info, windows = decode_windows(cut, window_size=16, remainder_threshold=8, sampling_fps=2.0, **SIZING)
     assert info.num_frames == shown
+    assert "decoded_twice" not in dict(info.warnings)
     assert not progress.snapshot().get("warnings_decoded_twice")

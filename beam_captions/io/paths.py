@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 from apache_beam.io.filesystems import FileSystems
 
-__all__ = ["is_local", "local_path", "caption_table_path", "captions_dir", "previews_dir", "metas_dir", "failures_dir", "preview_path", "meta_path", "failure_path"]
+__all__ = ["is_local", "local_path", "absolute_location", "caption_table_path", "captions_dir", "previews_dir", "metas_dir", "failures_dir", "preview_path", "meta_path", "failure_path"]
 
 
 def is_local(location: str) -> bool:
@@ -17,6 +18,12 @@ def is_local(location: str) -> bool:
 def local_path(location: str) -> str:
     """``location`` without a leading ``file://``."""
     return location[len("file://"):] if location.startswith("file://") else location
+
+
+def absolute_location(location: str) -> str:
+    """``location`` as recorded in outputs: a local path absolute (``file://`` dropped), so that the paths
+    stored in rows and metas do not depend on the folder a run started in; a URI (``gs://...``) as it is."""
+    return os.path.abspath(local_path(location)) if is_local(location) else location
 
 
 def captions_dir(output: str) -> str:

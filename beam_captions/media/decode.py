@@ -26,9 +26,9 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
-from beam_captions.logs import warn
 from beam_captions.media.windowing import (
     MIN_FRAMES,
+    MIN_PREVIEW_FRAMES,
     FrameWindow,
     compute_windows,
     preview_frame_indices,
@@ -79,6 +79,8 @@ class VideoInfo:
     display_width: int = 0  # as shown: sample aspect ratio and display rotation applied (0: same as coded)
     display_height: int = 0
     rotation: int = 0  # the display rotation applied (0, 90, 180, 270), as a ``rotate`` tag gives it
+    # what went wrong while reading it, once per kind (``beam_captions.logs.WARNING_KINDS``): (kind, text)
+    warnings: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.display_width:
@@ -300,22 +302,31 @@ def _video_stream(container: av.container.InputContainer, name: str) -> av.Video
     return candidates[0]
 
 
-def _packets(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.Packet]:
+class _Notes(dict):
+    """A clip's reading problems, kind -> text, the first of each kind kept: a clip read by several passes
+    (probe, decode, decode again) meets the same bad packets in each, and is told once per kind."""
+
+    def add(self, kind: str, text: str) -> None:
+        log.debug("%s", text)
+        self.setdefault(kind, text)
+
+
+def _packets(container: av.container.InputContainer, stream: av.VideoStream, notes: _Notes) -> Iterator[av.Packet]:
     """Non-empty packets of ``stream``; a demux error ends the stream (cut files)."""
     try:
         for packet in container.demux(stream):
             if packet.size:
                 yield packet
     except av.error.FFmpegError as exc:
-        warn("demux_error", "stopped reading packets after a demux error: %s", exc, logger=log)
+        notes.add("demux_error", f"stopped reading packets after a demux error: {exc}")
 
 
 def _decoded_frames(
-    container: av.container.InputContainer, stream: av.VideoStream, deadline: "_Deadline"
+    container: av.container.InputContainer, stream: av.VideoStream, deadline: "_Deadline", notes: _Notes
 ) -> Iterator[av.VideoFrame]:
     """Every frame the decoder produces; packets it rejects are skipped."""
     errors = 0
-    for packet in _packets(container, stream):
+    for packet in _packets(container, stream, notes):
         deadline.check()
         try:
             frames = packet.decode()
@@ -330,7 +341,7 @@ def _decoded_frames(
         errors += 1
         log.debug("decoder flush failed: %s", exc)
     if errors:
-        warn("undecodable_packets", "%d video packets could not be decoded", errors, logger=log)
+        notes.add("undecodable_packets", f"{errors} video packets could not be decoded")
 
 
 def _clip_fps(stream: av.VideoStream, container: av.container.InputContainer, num_frames: int) -> float:
@@ -354,11 +365,12 @@ def _plan(
     remainder_threshold: int,
     sampling_fps: float,
     preview: PreviewSpec | None,
+    min_frames: int,
     times: Sequence[float] | None = None,
 ) -> _Plan:
-    """Windows of ``total`` frames; sampled by presentation time when ``times`` (one per frame and the end
-    of the last) are known, else by frame index at ``fps``."""
-    windows = compute_windows(total, window_size, remainder_threshold)
+    """Windows of ``total`` frames (none below ``min_frames``); sampled by presentation time when ``times``
+    (one per frame and the end of the last) are known, else by frame index at ``fps``."""
+    windows = compute_windows(total, window_size, remainder_threshold, min_frames)
     if times is not None and len(times) == total + 1:
         model = [sample_frame_indices_by_time(w, times, sampling_fps) for w in windows]
         previews = None if preview is None else [
@@ -443,7 +455,8 @@ def _decode_pass(
     preview: Size | None,
     deadline: "_Deadline",
     ready_at: list[int],
-    orientation: Orientation = Orientation(),
+    orientation: Orientation,
+    notes: _Notes,
 ) -> Iterator[DecodedWindow]:
     """Decode every frame, keep the planned ones, yield each window once ``ready_at`` frames are decoded.
 
@@ -459,7 +472,7 @@ def _decode_pass(
     with _open(source) as container:
         stream = _video_stream(container, _describe(source))
         stream.thread_type = "AUTO"
-        for frame in _decoded_frames(container, stream, deadline):
+        for frame in _decoded_frames(container, stream, deadline, notes):
             places = targets.get(count, ())
             for i, kind, slot in places:
                 array = buffers.array(i, kind)
@@ -499,9 +512,12 @@ class _Deadline:
             self.since = time.monotonic()
 
 
-def _require_min_frames(num_frames: int) -> None:
-    if num_frames < MIN_FRAMES:
+def _require_min_frames(num_frames: int, model_frames: bool) -> None:
+    """Captions need ``MIN_FRAMES`` frames a window; previews alone (no model frames) need one."""
+    if model_frames and num_frames < MIN_FRAMES:
         raise DecodeError(f"clip has {num_frames} frames; at least {MIN_FRAMES} are needed for a caption window")
+    if num_frames < MIN_PREVIEW_FRAMES:
+        raise DecodeError(f"clip has {num_frames} frames; at least {MIN_PREVIEW_FRAMES} is needed for a preview")
 
 
 def _check_options(
@@ -547,7 +563,7 @@ def _presentation_times(pts: list[int], durations: list[int], time_base, fps: fl
 
 
 def _probe(
-    source: Source, max_source_pixels: int | None
+    source: Source, max_source_pixels: int | None, notes: _Notes
 ) -> tuple[int, int, str, int, float, list[float] | None, Orientation]:
     """Demux pass: width, height, codec name, packet count, clip fps, presentation times and orientation.
 
@@ -567,7 +583,7 @@ def _probe(
         pts: list[int] = []
         durations: list[int] = []
         count, timed, seen_frame, matrix = 0, True, False, None
-        for packet in _packets(container, stream):
+        for packet in _packets(container, stream, notes):
             if not seen_frame:
                 seen_frame, matrix = _display_matrix(packet)
             if packet.is_discard:
@@ -602,39 +618,65 @@ def iter_decode(
     as soon as its frames are in and no frame count could change it, so memory holds a
     window or two whatever the clip's length. Each window's model frames are sized by
     ``frame_size`` for its own sampled frame count (required unless ``model_frames=False``,
-    which skips the model frames: previews only). ``max_pixels_per_frame_source`` refuses
+    which skips the model frames: previews only; then a clip needs one frame, not the
+    ``MIN_FRAMES`` of a caption window). ``max_pixels_per_frame_source`` refuses
     clips with larger frames before decoding; ``time_budget_s`` stops a clip that decodes
     too slowly. ``source`` is a path or a seekable binary file object holding the whole
-    clip. Raises ``DecodeError`` for unusable inputs.
+    clip. Raises ``DecodeError`` for unusable inputs. Reading problems that did not stop it
+    (undecodable packets, a demux error, a second pass) are in ``VideoInfo.warnings``, once
+    per kind; the caller tells them (this function logs them only at debug level, or at info
+    level for a clip that fails).
     """
+    notes = _Notes()
+    try:
+        yield from _iter_decode(source, notes, window_size, remainder_threshold, sampling_fps, frame_size, preview,
+                                model_frames, max_pixels_per_frame_source, time_budget_s)
+    except Exception:
+        for text in notes.values():
+            log.info("%s: %s", _describe(source), text)
+        raise
+
+
+def _iter_decode(
+    source: Source,
+    notes: _Notes,
+    window_size: int,
+    remainder_threshold: int,
+    sampling_fps: float,
+    frame_size: FrameSize | None,
+    preview: PreviewSpec | None,
+    model_frames: bool,
+    max_pixels_per_frame_source: int | None,
+    time_budget_s: float | None,
+) -> Iterator[Union[DecodedWindow, VideoInfo]]:
     deadline = _Deadline(source, time_budget_s)
     _check_options(sampling_fps, max_pixels_per_frame_source, frame_size, model_frames)
     _check_not_empty(source)
-    width, height, codec, packet_count, fps, times, orientation = _probe(source, max_pixels_per_frame_source)
+    width, height, codec, packet_count, fps, times, orientation = _probe(source, max_pixels_per_frame_source, notes)
     shown_width, shown_height = orientation.display_size(width, height)
     model_size = partial(frame_size, shown_width, shown_height) if model_frames else None
     small = None if preview is None else preview_size(shown_width, shown_height, preview.target_height)
-    options = (fps, window_size, remainder_threshold, sampling_fps, preview)
+    min_frames = MIN_FRAMES if model_frames else MIN_PREVIEW_FRAMES  # frames-per-window limits are the captions'
+    options = (fps, window_size, remainder_threshold, sampling_fps, preview, min_frames)
     plan = _plan(packet_count, *options, times)
     final_at = _final_at(plan, window_size, remainder_threshold)
-    decoded, rest = yield from _decode_pass(source, plan, model_size, small, deadline, final_at, orientation)
-    _require_min_frames(decoded)
+    decoded, rest = yield from _decode_pass(source, plan, model_size, small, deadline, final_at, orientation, notes)
+    _require_min_frames(decoded, model_frames)
     if decoded == packet_count:
         yield from rest
     else:
         given = len(plan.windows) - len(rest)  # a prefix, each final whatever the total
-        warn(
-            "decoded_twice", "%s: decoded %d frames but demuxed %d packets; decoding again for the windows from #%d",
-            _describe(source), decoded, packet_count, given, logger=log,
-        )
+        notes.add("decoded_twice", f"decoded {decoded} frames but demuxed {packet_count} packets; "
+                                   f"decoding again for the windows from #{given}")
         tail = _plan(decoded, *options).after(given)
         redecoded, unfilled = yield from _decode_pass(
-            source, tail, model_size, small, deadline, _complete_at(tail), orientation
+            source, tail, model_size, small, deadline, _complete_at(tail), orientation, notes
         )
         _require_repeatable(source, decoded, redecoded)
         yield from unfilled
     duration_s = plan.times[-1] if plan.times is not None and decoded == packet_count else decoded / fps
-    yield VideoInfo(width, height, fps, decoded, codec, duration_s, shown_width, shown_height, orientation.rotation)
+    yield VideoInfo(width, height, fps, decoded, codec, duration_s, shown_width, shown_height, orientation.rotation,
+                    tuple(notes.items()))
 
 
 def _require_repeatable(source: Source, first: int, second: int) -> None:

@@ -3,7 +3,8 @@
 Windows are counted in source frames of a clip and use inclusive end frames:
 the clip is cut into ``total // window_size`` full windows; a remainder of at
 least ``remainder_threshold`` frames becomes its own window, a shorter one is
-appended to the last window. Clips shorter than ``MIN_FRAMES`` get no window.
+appended to the last window. Clips shorter than ``MIN_FRAMES`` get no caption window; previews alone
+need one frame (``MIN_PREVIEW_FRAMES``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 __all__ = [
     "MIN_FRAMES",
+    "MIN_PREVIEW_FRAMES",
     "MAX_SAMPLED_FRAMES",
     "FrameWindow",
     "compute_windows",
@@ -25,7 +27,8 @@ __all__ = [
     "preview_frame_indices",
 ]
 
-MIN_FRAMES = 4
+MIN_FRAMES = 4  # a caption window's model frames
+MIN_PREVIEW_FRAMES = 1  # a previews-only run: a still preview of a one-frame clip
 MAX_SAMPLED_FRAMES = 768
 
 
@@ -42,13 +45,16 @@ class FrameWindow:
         return self.end - self.start + 1
 
 
-def compute_windows(total: int, window_size: int, remainder_threshold: int) -> list[FrameWindow]:
-    """Cut ``total`` frames into caption windows."""
+def compute_windows(
+    total: int, window_size: int, remainder_threshold: int, min_frames: int = MIN_FRAMES
+) -> list[FrameWindow]:
+    """Cut ``total`` frames into caption windows; none below ``min_frames`` frames (``MIN_FRAMES`` for
+    captions, ``MIN_PREVIEW_FRAMES`` when only previews are made)."""
     if window_size <= 0:
         raise ValueError(f"window_size must be positive, got {window_size}")
     if remainder_threshold < 0:
         raise ValueError(f"remainder_threshold must be >= 0, got {remainder_threshold}")
-    if total < MIN_FRAMES:
+    if total < max(1, min_frames):
         return []
     if total <= window_size:
         return [FrameWindow(0, 0, total - 1)]

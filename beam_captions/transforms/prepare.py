@@ -134,8 +134,10 @@ def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInf
     finally:
         local.close()
     count("clips_decoded")
-    kinds = _preview_warnings(info, config.preview)
-    for kind, warning in kinds:  # told once per kind in the summary; each clip's in the log file and its metas
+    # reading problems (once per kind whatever the passes) and previews worse than asked: counted once per
+    # clip and kind (the summary tells each kind once); each clip's in the log file and in its metas
+    kinds = [*info.warnings, *_preview_warnings(info, config.preview)]
+    for kind, warning in kinds:
         warn(kind, "%s: %s", clip.source, warning, logger=log)
     warnings = tuple(text for _, text in kinds)
     yield ClipInfo(

@@ -124,7 +124,7 @@ def test_a_failed_last_window_fails_its_clip_and_the_next_run_retries_it(clips, 
     assert not any(name.startswith("failures_") for name in again)
 
 
-def test_a_window_the_real_engine_refuses_is_a_failure_and_a_later_run_captions_it(tmp_path, captioner_dir):
+def test_a_window_the_real_engine_refuses_is_a_failure_and_a_later_run_captions_it(tmp_path, captioner_dir, capsys):
     """The user's case: a one-window clip whose prompt the engine refuses (longer than ``max_model_len``, 4096)."""
     clip = make_clip(str(tmp_path / "long-prompt.mp4"), 40, 10.0, 96, 64)
     out = str(tmp_path / "out")
@@ -137,6 +137,9 @@ def test_a_window_the_real_engine_refuses_is_a_failure_and_a_later_run_captions_
     (record,) = failure_records(out)
     assert record["stage"] == "caption" and record["window_index"] == 0 and "4096" in record["message"]
     assert counts.get("failures_caption") == 1 and not counts.get("duplicates_dropped")
+    summary = capsys.readouterr().out  # the summary says what is on disk
+    assert "  windows          1 (0 captioned, 1 failed)" in summary and "  failures         1 (caption 1)" in summary
+    assert "duplicates" not in summary
 
     counts = run_job([*argv, *too_long], release_models=False)  # the same command tries it again
     assert counts.get("clips_retried") == 1 and counts.get("failures_caption") == 1
@@ -145,3 +148,5 @@ def test_a_window_the_real_engine_refuses_is_a_failure_and_a_later_run_captions_
     (meta,) = metas(out).values()
     assert meta["status"] == "done" and meta["windows"][0]["caption"]
     assert failure_records(out) == [] and counts.get("captions") == 1
+    summary = capsys.readouterr().out
+    assert "  windows          1 (1 captioned, 0 failed)" in summary and "  failures         0" in summary

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
-__all__ = ["available_cores", "local_beam_args"]
+__all__ = ["available_cores", "local_beam_args", "runs_in_this_process"]
 
 _DIRECT_RUNNERS = frozenset({"direct", "directrunner", "switchingdirectrunner"})
 _USER_CHOICES = ("--direct_num_workers", "--direct_running_mode")
@@ -45,3 +45,14 @@ def local_beam_args(beam_args: Sequence[str], workers: Optional[int], streaming:
     if workers == 1:
         return args
     return [*args, f"--direct_num_workers={workers}", "--direct_running_mode=multi_threading"]
+
+
+def runs_in_this_process(beam_args: Sequence[str]) -> bool:
+    """Whether a batch job with ``beam_args`` runs its steps in this process: the DirectRunner on its
+    threads or in the caller's thread (not its multi-processing mode, nor another runner)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    options = PipelineOptions(list(beam_args)).get_all_options()
+    runner = options["runner"]
+    direct = runner is None or runner.lower() in _DIRECT_RUNNERS
+    return direct and options.get("direct_running_mode") != "multi_processing"

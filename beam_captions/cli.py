@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import signal
 import tempfile
 import threading
@@ -76,32 +77,52 @@ def _gallery(argv: Sequence[str]) -> int:
 
 def compact(argv: Sequence[str]) -> dict[str, int]:
     """``beam-captions compact OUT``: merge the output's small caption files (a Beam job; other
-    arguments go to Beam, e.g. a runner); prints files before and after, rows and clips. Returns the counters."""
+    arguments go to Beam, e.g. a runner); prints files before and after, rows and clips. Returns the counters.
+
+    Ctrl-C / SIGTERM stop it cleanly (``_StopCompaction``): one line, exit 130 / 143; a second run completes it.
+    Bad arguments are one line and exit 2, before any work."""
+    args, beam_args, target_bytes = _compact_arguments(argv)
+    with _StopCompaction(args.output) as stop:
+        return _run_compaction(args, beam_args, target_bytes, stop)
+
+
+def _compact_arguments(argv: Sequence[str]):
+    """``compact``'s own arguments, the rest (for Beam) and the target size in bytes (``None``: the default);
+    a bad one is one line and exit 2."""
     import argparse
-
-    import apache_beam as beam
-    from apache_beam.io.filesystems import FileSystems
-    from apache_beam.options.pipeline_options import PipelineOptions
-
-    from beam_captions.io.compaction import DEFAULT_TARGET_BYTES, MANIFEST
-    from beam_captions.local import local_beam_args
-    from beam_captions.metrics import counters
-    from beam_captions.transforms.compact import CompactCaptions
-    from beam_captions.io.paths import is_local, local_path
 
     parser = argparse.ArgumentParser(
         prog="beam-captions compact",
         description="Merge an output's small caption Parquet files into large ones (row groups by clip) and write "
         "OUT/captions/_manifest.json. Every row is kept once; clips' metas point at their new file. Run it while "
-        "no job writes to OUT; running it again changes nothing. Other arguments go to Beam (e.g. --runner).",
+        "no job writes to OUT; running it again changes nothing. Ctrl-C stops it once the merged files being "
+        "committed are in place; running it again completes the rest. Other arguments go to Beam (e.g. --runner).",
     )
+    parser.error = _compact_usage_error  # one line, exit 2
     parser.add_argument("output", help="the output root of a run (local or gs://)")
-    parser.add_argument("--target-size-mb", type=float, default=DEFAULT_TARGET_BYTES / 2**20,
-                        help="about how large each merged file is (default %(default)g)")
+    parser.add_argument("--target-size-mb", metavar="MB", default=None,
+                        help="about how large each merged file is (default 256)")
     parser.add_argument("--local-workers", type=int, default=None, help="DirectRunner threads (default: every core)")
     args, beam_args = parser.parse_known_args(argv)
-    if args.target_size_mb <= 0:
-        parser.exit(2, f"{parser.prog}: error: --target-size-mb must be positive\n")
+    target_bytes = None if args.target_size_mb is None else _target_bytes(args.target_size_mb)
+    if args.target_size_mb is not None and target_bytes is None:
+        _compact_usage_error(f"--target-size-mb must be a finite number of megabytes, at least one byte (such as 256), "
+                            f"not {args.target_size_mb!r}")
+    return args, beam_args, target_bytes
+
+
+def _run_compaction(args, beam_args: list[str], target_bytes: Optional[int], stop: "_StopCompaction") -> dict[str, int]:
+    import apache_beam as beam
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_captions.io.compaction import DEFAULT_TARGET_BYTES, MANIFEST, reset_progress
+    from beam_captions.local import local_beam_args, runs_in_this_process
+    from beam_captions.metrics import counters
+    from beam_captions.transforms.compact import CompactCaptions
+    from beam_captions.io.paths import is_local, local_path
+
+    target_bytes = target_bytes or DEFAULT_TARGET_BYTES
     output = args.output
     if is_local(output):
         output = os.path.abspath(local_path(output))
@@ -114,15 +135,27 @@ def compact(argv: Sequence[str]) -> dict[str, int]:
     if holder_is_live(holder):
         _refuse(f"compact {args.output}: a run is writing to it ({describe_holder(holder)}); compact it once that run ends")
     started = time.monotonic()
-    options = PipelineOptions(local_beam_args(beam_args, args.local_workers, False))
+    beam_args = local_beam_args(beam_args, args.local_workers, False)
+    options = PipelineOptions(beam_args)
+    stop.in_process = runs_in_this_process(beam_args)
+    reset_progress()
+    if stop.signum is not None:  # stopped while starting up
+        stop.stop()
     pipeline = beam.Pipeline(options=options)
-    pipeline | "Compact" >> CompactCaptions(output, int(args.target_size_mb * 2**20))
-    result = pipeline.run()
-    if _submitted_only(options):
-        print(f"beam-captions compact: job built and handed to {options.get_all_options()['runner']}; "
-              "no run happened here")
-        return {}
-    result.wait_until_finish()
+    pipeline | "Compact" >> CompactCaptions(output, target_bytes)
+    try:
+        stop.result = result = pipeline.run()
+        if _submitted_only(options):
+            print(f"beam-captions compact: job built and handed to {options.get_all_options()['runner']}; "
+                  "no run happened here")
+            return {}
+        result.wait_until_finish()
+    except BaseException:
+        if stop.signum is not None:  # a runner that reports the stop (a cancelled job) as an error
+            stop.stop()
+        raise
+    if stop.signum is not None:  # the run ended (no merge starts after a stop) before the stop line
+        stop.stop()
     counts = counters(result)
     print(f"beam-captions compact finished in {time.monotonic() - started:.1f} s\n"
           f"  files            {counts.get('files_before', 0)} before, {counts.get('files_after', 0)} after "
@@ -131,6 +164,96 @@ def compact(argv: Sequence[str]) -> dict[str, int]:
           f" ({counts.get('rows_stale_dropped', 0)} stale rows dropped)\n"
           f"  manifest         {FileSystems.join(output, 'captions', MANIFEST)}", flush=True)
     return counts
+
+
+def _target_bytes(text: str) -> Optional[int]:
+    """``--target-size-mb`` in bytes: a finite number of megabytes above zero (at least one byte), else None."""
+    import math
+
+    try:
+        megabytes = float(text)
+    except ValueError:
+        return None
+    size = megabytes * 2**20
+    if not math.isfinite(size) or size < 1:
+        return None
+    return int(size)
+
+
+def _compact_usage_error(message: str) -> None:
+    print(f"beam-captions compact: error: {message} (see beam-captions compact --help)", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+class _StopCompaction:
+    """SIGINT/SIGTERM during ``compact``: no merge or commit starts from then on, the merged files being
+    committed in this process are finished (up to ``wait_s``; a runner elsewhere has its job cancelled), then
+    one line says what is done and the process exits with 128 + the signal's number (130 / 143) at once,
+    runner threads and all. A second signal ends it at once. Whatever is left part way (a journal under
+    ``OUT/_compact/``) the next ``compact`` finishes. Only installed in the main thread."""
+
+    def __init__(self, output: str, wait_s: float = 60.0):
+        self.output, self.wait_s = output, wait_s  # the output root as the user wrote it
+        self.in_process = True  # whether the merges run in this process (the DirectRunner's threads)
+        self.result = None  # the runner's job, once started (cancelled on a stop)
+        self.signum: Optional[int] = None
+        self.previous: dict[int, object] = {}
+        self._once = threading.Lock()
+
+    def __enter__(self) -> "_StopCompaction":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+
+    def _again(self) -> str:
+        return f"running `beam-captions compact {shlex.quote(self.output)}` again completes the rest"
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signum is not None:  # the second one: at once
+            print(f"\nbeam-captions compact: stopped at once; {self._again()}", file=sys.stderr, flush=True)
+            os._exit(128 + self.signum)
+        self.signum = signum
+        compaction = sys.modules.get("beam_captions.io.compaction")
+        if hasattr(compaction, "request_stop"):  # at once: no merge starts from here on
+            compaction.request_stop()
+        threading.Thread(target=self.stop, daemon=True).start()
+
+    def stop(self) -> None:
+        """Let the commits under way finish, say what is done, exit (never returns; called once a signal came)."""
+        with self._once:  # the signal's thread or the main thread, whichever comes first; the other waits here
+            code = 128 + (self.signum or signal.SIGINT)
+            try:
+                print(f"\nbeam-captions compact: {self._settle()}; {self._again()}", file=sys.stderr, flush=True)
+                sys.stdout.flush()
+            finally:
+                os._exit(code)
+
+    def _settle(self) -> str:
+        """Stop the merges of this process (or cancel the job) and say what is done."""
+        compaction = sys.modules.get("beam_captions.io.compaction")
+        if not hasattr(compaction, "progress"):  # a signal during the imports: nothing started
+            return "stopped before any merge"
+        compaction.request_stop()
+        settled = compaction.wait_for_commits(self.wait_s)
+        if not self.in_process:  # the merges run elsewhere: what they leave part way, journals cover
+            if self.result is None:
+                return "stopped"
+            try:
+                self.result.cancel()
+            except Exception:  # noqa: BLE001 - a runner that cannot cancel
+                logging.getLogger("beam_captions").info("cancel failed", exc_info=True)
+                return "stopped (the job could not be cancelled: it may still be running)"
+            return "stopped (the job was cancelled)"
+        now = compaction.progress()
+        planned = "" if now["planned"] is None else f" of {now['planned']}"
+        return f"stopped after committing {now['committed']}{planned} merged files" + (
+            "" if settled else " (one was still being committed)")
 
 
 def _compact(argv: Sequence[str]) -> int:

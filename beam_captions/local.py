@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
-__all__ = ["available_cores", "is_local_runner", "local_beam_args"]
+__all__ = ["available_cores", "is_local_runner", "local_beam_args", "runs_in_this_process"]
 
 _DIRECT_RUNNERS = frozenset({"direct", "directrunner", "switchingdirectrunner"})
 _USER_CHOICES = ("--direct_num_workers", "--direct_running_mode")
@@ -24,7 +24,8 @@ def available_cores() -> int:
 
 
 def is_local_runner(runner: Optional[str]) -> bool:
-    """Whether ``runner`` (a ``--runner`` value; None for the default) runs in this process (DirectRunner)."""
+    """Whether ``runner`` (a ``--runner`` value; None for the default) is the DirectRunner, which runs here
+    (in this process, or in local worker processes of its multi-processing mode)."""
     return runner is None or (isinstance(runner, str) and runner.lower() in _DIRECT_RUNNERS)
 
 
@@ -50,3 +51,12 @@ def local_beam_args(beam_args: Sequence[str], workers: Optional[int], streaming:
     if workers == 1:
         return args
     return [*args, f"--direct_num_workers={workers}", "--direct_running_mode=multi_threading"]
+
+
+def runs_in_this_process(beam_args: Sequence[str]) -> bool:
+    """Whether a batch job with ``beam_args`` runs its steps in this process: the DirectRunner on its
+    threads or in the caller's thread (not its multi-processing mode, nor another runner)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    options = PipelineOptions(list(beam_args)).get_all_options()
+    return is_local_runner(options["runner"]) and options.get("direct_running_mode") != "multi_processing"

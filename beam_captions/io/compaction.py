@@ -7,18 +7,23 @@ metas (a run killed between its rows and its metas) is left where it is for the 
 
 A group is merged crash-safely: the merged file is written under a name readers ignore
 (``captions/.../_tmp-part-*.parquet``), a journal (``OUT/_compact/<part>.json``) lists what it replaces,
-then the file is renamed into place, the clips' metas are pointed at it and the small files deleted.
-A compaction killed part way is finished by the next one (``finish_journals``).
+then the file is renamed into place, the small files are deleted at once (a reader of the folder sees a
+row twice only between these two steps) and the clips' metas are pointed at it. A compaction killed part
+way is finished by the next one (``finish_journals``).
+
+A stop asked for in this process (``request_stop``: Ctrl-C) lets the commits under way finish and starts
+no more (``wait_for_commits``), so a stopped compaction leaves every row once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import posixpath
 import threading
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -32,8 +37,9 @@ from beam_captions.io.paths import captions_dir, meta_path
 
 __all__ = [
     "COMPACTED_PREFIX", "DEFAULT_TARGET_BYTES", "MANIFEST", "CaptionFile", "build_manifest", "finish_journals",
-    "is_compacted", "list_caption_files", "merge_group", "plan_groups", "remove_clip_rows", "remove_stray_files",
-    "size_ratio", "write_clustered",
+    "is_compacted", "list_caption_files", "merge_group", "note_planned", "plan_groups", "progress",
+    "remove_clip_rows", "remove_stray_files", "request_stop", "reset_progress", "size_ratio", "stop_requested",
+    "wait_for_commits", "write_clustered",
 ]
 
 COMPACTED_PREFIX = "part-"
@@ -184,16 +190,90 @@ def _exists(output: str, relpath: str) -> bool:
     return FileSystems.exists(_absolute(output, relpath))
 
 
+class _Progress:
+    """This process's compaction: whether a stop was asked for, the commits under way, what is done."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.reset()
+
+    def reset(self) -> None:
+        self.stop = False
+        self.committing = 0
+        self.committed = 0  # merged files committed (journals carried out by merge_group)
+        self.planned: Optional[int] = None  # groups the plan made
+
+
+_PROGRESS = _Progress()
+
+
+class _Stopped(Exception):
+    """A stop was asked for before this commit began."""
+
+
+def request_stop() -> None:
+    """Ask this process's compaction to stop: no merge or commit starts from now on; those under way finish."""
+    with _PROGRESS.changed:
+        _PROGRESS.stop = True
+        _PROGRESS.changed.notify_all()
+
+
+def stop_requested() -> bool:
+    return _PROGRESS.stop
+
+
+def wait_for_commits(timeout: float) -> bool:
+    """Wait until no commit is under way in this process; False when ``timeout`` seconds ran out first."""
+    with _PROGRESS.changed:
+        return _PROGRESS.changed.wait_for(lambda: _PROGRESS.committing == 0, timeout)
+
+
+def progress() -> dict[str, Any]:
+    """Merged files committed in this process, groups planned (``None`` before the plan) and commits under way."""
+    with _PROGRESS.changed:
+        return {"committed": _PROGRESS.committed, "planned": _PROGRESS.planned, "committing": _PROGRESS.committing}
+
+
+def note_planned(groups: int) -> None:
+    with _PROGRESS.changed:
+        _PROGRESS.planned = groups
+
+
+def reset_progress() -> None:
+    """Forget an earlier compaction of this process (its stop, its counts): a new one starts."""
+    with _PROGRESS.changed:
+        _PROGRESS.reset()
+
+
+@contextlib.contextmanager
+def _commit_slot() -> Iterator[None]:
+    """A commit under way (journal written until it is deleted); raises ``_Stopped`` if a stop came first."""
+    with _PROGRESS.changed:
+        if _PROGRESS.stop:
+            raise _Stopped()
+        _PROGRESS.committing += 1
+    try:
+        yield
+    finally:
+        with _PROGRESS.changed:
+            _PROGRESS.committing -= 1
+            _PROGRESS.changed.notify_all()
+
+
 def _commit(output: str, journal: dict, known: Optional[dict[str, Optional[dict]]] = None) -> None:
-    """Carry out a journal: the staged file into place, the clips' metas to it, the small files away."""
+    """Carry out a journal: the staged file into place, the small files away, the clips' metas to it.
+
+    The small files go right after the rename (a reader of the folder sees their rows twice only between
+    the two); re-pointing the metas, the slow step, comes after: a crash before it is done leaves the
+    journal, and the next compaction re-points what is left (a member already gone is no error)."""
     merged, staged = journal["merged"], journal["staged"]
     if merged is not None and _exists(output, staged):  # the rename replaces a file of that name
         FileSystems.rename([_absolute(output, staged)], [_absolute(output, merged)])
     if merged is not None and not _exists(output, merged):
         raise RuntimeError(f"compaction journal for {merged}: neither the merged file nor its staged copy exists")
+    _delete(output, [m for m in journal["members"] if m != merged])
     if merged is not None:
         _repoint(output, journal["clips"], set(journal["members"]), merged, known)
-    _delete(output, [m for m in journal["members"] if m != merged])
     FileSystems.delete([_journal_path(output, journal["name"])])
 
 
@@ -207,6 +287,8 @@ def merge_group(output: str, group: Sequence[CaptionFile],
     ``fail_after`` (tests) is called with each step's name, to stop a compaction part way.
     """
     step = fail_after or (lambda name: None)
+    if stop_requested():
+        return {"groups_stopped": 1}
     read = parallel_map(lambda item: _read_table(_absolute(output, item.relpath)), group)
     ids = [_clip_ids(table) for table in read]
     every_clip = sorted(set().union(*ids))
@@ -231,24 +313,42 @@ def merge_group(output: str, group: Sequence[CaptionFile],
     if merged is not None:
         write_bytes(_absolute(output, journal["staged"]), write_clustered(merged_table))
         step("staged")
-    write_json(_journal_path(output, journal["name"]), journal)
-    step("journal")
-    _commit(output, journal, metas)
+    try:
+        with _commit_slot():
+            write_json(_journal_path(output, journal["name"]), journal)
+            step("journal")
+            _commit(output, journal, metas)
+            if merged is not None:
+                with _PROGRESS.changed:
+                    _PROGRESS.committed += 1
+    except _Stopped:  # stopped while this group was read and written: nothing of it is committed
+        if merged is not None:
+            _delete(output, [journal["staged"]])
+        return {"groups_stopped": 1}
     return {"files_merged": len(members), "files_written": int(merged is not None), "rows_moved": merged_table.num_rows,
             "rows_stale_dropped": stale_rows}
 
 
 def finish_journals(output: str) -> int:
-    """Finish every compaction a kill left part way (its journal is still there); returns how many."""
-    journals = matching(FileSystems.join(output, _JOURNALS, "*.json"))
-    for metadata in journals:
-        _commit(output, read_json(metadata.path))
-    return len(journals)
+    """Finish every compaction a kill left part way (its journal is still there); returns how many (a stop
+    leaves the rest for the next compaction)."""
+    finished = 0
+    for metadata in matching(FileSystems.join(output, _JOURNALS, "*.json")):
+        try:
+            with _commit_slot():
+                _commit(output, read_json(metadata.path))
+        except _Stopped:
+            break
+        finished += 1
+    return finished
 
 
 def remove_stray_files(output: str) -> int:
     """Delete staged merged files no journal names (a compaction killed before its journal)."""
-    strays = [m.path for m in matching(FileSystems.join(captions_dir(output), f"**{_STAGED_PREFIX}{COMPACTED_PREFIX}*"))]
+    staged = [read_json(m.path).get("staged") for m in matching(FileSystems.join(output, _JOURNALS, "*.json"))]
+    journaled = {_absolute(output, relpath).replace("\\", "/") for relpath in staged if relpath}
+    strays = [m.path for m in matching(FileSystems.join(captions_dir(output), f"**{_STAGED_PREFIX}{COMPACTED_PREFIX}*"))
+              if m.path.replace("\\", "/") not in journaled]
     for path in strays:
         FileSystems.delete([path])
     return len(strays)

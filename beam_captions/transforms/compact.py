@@ -7,8 +7,8 @@ from typing import Any, Optional
 import apache_beam as beam
 
 from beam_captions.io.compaction import (
-    DEFAULT_TARGET_BYTES, CaptionFile, build_manifest, finish_journals, list_caption_files, merge_group, plan_groups,
-    remove_stray_files, size_ratio,
+    DEFAULT_TARGET_BYTES, CaptionFile, build_manifest, finish_journals, list_caption_files, merge_group, note_planned,
+    plan_groups, remove_stray_files, size_ratio, stop_requested,
 )
 from beam_captions.metrics import count
 
@@ -16,13 +16,19 @@ __all__ = ["CompactCaptions"]
 
 
 def _plan(output: str, target_bytes: int):
-    """Finish compactions a kill left part way, then yield the groups of files to merge."""
+    """Finish compactions a kill left part way, then yield the groups of files to merge (none once a stop
+    was asked for in this process)."""
     count("compactions_finished", finish_journals(output))
+    if stop_requested():
+        return
     count("staged_files_removed", remove_stray_files(output))
     files = list_caption_files(output)
     count("files_before", len(files))
     small = [f for f in files if f.size < target_bytes // 2]
-    yield from plan_groups(files, target_bytes, size_ratio(output, small))
+    groups = plan_groups(files, target_bytes, size_ratio(output, small))
+    note_planned(len(groups))
+    if not stop_requested():
+        yield from groups
 
 
 def _merge(group: list[CaptionFile], output: str) -> dict[str, int]:
@@ -33,6 +39,8 @@ def _merge(group: list[CaptionFile], output: str) -> dict[str, int]:
 
 
 def _manifest(_totals: Any, output: str, target_bytes: int) -> dict[str, Any]:
+    if stop_requested():  # stopped part way: the next compaction writes it
+        return {}
     manifest = build_manifest(output, target_bytes)
     count("files_after", len(manifest["files"]))
     count("rows", manifest["rows"])

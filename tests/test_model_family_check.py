@@ -18,7 +18,6 @@ from beam_captions.inference.checkpoint_family import (
     CAPTION_CHECKPOINTS,
     ENHANCE_CHECKPOINTS,
     caption_mismatch,
-    enhance_mismatch,
     matches,
     read_config,
 )

@@ -11,7 +11,6 @@ pushes back on the decode upstream.
 from __future__ import annotations
 
 import hashlib
-import logging
 from concurrent.futures import ALL_COMPLETED, FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, Iterator, Optional
 
@@ -25,8 +24,6 @@ from beam_captions.inference.vllm_handler import VLLMWindowHandler
 from beam_captions.metrics import count
 
 __all__ = ["InferWindows", "ModelStep", "ServeWindows"]
-
-log = logging.getLogger(__name__)
 
 
 def _digest(key: str) -> str:

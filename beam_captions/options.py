@@ -19,7 +19,6 @@ from beam_captions.inference.variants import (
 )
 from beam_captions.prompts import CAPTION_PROMPTS, ENHANCE_PROMPTS
 from beam_captions.extensions import parse_extensions
-from beam_captions.io.paths import absolute_location
 
 __all__ = ["JobConfig", "build_parser", "parse_args", "ConfigError"]
 
@@ -367,6 +366,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[JobConfig, list[st
             )
         values["input"] = tuple(values["input"])
         if values["output"].strip():  # paths in rows and metas must not depend on where the run started
+            from beam_captions.io.paths import absolute_location  # Beam: not needed to build the parser
+
             values["output"] = absolute_location(values["output"])
         if values["input_extensions"] is not None:
             try:

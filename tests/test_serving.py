@@ -302,3 +302,28 @@ def test_a_place_held_by_a_caller_that_died_is_taken_back():
     started = time.monotonic()
     server.release(server.reserve())
     assert 0.15 < time.monotonic() - started < 2
+
+
+def _stuck(engine, batch, request):
+    time.sleep(3)
+    return [r.replace(frames=None, caption="late") for r in batch]
+
+
+def test_a_bundle_whose_windows_do_not_come_back_fails_in_bounded_time_and_gives_places_back(monkeypatch):
+    """finish_bundle waits at most ``bundle_timeout_s``: then the bundle fails (the runner retries it), and
+    the engine's places come back as the windows being served end."""
+    monkeypatch.setattr(ServeWindows, "bundle_timeout_s", property(lambda self: 0.5))
+    handler = VideoCaptionHandler("unused-stuck", caption_batch_size=4, inference_fn=_stuck)
+    dofn = ServeWindows(handler)
+    dofn.setup()
+    dofn.start_bundle()
+    for i in range(4):
+        list(dofn.process(window(i), timestamp=0, window=None))
+    server = dofn._server
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="not back"):
+        list(dofn.finish_bundle())
+    assert time.monotonic() - started < 2.5
+    time.sleep(3)  # the windows being served end on their own and give their places back
+    assert server.held() == 0
+    dofn.teardown()

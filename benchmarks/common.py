@@ -23,6 +23,8 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_DIR = os.path.dirname(BENCH_DIR)
 CACHE_DIR = os.path.join(BENCH_DIR, ".cache")
 RESULTS_DIR = os.path.join(BENCH_DIR, "results")
+if REPO_DIR not in sys.path:  # measure the checkout these files live in, not whichever one is installed
+    sys.path.insert(1, REPO_DIR)
 
 # Environment every vLLM run gets (CPU vLLM needs the first three; the last keeps tokenizers quiet).
 VLLM_ENV = {
@@ -116,6 +118,37 @@ def short_720p_clip() -> str:
     from beam_captions.samples import sample_clip_paths
 
     return sample_clip_paths()["bigbuckbunny.mp4"]
+
+
+# Synthetic clips of P10 (made once with the ffmpeg CLI from lavfi sources, cached): name -> (size, seconds,
+# source, encoder arguments). testsrc2 moves (a scrolling pattern and a counter); mandelbrot zooms in.
+SYNTHETIC_CLIPS: dict[str, tuple[str, int, str, list[str]]] = {
+    "720p_h264": ("1280x720", 20, "testsrc2", ["-c:v", "libx264", "-preset", "medium", "-crf", "23"]),
+    "1080p_h264": ("1920x1080", 20, "testsrc2", ["-c:v", "libx264", "-preset", "medium", "-crf", "23"]),
+    "4k_h264": ("3840x2160", 10, "mandelbrot", ["-c:v", "libx264", "-preset", "veryfast", "-crf", "23"]),
+    "1080p_hevc": ("1920x1080", 20, "mandelbrot", ["-c:v", "libx265", "-preset", "veryfast", "-crf", "28",
+                                                    "-tag:v", "hvc1", "-x265-params", "log-level=error"]),
+}
+
+
+def synthetic_clip(name: str) -> str:
+    """One of ``SYNTHETIC_CLIPS``: 30 fps, yuv420p, no audio, made with the ffmpeg CLI on first use."""
+    size, seconds, source, encoder = SYNTHETIC_CLIPS[name]
+    target = os.path.join(CACHE_DIR, "clips", f"synthetic_{name}.mp4")
+    if os.path.exists(target):
+        return target
+    ffmpeg = find_ffmpeg()
+    if not ffmpeg:
+        raise RuntimeError("making the synthetic clips needs the ffmpeg CLI (apt-get install -y ffmpeg)")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    partial = target + ".part.mp4"
+    subprocess.run(
+        [ffmpeg, "-nostdin", "-y", "-hide_banner", "-loglevel", "error", "-f", "lavfi",
+         "-i", f"{source}=size={size}:rate=30", "-t", str(seconds), "-pix_fmt", "yuv420p", *encoder, partial],
+        check=True,
+    )
+    os.replace(partial, target)
+    return target
 
 
 def clip_folder(name: str, clips: list[str]) -> str:

@@ -404,3 +404,23 @@ def test_time_budget_stops_a_slow_decode(tmp_path, monkeypatch):
     monkeypatch.setattr(decode, "_packets", slow_packets)
     with pytest.raises(DecodeError, match="time budget of 0.5 s"):
         decode_windows(path, window_size=16, remainder_threshold=8, time_budget_s=0.5, **SMALL)
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_decoder_threads_do_not_change_the_frames(tmp_path: Path, threads: int) -> None:
+    """One decoder thread (the default, the least CPU) and FFmpeg's frame threads give the same arrays."""
+    clip = make_clip(tmp_path / "clip.mp4", 40, 30, 96, 64)
+    options = dict(preview=PreviewSpec(target_fps=5.0, target_height=32), **SMALL)
+    _, one = decode_windows(clip, decode_threads=1, **options)
+    _, many = decode_windows(clip, decode_threads=threads, **options)
+    assert len(one) == len(many) > 0
+    for a, b in zip(one, many):
+        assert a.frame_indices == b.frame_indices
+        np.testing.assert_array_equal(a.frames, b.frames)
+        np.testing.assert_array_equal(a.preview_frames, b.preview_frames)
+
+
+def test_negative_decoder_threads_are_refused(tmp_path: Path) -> None:
+    clip = make_clip(tmp_path / "clip.mp4", 8, 30, 64, 48)
+    with pytest.raises(ValueError, match="decode_threads"):
+        decode_windows(clip, decode_threads=-1, **REFERENCE)

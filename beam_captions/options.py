@@ -71,6 +71,8 @@ class JobConfig:
     captioning_stage2_caption: bool = False
     captioning_stage2_prompt_text: Optional[str] = None
     captioning_retry_flagged: bool = False
+    captioning_video_pruning_rate: float = 0.0  # vLLM's video_pruning_rate (EVS); the reference's 0
+    captioning_window_relative_timestamps: bool = False  # Qwen3-VL frame times as the reference gives them
     vllm_kwargs: dict[str, Any] = field(default_factory=dict)
     captioning_gpu_memory_share: Optional[float] = None
     gpu_memory_gib: Optional[float] = None
@@ -178,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--captioning-stage2-prompt-text", help="custom stage-2 instruction (the stage-1 caption follows it)")
     cap.add_argument("--captioning-retry-flagged", action="store_true",
                      help="generate again (new seed, stronger repetition penalty) for empty, looping or cut captions")
+    cap.add_argument("--captioning-video-pruning-rate", type=float, default=0.0,
+                     help="share of each window's video tokens vLLM drops before the language model (EVS, "
+                          "video_pruning_rate, in [0, 1); default 0 as in the reference). Trained values: "
+                          "Qwen2.5-VL and Qwen3-VL 0 (trained without pruning), Nemotron Nano 12B v2 VL 0.7, "
+                          "Nemotron 3 Nano Omni 0.7")
+    cap.add_argument("--captioning-window-relative-timestamps", action="store_true",
+                     help="Qwen3-VL: frame times from 0 at each window, at the sampling rate (the reference's) "
+                          "instead of the clip's times")
     cap.add_argument("--accelerator", help="resource hint for the GPU steps, e.g. "
                      "'type:nvidia-l4;count:1;install-nvidia-driver' (Dataflow right fitting)")
     cap.add_argument("--share-model-across-processes", action="store_true",
@@ -264,6 +274,8 @@ def validate(config: JobConfig) -> None:
     _check(config.captioning_sampling_fps > 0, "--captioning-sampling-fps must be positive")
     _check(config.captioning_batch_size >= 1, "--captioning-batch-size must be at least 1")
     _check(config.captioning_max_output_tokens >= 1, "--captioning-max-output-tokens must be at least 1")
+    _check(0 <= config.captioning_video_pruning_rate < 1,
+           f"--captioning-video-pruning-rate must be in [0, 1), got {config.captioning_video_pruning_rate:g}")
     _check(config.preview_target_fps > 0, "--preview-target-fps must be positive")
     _check(config.preview_target_height >= 2, "--preview-target-height must be at least 2")
     _check(config.preview_target_height <= WEBP_MAX_SIDE,
@@ -353,6 +365,30 @@ def _check_family(mismatch, algorithm: str, flag: str, model_dir: str, kwargs: d
     _check(message is None, message or "")
 
 
+def _runner_named(beam_args: Sequence[str]) -> Optional[str]:
+    """The ``--runner`` among Beam's arguments (None: the default, DirectRunner), read without Beam."""
+    runner = None
+    for i, arg in enumerate(beam_args):
+        if arg == "--runner" and i + 1 < len(beam_args):
+            runner = beam_args[i + 1]
+        elif arg.startswith("--runner="):
+            runner = arg.split("=", 1)[1]
+    return runner
+
+
+def _check_pruning_here(config: JobConfig, beam_args: Sequence[str]) -> None:
+    """A local run's engines start here: refuse pruning where this machine's vLLM cannot apply it."""
+    rate = config.vllm_kwargs.get("video_pruning_rate", config.captioning_video_pruning_rate)
+    if not (config.generate_captions and rate):
+        return
+    from beam_captions.local import is_local_runner
+    from beam_captions.inference.pruning import CPU_PRUNING_GAP, pruning_runs_here
+
+    _check(not is_local_runner(_runner_named(beam_args)) or pruning_runs_here(),
+           f"--captioning-video-pruning-rate {rate:g}: {CPU_PRUNING_GAP}; this run's engines start here, "
+           "without one (leave the rate at 0, or run on a GPU machine)")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[JobConfig, list[str]]:
     """The job's config and the remaining (Beam) arguments; exits with a one-line error on bad values."""
     parser = build_parser()
@@ -376,6 +412,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[JobConfig, list[st
                 raise ConfigError(str(error)) from None
         config = JobConfig(**values)
         validate(config)
+        _check_pruning_here(config, beam_args)
     except ConfigError as error:
         parser.error(str(error))
     return config, beam_args

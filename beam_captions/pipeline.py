@@ -102,6 +102,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             generate_stage2_caption=config.captioning_stage2_caption,
             stage2_prompt_text=config.captioning_stage2_prompt_text,
             retry_flagged=config.captioning_retry_flagged,
+            video_pruning_rate=config.captioning_video_pruning_rate,
+            window_relative_timestamps=config.captioning_window_relative_timestamps,
             dtype=config.captioning_dtype,
             frames_dtype=config.captioning_preprocess_dtype,
             trust_remote_code=config.trust_remote_code,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 from beam_captions.inference.engine import Engine, EngineSettings
+from beam_captions.inference.pruning import check_pruning_rate
 from beam_captions.inference.variants import QWEN25, CaptionFamily, caption_model
 from beam_captions.inference.vllm_handler import DEFAULT_REQUEST_TIMEOUT_S, VLLMWindowHandler
 from beam_captions.prompts import caption_prompt, stage2_prompt
@@ -24,7 +25,7 @@ from beam_captions.records import WindowRecord
 
 __all__ = [
     "CaptionRequest", "Generated", "VideoCaptionHandler", "caption_batch", "generate_checked",
-    "refuse_unknown", "strip_reasoning", "video_input",
+    "refuse_unknown", "source_timing", "strip_reasoning", "video_input", "video_metadata",
 ]
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class CaptionRequest:
     retry_repetition_penalty: float = 1.3
     family: CaptionFamily = QWEN25
     frames_dtype: str = "uint8"  # the dtype frames are handed to the model in (the reference's preprocess dtype)
+    window_relative_timestamps: bool = False  # the reference's frame times (from 0 at each window, nominal rate)
 
     def sampling_params(self, retry: bool = False) -> Any:
         """The reference's sampling; a retry gets another seed and a stronger repetition penalty."""
@@ -100,29 +102,73 @@ def frames_as(frames: Any, dtype: str) -> Any:
     return frames.astype(dtype)
 
 
+TIMING_TOLERANCE_FRAMES = 0.01  # a window start further than this from index / rate: not constant-rate timing
+
+
+def source_timing(record: WindowRecord) -> tuple[float, list]:
+    """``(fps, frames_indices)`` whose ratio ``index / fps`` is each sampled frame's time in the clip.
+
+    The rate is the window's own source frame rate (its source frames over its duration, both from the
+    frames' presentation times), so it needs no clip-level field. For a constant frame rate that rate is
+    the clip's and the window starts at ``start_frame / fps``: the indices are the frames' real source
+    indices. For a variable frame rate (the window start is not ``start_frame / fps``), the indices are
+    shifted by a fraction so that times are exact at the window start (``start_s``, the first frame's
+    presentation time) and run at the window's average rate from there: what ``index / fps`` can say
+    without each frame's own timestamp, which the window record does not carry.
+    """
+    span = record.end_frame - record.start_frame + 1
+    duration = record.end_s - record.start_s
+    if span < 1 or duration <= 0:
+        raise ValueError(f"window {record.window_index} of {record.source} has no duration")
+    fps = span / duration
+    offset = record.start_s * fps - record.start_frame
+    if abs(offset) <= TIMING_TOLERANCE_FRAMES:
+        return fps, [int(i) for i in record.frame_indices]
+    return fps, [int(i) + offset for i in record.frame_indices]
+
+
+def video_metadata(record: WindowRecord, num_frames: int, family: CaptionFamily = QWEN25,
+                   window_relative_timestamps: bool = False) -> dict:
+    """The video metadata vLLM gets with a window's frames (already sampled: ``do_sample_frames`` off).
+
+    The reference's: ``fps`` the sampling rate and ``frames_indices`` ``0..n-1``, so a model that reads
+    frame times from them (Qwen3-VL) sees times from 0 at every window. A family with ``timestamps``
+    gets the clip's true times instead (``source_timing``), unless ``window_relative_timestamps``.
+    """
+    duration = max(record.end_s - record.start_s, 1e-3)
+    metadata = {
+        "total_num_frames": num_frames,
+        "fps": num_frames / duration,
+        "duration": duration,
+        "video_backend": "pyav",
+        "frames_indices": list(range(num_frames)),
+        "do_sample_frames": False,
+    }
+    if family.timestamps and not window_relative_timestamps:
+        if len(record.frame_indices) != num_frames:
+            raise ValueError(f"window {record.window_index} of {record.source} has {num_frames} frames "
+                             f"but {len(record.frame_indices)} frame indices")
+        fps, indices = source_timing(record)
+        metadata.update(fps=fps, frames_indices=indices, total_num_frames=record.end_frame + 1)
+    return metadata
+
+
 def video_input(
-    engine: Engine, record: WindowRecord, prompt: str, family: CaptionFamily = QWEN25, frames_dtype: str = "uint8"
+    engine: Engine, record: WindowRecord, prompt: str, family: CaptionFamily = QWEN25, frames_dtype: str = "uint8",
+    window_relative_timestamps: bool = False,
 ) -> dict:
     """A vLLM input dict: the prompt rendered by ``family``'s chat, and the window's frames with their metadata.
 
     The same for every family vLLM knows (Qwen2.5-VL, Qwen3-VL, Nemotron VL): frames ``(T, H, W, 3)``
     already sampled and sized (``do_sample_frames`` off), in ``frames_dtype`` (default uint8), and the
-    video's metadata.
+    video's metadata (``video_metadata``: Qwen3-VL's frame times are the clip's unless
+    ``window_relative_timestamps``).
     """
     frames = record.frames
     if frames is None or len(frames) < 2:
         raise ValueError(f"window {record.window_index} of {record.source} carries no frames")
     frames = frames_as(frames, frames_dtype)
-    duration = max(record.end_s - record.start_s, 1e-3)
-    fps = len(frames) / duration
-    metadata = {
-        "total_num_frames": len(frames),
-        "fps": fps,
-        "duration": duration,
-        "video_backend": "pyav",
-        "frames_indices": list(range(len(frames))),
-        "do_sample_frames": False,
-    }
+    metadata = video_metadata(record, len(frames), family, window_relative_timestamps)
     text = engine.render_chat(family.messages(prompt), **dict(family.template_kwargs))
     return {"prompt": text, "multi_modal_data": {"video": (frames, metadata)}}
 
@@ -152,7 +198,8 @@ def _retry_flagged(engine: Engine, inputs: list[dict], first: list[Generated], r
 
 def caption_batch(engine: Engine, batch: Sequence[WindowRecord], request: CaptionRequest) -> list[WindowRecord]:
     """Caption every window of ``batch`` (stage 1, retries of flagged captions, stage 2); raises on engine errors."""
-    inputs = [video_input(engine, r, request.prompt, request.family, request.frames_dtype) for r in batch]
+    inputs = [video_input(engine, r, request.prompt, request.family, request.frames_dtype,
+                          request.window_relative_timestamps) for r in batch]
     stage1 = generate_checked(engine, inputs, request.sampling_params())
     retried = _retry_flagged(engine, inputs, stage1, request) if request.retry_flagged else [False] * len(batch)
     stage2: list[Optional[Generated]] = [None] * len(batch)
@@ -161,7 +208,8 @@ def caption_batch(engine: Engine, batch: Sequence[WindowRecord], request: Captio
         prompts = [stage2_prompt(stage1[i].text, request.stage2_instruction) for i in wanted]
         refined = generate_checked(
             engine,
-            [video_input(engine, batch[i], p, request.family, request.frames_dtype) for i, p in zip(wanted, prompts)],
+            [video_input(engine, batch[i], p, request.family, request.frames_dtype, request.window_relative_timestamps)
+             for i, p in zip(wanted, prompts)],
             request.sampling_params(),
         )
         for i, generated in zip(wanted, refined):
@@ -195,6 +243,11 @@ class VideoCaptionHandler(VLLMWindowHandler):
     reference's name for the windows in flight to the engine (per engine, whatever the number of
     threads and processes feeding it). ``inference_fn`` replaces the call into the engine. The
     reference's names ``model_batch_size`` and ``preprocess_dtype`` are accepted too, and ``verbose``.
+
+    ``video_pruning_rate`` is vLLM's ``video_pruning_rate`` (EVS: that share of a window's video tokens
+    dropped before the language model), passed for every family: the default 0 is the reference's, also
+    for the Nemotron checkpoints whose config asks for 0.7. ``window_relative_timestamps`` gives Qwen3-VL
+    the reference's frame times (from 0 at each window) instead of the clip's (``video_metadata``).
     """
 
     stage = "caption"
@@ -218,6 +271,8 @@ class VideoCaptionHandler(VLLMWindowHandler):
         frames_dtype: str = "uint8",
         max_model_len: Optional[int] = None,
         gpu_memory_utilization: float = 0.85,
+        video_pruning_rate: float = 0.0,
+        window_relative_timestamps: bool = False,
         vllm_kwargs: Optional[dict] = None,
         trust_remote_code: bool = False,
         share_across_processes: bool = False,
@@ -234,6 +289,7 @@ class VideoCaptionHandler(VLLMWindowHandler):
         family = model.family
         if fp8 and not model.fp8_flag:
             raise ValueError(f"fp8 weights do not apply to {model.variant}: {model.fp8_hint}")
+        check_pruning_rate(video_pruning_rate)
         settings = EngineSettings(
             model_dir=model_dir,
             fp8=fp8,
@@ -245,7 +301,7 @@ class VideoCaptionHandler(VLLMWindowHandler):
             hub_model_id=model.hub_id,
             mm_processor_kwargs=family.mm_processor_kwargs,
             mamba=family.mamba,
-            extra=dict(vllm_kwargs or {}),
+            extra={"video_pruning_rate": float(video_pruning_rate), **(vllm_kwargs or {})},
         )
         request = CaptionRequest(
             prompt=caption_prompt(prompt_variant, prompt_text),
@@ -256,6 +312,7 @@ class VideoCaptionHandler(VLLMWindowHandler):
             max_output_tokens=max_output_tokens,
             family=family,
             frames_dtype=frames_dtype,
+            window_relative_timestamps=window_relative_timestamps,
         )
         if frames_dtype not in FRAME_DTYPES:
             raise ValueError(f"frames_dtype must be one of {', '.join(FRAME_DTYPES)}, got {frames_dtype!r}")

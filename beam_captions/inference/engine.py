@@ -113,6 +113,12 @@ def llm_kwargs(settings: EngineSettings) -> dict[str, Any]:
     if settings.mamba and not gpu_available():
         kwargs["enable_prefix_caching"] = False  # IndexError in vLLM's CPU Mamba prefill kernel otherwise
     kwargs.update(settings.extra)
+    if settings.multimodal and kwargs.get("video_pruning_rate"):
+        from beam_captions.inference.pruning import pruning_runs_here, warn_pruning_gap
+
+        if not pruning_runs_here():  # refused up front for a local run; a CPU worker captions unpruned
+            warn_pruning_gap(kwargs["video_pruning_rate"])
+            kwargs["video_pruning_rate"] = 0.0
     return kwargs
 
 

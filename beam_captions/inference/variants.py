@@ -42,6 +42,11 @@ class CaptionFamily:
     ``enable_thinking=False``). ``mm_processor_kwargs``: vLLM processor arguments. ``mamba``: a hybrid
     Mamba model, whose CPU kernels need prefix caching off. ``trust_remote_code``: the checkpoints
     ship their config class as code (the real Nemotron ones do), so vLLM must be allowed to run it.
+    ``timestamps``: the model reads each frame's time from the video metadata (Qwen3-VL puts
+    ``<t seconds>`` text before each frame), so the metadata can carry the clip's true times.
+    ``trained_pruning_rate``: the video token pruning rate (vLLM's ``video_pruning_rate``, EVS) the
+    family's checkpoints were trained with (their config's default); the pipeline's default is the
+    reference's 0 whatever the family.
     """
 
     name: str
@@ -53,6 +58,8 @@ class CaptionFamily:
     mamba: bool = False
     trust_remote_code: bool = False
     max_model_len: int = 32768
+    timestamps: bool = False
+    trained_pruning_rate: float = 0.0
 
     def messages(self, prompt: str) -> list[dict]:
         """The chat of one captioning request: one video, then ``prompt``."""
@@ -61,13 +68,16 @@ class CaptionFamily:
 
 
 QWEN25 = CaptionFamily("qwen2.5", "qwen", factor=28, mm_processor_kwargs=(("cap_pixels_per_frame", True),))
-QWEN3 = CaptionFamily("qwen3", "qwen", factor=32, mm_processor_kwargs=(("cap_pixels_per_frame", True),))
+QWEN3 = CaptionFamily(
+    "qwen3", "qwen", factor=32, mm_processor_kwargs=(("cap_pixels_per_frame", True),), timestamps=True
+)
 NEMOTRON_VL = CaptionFamily(
-    "nemotron-vl", "nemotron", system_prompt="/no_think", mamba=True, trust_remote_code=True
+    "nemotron-vl", "nemotron", system_prompt="/no_think", mamba=True, trust_remote_code=True,
+    trained_pruning_rate=0.7,
 )
 NEMOTRON_OMNI = CaptionFamily(
     "nemotron-omni", "nemotron", template_kwargs=(("enable_thinking", False),), mamba=True,
-    trust_remote_code=True, max_model_len=131072,
+    trust_remote_code=True, max_model_len=131072, trained_pruning_rate=0.7,
 )
 CAPTION_FAMILIES = {f.name: f for f in (QWEN25, QWEN3, NEMOTRON_VL, NEMOTRON_OMNI)}
 

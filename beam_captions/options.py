@@ -48,6 +48,7 @@ class JobConfig:
     gallery: bool = True
     max_frame_pixels: int = 8192 * 4320
     clip_time_budget_seconds: float = 900.0
+    decode_threads: int = 0
     trust_remote_code: bool = False
     local_workers: Optional[int] = None
     log_file: Optional[str] = None
@@ -136,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refuse clips whose frames are larger (default 8K: 8192x4320)")
     io.add_argument("--clip-time-budget-seconds", type=float, default=900.0,
                     help="stop decoding a clip after this long and record a failure (default 900)")
+    io.add_argument("--decode-threads", type=int, default=0,
+                    help="decoder threads per clip: 0 (default) lets FFmpeg thread each clip, the fastest local "
+                         "run; 1 spends the least CPU per window where many processes decode at once (Dataflow)")
     io.add_argument("--trust-remote-code", action="store_true",
                     help="let model directories run their own Python code (off by default)")
     io.add_argument("--local-workers", type=int,
@@ -266,6 +270,7 @@ def validate(config: JobConfig) -> None:
     _check(config.window_seconds > 0, "--window-seconds must be positive")
     _check(config.max_frame_pixels >= 1, "--max-frame-pixels must be positive")
     _check(config.clip_time_budget_seconds > 0, "--clip-time-budget-seconds must be positive")
+    _check(config.decode_threads >= 0, "--decode-threads must be 0 (automatic) or more")
     _check(config.model_request_timeout_seconds > 0, "--model-request-timeout-seconds must be positive")
     _check(config.local_workers is None or config.local_workers >= 1, "--local-workers must be at least 1")
     _check(config.captioning_window_size >= 4, "--captioning-window-size must be at least 4")

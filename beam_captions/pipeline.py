@@ -75,6 +75,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             model_frames=config.generate_captions,
             max_frame_pixels=config.max_frame_pixels,
             time_budget_s=config.clip_time_budget_seconds,
+            decode_threads=config.decode_threads,
         )
     )
     if config.generate_previews:

@@ -21,13 +21,14 @@ from common import CACHE_DIR, REPO_DIR, Figure, children_cpu, interleaved, media
 
 
 def clip_copies(clip: str, count: int) -> str:
-    """A cache folder holding ``count`` links to ``clip`` under different names (distinct clips to the job)."""
+    """A cache folder holding ``count`` copies of ``clip`` under different names: distinct clips to the job
+    (links would not do: a link is resolved to its target, so links to one file are one clip)."""
     folder = os.path.join(CACHE_DIR, "inputs", "p7")
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
     stem, ext = os.path.splitext(os.path.basename(clip))
     for i in range(count):
-        os.symlink(os.path.abspath(clip), os.path.join(folder, f"{stem}_{i}{ext}"))
+        shutil.copyfile(clip, os.path.join(folder, f"{stem}_{i}{ext}"))
     return folder
 
 

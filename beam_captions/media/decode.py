@@ -53,11 +53,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _INTERPOLATION = "AREA"
-DEFAULT_DECODE_THREADS = 1
-"""Decoder threads per clip: one costs the least CPU per frame (frame threading adds 4-12 % CPU seconds on
-H.264, benchmarks P10); a worker decodes several clips at once (one per worker thread, the GIL released
-while decoding), so its cores stay busy. 0: FFmpeg's automatic frame and slice threads (less wall time
-for a single clip, more CPU)."""
+DEFAULT_DECODE_THREADS = 0
+"""Decoder threads per clip. 0 (default): FFmpeg's automatic frame and slice threads, which keep a local
+run's cores busy (its worker threads share one interpreter, so clips decoded side by side scale poorly:
+P7). 1 costs the least CPU per window (frame threading adds 4-12 % CPU seconds, benchmarks P10): the
+choice where many processes decode clips at once, as on Dataflow workers (``--decode-threads 1``)."""
 
 Source = Union[str, os.PathLike, BinaryIO]
 Size = tuple[int, int]

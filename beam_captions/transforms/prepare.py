@@ -41,7 +41,7 @@ class PrepareConfig:
     model_frames: bool = True
     max_frame_pixels: Optional[int] = DEFAULT_MAX_FRAME_PIXELS
     time_budget_s: Optional[float] = DEFAULT_TIME_BUDGET_S
-    decode_threads: int = DEFAULT_DECODE_THREADS  # per clip; 0: FFmpeg's automatic (more CPU, less wall)
+    decode_threads: int = DEFAULT_DECODE_THREADS  # per clip; 0: FFmpeg's automatic (more CPU, less wall), 1: least CPU
 
 
 def _preview_warnings(info: VideoInfo, preview: Optional[PreviewSpec]) -> list[tuple[str, str]]:

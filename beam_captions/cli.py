@@ -201,9 +201,7 @@ class _StopCompaction:
         self._once = threading.Lock()
 
     def __enter__(self) -> "_StopCompaction":
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self.previous[signum] = signal.signal(signum, self._on_signal)
+        self.previous = _handle_stop_signals(self._on_signal)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -374,6 +372,14 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
             logs.close(stopping=stop is not None and stop.signum is not None)
 
 
+def _handle_stop_signals(handler: Callable) -> dict[int, object]:
+    """``handler`` for SIGINT and SIGTERM (in the main thread only: elsewhere signals cannot be set); the
+    handlers it replaced, by signal, to put back."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+
 class _StopOnSignal:
     """SIGINT/SIGTERM stop a local run: the first raises ``KeyboardInterrupt`` in the main thread; a
     second one ends the process at once (exit 128 + the signal's number).
@@ -391,9 +397,7 @@ class _StopOnSignal:
         self.signum: Optional[int] = None
 
     def __enter__(self) -> "_StopOnSignal":
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self.previous[signum] = signal.signal(signum, self._on_signal)
+        self.previous = _handle_stop_signals(self._on_signal)
         return self
 
     def __exit__(self, *exc) -> None:

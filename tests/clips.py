@@ -118,6 +118,16 @@ def make_clip(
     return path
 
 
+def corrupt_packet_5(index: int, packet: av.Packet) -> av.Packet:
+    """An ``edit_packet`` for ``make_clip``: packet 5 replaced by 200 zero bytes (a clip with one bad packet)."""
+    if index != 5:
+        return packet
+    garbage = av.Packet(b"\x00" * 200)
+    garbage.pts, garbage.dts, garbage.time_base = packet.pts, packet.dts, packet.time_base
+    garbage.stream = packet.stream
+    return garbage
+
+
 def make_audio_file(path: PathT, seconds: float = 1.0, rate: int = 16000) -> PathT:
     """Write an audio-only file (codec chosen by the container: AAC for .mp4/.m4a, PCM for .wav)."""
     codec = "pcm_s16le" if os.fspath(path).endswith(".wav") else "aac"

@@ -9,7 +9,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-from clips import dataset_clip, make_audio_file, make_clip, make_png, read_frame_index
+from clips import corrupt_packet_5, dataset_clip, make_audio_file, make_clip, make_png, read_frame_index
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -166,17 +166,8 @@ def test_stream_cut_mid_gop_redecodes_with_decoded_count(tmp_path: Path) -> None
         assert_frames_show(decoded.frames, decoded.frame_indices, offset=10)
 
 
-def _corrupt_packet_5(index: int, packet: av.Packet) -> av.Packet:
-    if index != 5:
-        return packet
-    garbage = av.Packet(b"\x00" * 200)
-    garbage.pts, garbage.dts, garbage.time_base = packet.pts, packet.dts, packet.time_base
-    garbage.stream = packet.stream
-    return garbage
-
-
 def test_undecodable_packet_is_skipped(tmp_path: Path) -> None:
-    clip = make_clip(tmp_path / "bad.avi", 20, 30, 64, 48, "mjpeg", "yuvj420p", edit_packet=_corrupt_packet_5)
+    clip = make_clip(tmp_path / "bad.avi", 20, 30, 64, 48, "mjpeg", "yuvj420p", edit_packet=corrupt_packet_5)
     info, [decoded] = decode_windows(clip, **SMALL)
     assert info.num_frames == 19
     # decoded twice (19 frames of 20 packets), the bad packet met in each pass: told once per kind

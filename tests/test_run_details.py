@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import os
 
-import av
 import pytest
-from clips import make_clip
+from clips import corrupt_packet_5, make_clip
 from gcs import gcs  # noqa: F401  (module-scoped emulator fixture, started only by the tests that use it)
 
 from beam_captions.cli import run_job
@@ -25,21 +24,12 @@ def meta(out: str, source: str) -> dict:
         return json.load(handle)
 
 
-def _corrupt_packet_5(index: int, packet: av.Packet) -> av.Packet:
-    if index != 5:
-        return packet
-    garbage = av.Packet(b"\x00" * 200)
-    garbage.pts, garbage.dts, garbage.time_base = packet.pts, packet.dts, packet.time_base
-    garbage.stream = packet.stream
-    return garbage
-
-
 def test_a_corrupt_clip_is_counted_once_per_warning_and_its_metas_say_so(tmp_path, capsys):
     """The clip is decoded twice (19 frames of 20 packets): its bad packet is met in both passes."""
     clips = tmp_path / "clips"
     clips.mkdir()
     bad = str(clips / "bad.avi")
-    make_clip(bad, 20, 30, 64, 48, "mjpeg", "yuvj420p", edit_packet=_corrupt_packet_5)
+    make_clip(bad, 20, 30, 64, 48, "mjpeg", "yuvj420p", edit_packet=corrupt_packet_5)
     out = str(tmp_path / "out")
     counts = run_job(previews_args(str(clips), out, "--preview-target-height", "48", "--preview-target-fps", "2"))
     assert counts["warnings_undecodable_packets"] == 1 and counts["warnings_decoded_twice"] == 1

@@ -150,3 +150,16 @@ def test_a_window_the_real_engine_refuses_is_a_failure_and_a_later_run_captions_
     assert failure_records(out) == [] and counts.get("captions") == 1
     summary = capsys.readouterr().out
     assert "  windows          1 (1 captioned, 0 failed)" in summary and "  failures         0" in summary
+
+
+def test_an_element_without_a_source_version_is_never_taken_for_a_duplicate():
+    """The in-bundle and keyed writes drop an element of a clip already written only when both versions are
+    known and equal: a failure whose version is unknown is written, not dropped."""
+    from beam_captions.records import Failure
+    from beam_captions.transforms.write import _same_delivery
+
+    unknown = Failure("mem://a.mp4", "a", "caption", "ValueError", "refused", 0)
+    assert not _same_delivery((None,), unknown)
+    assert not _same_delivery(((10, 1.0),), unknown)
+    assert _same_delivery(((10, 1.0),), unknown.replace(source_version=(10, 1.0)))
+    assert not _same_delivery(((10, 1.0),), unknown.replace(source_version=(11, 1.0)))

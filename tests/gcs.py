@@ -10,6 +10,9 @@ Dataflow runner reads that option, ``gcsio`` never does). Test modules use the `
     def test_x(gcs):
         gcs.upload_file("/tmp/a.mp4", "gs://in-bucket/raw/a.mp4")
 
+Generation preconditions (``ifGenerationMatch`` on uploads, reads and deletes) are honoured as GCS
+honours them: the emulator alone ignores them.
+
 A child process gets the emulator's address through the environment and calls ``anonymous_beam()``.
 """
 
@@ -95,11 +98,59 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _object_name(request) -> Optional[str]:
+    """The object a JSON-API upload or object request is about."""
+    if request.params.get("object_id"):
+        return request.params["object_id"]
+    if request.query.get("name"):
+        return request.query["name"][0]
+    data = request.data
+    return data.get("meta", {}).get("name") if isinstance(data, dict) else None
+
+
+def _honouring_preconditions(handler):
+    """``handler`` answering 412 when ``ifGenerationMatch`` names another generation than the object's
+    (0: the object must not exist), as GCS does; the emulator itself ignores the parameter."""
+    from http import HTTPStatus
+
+    from gcp_storage_emulator.exceptions import NotFound
+
+    def checked(request, response, storage, *args, **kwargs):
+        wanted = request.query.get("ifGenerationMatch")
+        name = _object_name(request) if wanted else None
+        if wanted and name is not None:
+            try:
+                generation = str(storage.get_file_obj(request.params["bucket_name"], name)["generation"])
+            except NotFound:
+                generation = "0"
+            if generation != wanted[0]:
+                response.status = HTTPStatus.PRECONDITION_FAILED
+                response.json({"error": {"code": 412, "message": "conditionNotMet"}})
+                return None
+        return handler(request, response, storage, *args, **kwargs)
+
+    return checked
+
+
+def _install_preconditions() -> None:
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.handlers import objects
+
+    if getattr(server, "_preconditions_installed", False):
+        return
+    guarded = {objects.insert, objects.delete, objects.get, objects.download}
+    server.HANDLERS = tuple(
+        (regex, {method: _honouring_preconditions(h) if h in guarded else h for method, h in handlers.items()})
+        for regex, handlers in server.HANDLERS)
+    server._preconditions_installed = True
+
+
 @contextlib.contextmanager
 def storage_emulator(*buckets: str) -> Iterator[Emulator]:
     """An in-memory emulator holding ``buckets``; the environment points at it until the block ends."""
     from gcp_storage_emulator.server import create_server
 
+    _install_preconditions()
     port = _free_port()
     server = create_server("127.0.0.1", port, in_memory=True)
     server.start()

@@ -18,6 +18,7 @@ from services import portable_services
 from beam_captions.cli import compact, run_job
 from beam_captions.io.compaction import MANIFEST, list_caption_files, merge_group, plan_groups
 from beam_captions.io.gallery import write_gallery
+from beam_captions.io.read_captions import read_captions
 from beam_captions.records import ClipInfo, Failure, WindowRecord, clip_id_for
 from beam_captions.transforms.write import write_clip
 
@@ -43,9 +44,10 @@ def write_synthetic_clip(out: str, number: int, windows: int = 3, failed: bool =
     return clip_id
 
 
-def table_rows(out: str) -> list[tuple]:
-    """Every row of ``OUT/captions`` as a reader gets it, sorted; asserts no window is there twice."""
-    rows = pq.read_table(os.path.join(out, "captions")).to_pylist()
+def table_rows(out: str, through_metas: bool = False) -> list[tuple]:
+    """Every row of ``OUT/captions`` as a plain reader of the folder gets it (``through_metas``: as
+    ``read_captions`` does), sorted; asserts no window is there twice."""
+    rows = (read_captions(out) if through_metas else pq.read_table(os.path.join(out, "captions"))).to_pylist()
     keys = [(r["clip_id"], r["window_index"]) for r in rows]
     assert len(keys) == len(set(keys)), "a window is in the table twice"
     return sorted(tuple(sorted(r.items())) for r in rows)
@@ -177,15 +179,18 @@ def test_a_run_on_a_compacted_output_skips_redoes_and_keeps_rows_once(tmp_path):
     assert "c3.mp4" in open(write_gallery(out)).read()
     replaced = str(clips / "c3.mp4")
     make_clip(replaced, 26, 10.0, 96, 64)  # another file under the same name: two windows
+    merged_bytes = open(os.path.join(out, merged.relpath), "rb").read()
     counts = run_job(previews_args(str(clips), out), release_models=False)
     assert counts["clips_replaced"] == 1 and counts["clips_skipped"] == 4
-    rows = table_rows(out)  # asserts each window once
+    assert open(os.path.join(out, merged.relpath), "rb").read() == merged_bytes, "a run never rewrites a merged file"
+    rows = table_rows(out, through_metas=True)  # asserts each window once
     mine = [dict(r) for r in rows if dict(r)["clip_id"] == clip_id_for(replaced)]
     assert [(r["window_index"], r["end_frame"]) for r in mine] == [(0, 15), (1, 25)]
-    assert clip_id_for(replaced) not in set(pq.read_table(os.path.join(out, merged.relpath)).column("clip_id").to_pylist())
+    assert len(pq.read_table(os.path.join(out, "captions")).to_pylist()) == len(rows) + 3  # the old rows, until compact
     assert not os.path.exists(os.path.join(out, "captions", MANIFEST)), "the manifest no longer describes the table"
     compact([out])
     assert table_rows(out) == rows and len(list_caption_files(out)) == 1
+    assert not glob.glob(os.path.join(out, "_compact", "**", "*.json"), recursive=True)
     assert os.path.exists(os.path.join(out, "captions", MANIFEST))
 
 
@@ -222,9 +227,7 @@ def test_compact_on_a_bucket(gcs, tmp_path):  # noqa: F811
     assert f"{out}/{meta['captions_file']}" == merged
 
 
-def test_a_rerun_that_redoes_every_compacted_clip_rewrites_the_merged_file_once_per_bundle(tmp_path, monkeypatch):
-    from beam_captions.transforms import write
-
+def test_a_rerun_that_redoes_every_compacted_clip_leaves_the_merged_file_to_the_next_compaction(tmp_path):
     clips, out = tmp_path / "clips", str(tmp_path / "out")
     clips.mkdir()
     for number in range(6):
@@ -232,16 +235,17 @@ def test_a_rerun_that_redoes_every_compacted_clip_rewrites_the_merged_file_once_
     run_job(previews_args(str(clips), out) + ["--no-gallery"], release_models=False)
     compact([out])
     [merged] = list_caption_files(out)
-    rewrites = []
-    original = write.remove_clip_rows
-    monkeypatch.setattr(write, "remove_clip_rows", lambda *a: (rewrites.append(sorted(a[2])), original(*a))[1])
+    stamp = os.stat(os.path.join(out, merged.relpath)).st_mtime_ns
     counts = run_job(previews_args(str(clips), out)[:-1] + ["8", "--no-gallery", "--local-workers", "2"],
                      release_models=False)
     assert counts["clips_other_settings"] == 6  # other preview settings: every clip redone
-    assert 1 <= len(rewrites) <= 2 and sorted(c for batch in rewrites for c in batch) == sorted(metas(out))
-    assert not os.path.exists(os.path.join(out, merged.relpath))  # every clip left it
-    rows = table_rows(out)
+    assert os.stat(os.path.join(out, merged.relpath)).st_mtime_ns == stamp  # the writer never rewrites it
+    rows = table_rows(out, through_metas=True)
     assert len(rows) == sum(len(m["windows"]) for m in metas(out).values())
+    assert {dict(r)["preview"].split("/")[-2] for r in rows} == set(metas(out))
+    counts = compact([out])
+    assert not os.path.exists(os.path.join(out, merged.relpath)) and counts["rows_stale_dropped"] == len(rows)
+    assert table_rows(out) == rows
 
 
 def test_compact_runs_on_the_portable_runner(thousand, tmp_path):

@@ -212,10 +212,10 @@ def test_the_small_files_go_right_after_the_rename_and_a_kill_while_metas_are_re
     [group] = plan_groups(list_caption_files(out), 2**30)
     repoint = compaction._repoint
 
-    def half_then_killed(output, clip_ids, sources, target, known=None):
-        assert [f.relpath for f in list_caption_files(out)] == [target], "members still there while re-pointing"
+    def half_then_killed(output, merged, clips):
+        assert [f.relpath for f in list_caption_files(out)] == [merged], "members still there while re-pointing"
         assert table_rows(out) == before
-        repoint(output, sorted(clip_ids)[:4], sources, target, known)
+        repoint(output, merged, dict(sorted(clips.items())[:4]))
         raise KeyboardInterrupt("killed")
 
     monkeypatch.setattr(compaction, "_repoint", half_then_killed)

@@ -4,12 +4,17 @@ Pure file logic (no Beam); ``beam_captions.transforms.compact`` runs it as a job
 the record of which file holds its rows (``captions_file``): rows are moved only for clips whose metas
 points at the file they are in, rows a newer write superseded are dropped, and a file of a clip with no
 metas (a run killed between its rows and its metas) is left where it is for the next run to replace.
+Merged files that caption runs marked (``io.superseded``: a clip of theirs was written again) are
+rewritten without their stale rows even when they are large.
 
-A group is merged crash-safely: the merged file is written under a name readers ignore
-(``captions/.../_tmp-part-*.parquet``), a journal (``OUT/_compact/<part>.json``) lists what it replaces,
-then the file is renamed into place, the small files are deleted at once (a reader of the folder sees a
-row twice only between these two steps) and the clips' metas are pointed at it. A compaction killed part
-way is finished by the next one (``finish_journals``).
+A group is merged crash-safely and safely against writers running at the same time: the merged file is
+written under a name readers ignore (``captions/.../_tmp-part-*.parquet``), a journal
+(``OUT/_compact/<part>.json``) lists what it replaces with the token (``io.conditional``) of each member
+and of each moved clip's metas as read, then the file is renamed into place, the members are deleted
+and the clips' metas pointed at it, each only if it is still the version read. A clip written again
+since (a redo during the compaction, or between a killed compaction and the next) keeps its new rows
+and metas: its old rows in the merged file are marked superseded before the merged file appears. A
+compaction killed part way is finished by the next one (``finish_journals``) under the same checks.
 
 A stop asked for in this process (``request_stop``: Ctrl-C) lets the commits under way finish and starts
 no more (``wait_for_commits``), so a stopped compaction leaves every row once.
@@ -30,16 +35,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from beam_captions.io.files import delete_quietly, matching, parallel_map, read_json, write_bytes, write_json
-from beam_captions.io.metas import read_meta
+from beam_captions.io.conditional import delete_if_unchanged, file_token, write_if_unchanged
+from beam_captions.io.files import (
+    delete_quietly, json_bytes, matching, parallel_map, read_json, write_bytes, write_json,
+)
+from beam_captions.io.metas import read_meta_with_token
 from beam_captions.io.parquet import CAPTION_SCHEMA
 from beam_captions.io.paths import captions_dir, meta_path
+from beam_captions.io.superseded import forget_superseded, mark_superseded, merged_name, superseded_clips
 
 __all__ = [
     "COMPACTED_PREFIX", "DEFAULT_TARGET_BYTES", "MANIFEST", "CaptionFile", "build_manifest", "finish_journals",
-    "is_compacted", "list_caption_files", "merge_group", "note_planned", "plan_groups", "progress",
-    "remove_clip_rows", "remove_stray_files", "request_stop", "reset_progress", "size_ratio", "stop_requested",
-    "wait_for_commits", "write_clustered",
+    "is_compacted", "list_caption_files", "merge_group", "note_planned", "pending_journals", "plan_groups",
+    "progress", "read_file", "remove_stray_files", "request_stop", "reset_progress", "size_ratio", "stop_requested",
+    "superseded_files", "wait_for_commits", "write_clustered",
 ]
 
 COMPACTED_PREFIX = "part-"
@@ -102,16 +111,25 @@ def size_ratio(output: str, files: Sequence[CaptionFile], sample: int = 64) -> f
     return min(1.0, len(write_clustered(pa.concat_tables(tables))) / max(1, sum(f.size for f in picked)))
 
 
-def plan_groups(files: Iterable[CaptionFile], target_bytes: int, ratio: float = 1.0) -> list[list[CaptionFile]]:
+def superseded_files(output: str, files: Iterable[CaptionFile]) -> set[str]:
+    """The merged files among ``files`` that hold marked rows (``io.superseded``), by path."""
+    marked = superseded_clips(output)
+    return {f.relpath for f in files if is_compacted(f.relpath) and merged_name(f.relpath) in marked}
+
+
+def plan_groups(files: Iterable[CaptionFile], target_bytes: int, ratio: float = 1.0,
+                dirty: Iterable[str] = ()) -> list[list[CaptionFile]]:
     """Groups of small files to merge, per partition, each about ``target_bytes`` once merged (a file
     counts ``ratio`` of its size: see ``size_ratio``).
 
     Files of half the target or more are left alone, and so is a partition's lone small file: a
-    second compaction of a compacted output plans nothing.
+    second compaction of a compacted output plans nothing. A ``dirty`` file (merged, with rows a later
+    write replaced: ``superseded_files``) is rewritten whatever its size, alone if need be.
     """
+    dirty = set(dirty)
     by_partition: dict[str, list[CaptionFile]] = {}
     for item in files:
-        if item.size < target_bytes // 2:
+        if item.size < target_bytes // 2 or item.relpath in dirty:
             by_partition.setdefault(item.partition, []).append(item)
     groups = []
     for partition in sorted(by_partition):
@@ -125,7 +143,7 @@ def plan_groups(files: Iterable[CaptionFile], target_bytes: int, ratio: float = 
             group.append(item)
             data += estimate
         groups.append(group)
-    return [group for group in groups if len(group) > 1]
+    return [group for group in groups if len(group) > 1 or any(f.relpath in dirty for f in group)]
 
 
 def _merged_relpath(group: Sequence[CaptionFile]) -> str:
@@ -136,6 +154,11 @@ def _merged_relpath(group: Sequence[CaptionFile]) -> str:
 def _read_table(path: str, columns: Optional[list[str]] = None) -> pa.Table:
     with FileSystems.open(path) as handle:
         return pq.read_table(pa.BufferReader(handle.read()), schema=CAPTION_SCHEMA, columns=columns)
+
+
+def read_file(output: str, relpath: str, columns: Optional[Sequence[str]] = None) -> pa.Table:
+    """The rows of one file of the table (``relpath`` under the output root), with the caption schema."""
+    return _read_table(_absolute(output, relpath), None if columns is None else list(columns))
 
 
 def _clip_ids(table: pa.Table) -> list[str]:
@@ -157,21 +180,6 @@ def write_clustered(table: pa.Table, rows_per_group: int = ROW_GROUP_ROWS) -> by
             writer.write_table(table.slice(start, end - start), row_group_size=end - start)
             start = end
     return sink.getvalue()
-
-
-def _repoint(output: str, clip_ids: Iterable[str], sources: set[str], target: str,
-             known: Optional[dict[str, Optional[dict]]] = None) -> int:
-    """Point the metas of ``clip_ids`` whose rows were in one of ``sources`` at ``target`` (``known``:
-    metas already read, by clip id; the others are read)."""
-
-    def repoint(clip_id: str) -> int:
-        meta = known[clip_id] if known and clip_id in known else read_meta(output, clip_id)
-        if meta is None or meta.get("captions_file") not in sources or meta.get("captions_file") == target:
-            return 0
-        write_json(meta_path(output, clip_id), {**meta, "captions_file": target})
-        return 1
-
-    return sum(parallel_map(repoint, sorted(set(clip_ids))))
 
 
 def _delete(output: str, relpaths: Iterable[str]) -> None:
@@ -260,20 +268,72 @@ def _commit_slot() -> Iterator[None]:
             _PROGRESS.changed.notify_all()
 
 
-def _commit(output: str, journal: dict, known: Optional[dict[str, Optional[dict]]] = None) -> None:
-    """Carry out a journal: the staged file into place, the small files away, the clips' metas to it.
+def _clip_states(output: str, journal: dict) -> tuple[list[str], list[str]]:
+    """The journal's clips split into those whose metas is still the version read (to re-point) and
+    those written since (their rows in the merged file are stale); clips already pointing at the merged
+    file (an earlier, killed commit of this journal) are in neither. A clip of a member that changed
+    since it was read counts as written since."""
+    merged = journal["merged"]
+    changed_members = {m for m, token in journal["member_tokens"].items()
+                        if m != merged and file_token(_absolute(output, m)) not in (token, None)}
+    touched = {c for m in changed_members for c in journal["member_clips"].get(m, ())}
 
-    The small files go right after the rename (a reader of the folder sees their rows twice only between
-    the two); re-pointing the metas, the slow step, comes after: a crash before it is done leaves the
-    journal, and the next compaction re-points what is left (a member already gone is no error)."""
+    def state(item: tuple[str, Optional[str]]) -> str:
+        clip_id, token = item
+        meta, now = read_meta_with_token(output, clip_id)
+        if meta is not None and meta.get("captions_file") == merged:
+            return "done"
+        return "repoint" if now == token and clip_id not in touched else "changed"
+
+    clips = sorted(journal["clips"].items())
+    states = parallel_map(state, clips)
+    return ([c for (c, _), s in zip(clips, states) if s == "repoint"],
+            [c for (c, _), s in zip(clips, states) if s == "changed"])
+
+
+def _repoint(output: str, merged: str, clips: dict[str, Optional[str]]) -> None:
+    """Point the metas of ``clips`` at ``merged``, each only if it is still the version read (its token);
+    a clip written since is marked superseded in ``merged`` instead."""
+
+    def point(clip_id: str) -> None:
+        meta, token = read_meta_with_token(output, clip_id)
+        if meta is None or token != clips[clip_id]:
+            mark_superseded(output, merged, clip_id)
+            return
+        if not write_if_unchanged(meta_path(output, clip_id), json_bytes({**meta, "captions_file": merged}), token):
+            mark_superseded(output, merged, clip_id)
+
+    parallel_map(point, sorted(clips))
+
+
+def _commit(output: str, journal: dict) -> None:
+    """Carry out a journal: the staged file into place, the members away, the clips' metas to it.
+
+    Each member is deleted and each metas re-pointed only if it is still the version the journal read
+    (``io.conditional``); a clip written since keeps its new rows and metas, and its old rows in the
+    merged file are marked superseded before the merged file appears. The members go right after the
+    rename (a reader of the folder sees their rows twice only between the two; ``read_captions`` never
+    does); re-pointing the metas, the slow step, comes after: a crash before it is done leaves the
+    journal, and the next compaction finishes it (a member already gone is no error)."""
     merged, staged = journal["merged"], journal["staged"]
+    repoint, changed = _clip_states(output, journal) if merged is not None else ([], [])
+    for clip_id in changed:
+        mark_superseded(output, merged, clip_id)
     if merged is not None and _exists(output, staged):  # the rename replaces a file of that name
         FileSystems.rename([_absolute(output, staged)], [_absolute(output, merged)])
     if merged is not None and not _exists(output, merged):
         raise RuntimeError(f"compaction journal for {merged}: neither the merged file nor its staged copy exists")
-    _delete(output, [m for m in journal["members"] if m != merged])
-    if merged is not None:
-        _repoint(output, journal["clips"], set(journal["members"]), merged, known)
+    kept_members = set()
+    for member, token in sorted(journal["member_tokens"].items()):
+        if member != merged and not delete_if_unchanged(_absolute(output, member), token):
+            kept_members.add(member)  # written since it was read: its clips' rows there are the new ones
+    late = {c for m in kept_members for c in journal["member_clips"].get(m, ())}
+    for clip_id in sorted(late & set(repoint)):
+        mark_superseded(output, merged, clip_id)
+    _repoint(output, merged, {c: journal["clips"][c] for c in sorted(set(repoint) - late)})
+    for member in journal["member_tokens"]:
+        if member != merged and member not in kept_members and is_compacted(member):
+            forget_superseded(output, member)
     FileSystems.delete([_journal_path(output, journal["name"])])
 
 
@@ -284,32 +344,38 @@ def merge_group(output: str, group: Sequence[CaptionFile],
     Per file and clip: rows move when the clip's metas names that file; rows of a clip whose metas names
     another file are stale and dropped; a clip's own file with no metas is left in place (an unfinished
     clip: the next run rewrites it); rows of a clip with no metas inside a merged file are kept.
+    The journal records the token of each member and of each moved clip's metas as read here.
     ``fail_after`` (tests) is called with each step's name, to stop a compaction part way.
     """
     step = fail_after or (lambda name: None)
     if stop_requested():
         return {"groups_stopped": 1}
+    tokens = parallel_map(lambda item: file_token(_absolute(output, item.relpath)), group)  # before the bytes
     read = parallel_map(lambda item: _read_table(_absolute(output, item.relpath)), group)
     ids = [_clip_ids(table) for table in read]
     every_clip = sorted(set().union(*ids))
-    metas = dict(zip(every_clip, parallel_map(lambda clip_id: read_meta(output, clip_id), every_clip)))
-    tables, members, moved_clips = [], [], set()
+    found = dict(zip(every_clip, parallel_map(lambda clip_id: read_meta_with_token(output, clip_id), every_clip)))
+    metas = {clip_id: meta for clip_id, (meta, _) in found.items()}
+    tables, member_tokens, member_clips, moved_clips = [], {}, {}, {}
     stale_rows = 0
-    for item, table, clip_ids in zip(group, read, ids):
+    for item, token, table, clip_ids in zip(group, tokens, read, ids):
         if not is_compacted(item.relpath) and any(metas[c] is None for c in clip_ids):
             continue  # an unfinished clip's own file: left for the run that finishes it
         keep = [c for c in clip_ids if metas[c] is None or metas[c].get("captions_file") == item.relpath]
         kept = table.filter(pc.is_in(table.column("clip_id"), pa.array(keep, pa.string())))
         stale_rows += table.num_rows - kept.num_rows
         tables.append(kept)
-        members.append(item.relpath)
-        moved_clips.update(c for c in keep if metas[c] is not None)
-    if not members:
+        member_tokens[item.relpath] = token
+        member_clips[item.relpath] = [c for c in keep if metas[c] is not None]
+        moved_clips.update({c: found[c][1] for c in member_clips[item.relpath]})
+    if not member_tokens:
         return {"groups_skipped": 1}
+    members = sorted(member_tokens)
     merged_table = pa.concat_tables(tables)
-    merged = _merged_relpath([f for f in group if f.relpath in members]) if merged_table.num_rows else None
+    merged = _merged_relpath([f for f in group if f.relpath in member_tokens]) if merged_table.num_rows else None
     journal = {"name": merged or _merged_relpath(group), "merged": merged,
-               "staged": _staged(merged) if merged else None, "members": members, "clips": sorted(moved_clips)}
+               "staged": _staged(merged) if merged else None, "members": members,
+               "member_tokens": member_tokens, "member_clips": member_clips, "clips": dict(sorted(moved_clips.items()))}
     if merged is not None:
         write_bytes(_absolute(output, journal["staged"]), write_clustered(merged_table))
         step("staged")
@@ -317,7 +383,7 @@ def merge_group(output: str, group: Sequence[CaptionFile],
         with _commit_slot():
             write_json(_journal_path(output, journal["name"]), journal)
             step("journal")
-            _commit(output, journal, metas)
+            _commit(output, journal)
             if merged is not None:
                 with _PROGRESS.changed:
                     _PROGRESS.committed += 1
@@ -329,14 +395,29 @@ def merge_group(output: str, group: Sequence[CaptionFile],
             "rows_stale_dropped": stale_rows}
 
 
+def pending_journals(output: str) -> list[dict]:
+    """The journals a kill left (listing or reading errors are raised: a journal is never taken for
+    absent); a journal of an earlier version, without tokens, is read as one whose tokens are those
+    there now."""
+    journals = []
+    for metadata in matching(FileSystems.join(output, _JOURNALS, "*.json")):
+        journal = read_json(metadata.path)
+        if "member_tokens" not in journal:
+            journal["member_tokens"] = {m: file_token(_absolute(output, m)) for m in journal["members"]}
+            journal["member_clips"] = {}
+            journal["clips"] = {c: read_meta_with_token(output, c)[1] for c in journal["clips"]}
+        journals.append(journal)
+    return journals
+
+
 def finish_journals(output: str) -> int:
     """Finish every compaction a kill left part way (its journal is still there); returns how many (a stop
     leaves the rest for the next compaction)."""
     finished = 0
-    for metadata in matching(FileSystems.join(output, _JOURNALS, "*.json")):
+    for journal in pending_journals(output):
         try:
             with _commit_slot():
-                _commit(output, read_json(metadata.path))
+                _commit(output, journal)
         except _Stopped:
             break
         finished += 1
@@ -344,41 +425,17 @@ def finish_journals(output: str) -> int:
 
 
 def remove_stray_files(output: str) -> int:
-    """Delete staged merged files no journal names (a compaction killed before its journal)."""
-    staged = [read_json(m.path).get("staged") for m in matching(FileSystems.join(output, _JOURNALS, "*.json"))]
-    journaled = {_absolute(output, relpath).replace("\\", "/") for relpath in staged if relpath}
+    """Delete staged merged files no journal names (a compaction killed before its journal), and markers
+    of merged files that are gone."""
+    journaled = {_absolute(output, j["staged"]).replace("\\", "/") for j in pending_journals(output) if j.get("staged")}
     strays = [m.path for m in matching(FileSystems.join(captions_dir(output), f"**{_STAGED_PREFIX}{COMPACTED_PREFIX}*"))
               if m.path.replace("\\", "/") not in journaled]
     for path in strays:
         FileSystems.delete([path])
+    present = {merged_name(f.relpath) for f in list_caption_files(output) if is_compacted(f.relpath)}
+    for name in set(superseded_clips(output)) - present:
+        forget_superseded(output, f"{name}.parquet")
     return len(strays)
-
-
-_REWRITES: dict[str, threading.Lock] = {}
-_REWRITES_LOCK = threading.Lock()
-
-
-def remove_clip_rows(output: str, relpath: str, clip_ids: Iterable[str]) -> None:
-    """Rewrite the merged file ``relpath`` without the rows of ``clip_ids`` (delete it when none are left)
-    and drop the manifest, which no longer describes the table. For clips written again after a
-    compaction; the writer gathers a bundle's clips so that each merged file is rewritten once per bundle.
-    Rewrites of one file in this process take turns; two workers rewriting one file at once can put back
-    the other's removed rows, which the next ``compact`` drops (their metas name another file)."""
-    path = _absolute(output, relpath)
-    with _REWRITES_LOCK:
-        lock = _REWRITES.setdefault(path, threading.Lock())
-    with lock:
-        if not FileSystems.exists(path):
-            return
-        table = _read_table(path)
-        kept = table.filter(pc.invert(pc.is_in(table.column("clip_id"), pa.array(sorted(set(clip_ids)), pa.string()))))
-        if kept.num_rows == table.num_rows:
-            return
-        if kept.num_rows:
-            write_bytes(path, write_clustered(kept))
-        else:
-            FileSystems.delete([path])
-    _delete(output, [f"captions/{MANIFEST}"])
 
 
 def build_manifest(output: str, target_bytes: int) -> dict[str, Any]:

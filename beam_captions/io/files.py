@@ -13,7 +13,10 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_captions.io.paths import is_local, local_path
 
-__all__ = ["delete_quietly", "matching", "parallel_map", "read_json", "read_json_or_none", "write_bytes", "write_json"]
+__all__ = [
+    "delete_quietly", "json_bytes", "matching", "parallel_map", "parse_json_object", "read_json", "read_json_or_none",
+    "write_bytes", "write_json",
+]
 
 _T = TypeVar("_T")
 IO_THREADS = 16  # small reads and writes on an object store wait on the network, not the CPU
@@ -55,10 +58,14 @@ def write_bytes(path: str, data: bytes, mime_type: str = "application/octet-stre
         out.write(data)
 
 
-def write_json(path: str, document: Any) -> None:
+def json_bytes(document: Any) -> bytes:
     """``document`` as stable, pretty JSON (sorted keys, so re-runs give the same bytes)."""
-    text = json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    write_bytes(path, text.encode("utf-8"), "application/json")
+    return (json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def write_json(path: str, document: Any) -> None:
+    """``document`` written as ``json_bytes``."""
+    write_bytes(path, json_bytes(document), "application/json")
 
 
 def read_json(path: str) -> Any:
@@ -75,24 +82,35 @@ def parallel_map(function: Callable[[Any], _T], items: Sequence[Any], threads: i
         return list(pool.map(function, items))
 
 
-def read_json_or_none(path: str) -> Optional[dict]:
-    """The JSON object at ``path``, or ``None`` when there is none or it cannot be read as one (a torn
-    or foreign file counts as none)."""
+def parse_json_object(data: Optional[bytes]) -> Optional[dict]:
+    """``data`` as a JSON object, ``None`` when there is no data or it is not one (a foreign file)."""
+    if data is None:
+        return None
     try:
-        if not FileSystems.exists(path):
-            return None
-        document = read_json(path)
-    except Exception:  # noqa: BLE001
+        document = json.loads(data.decode("utf-8"))
+    except ValueError:
         return None
     return document if isinstance(document, dict) else None
 
 
-def matching(pattern: str) -> list[Any]:
-    """Beam ``FileMetadata`` of every file matching ``pattern`` (none when its folder does not exist)."""
+def read_json_or_none(path: str) -> Optional[dict]:
+    """The JSON object at ``path``, or ``None`` when there is none or it is not a JSON object (a foreign
+    file counts as none). An error while reading (permissions, the network) is raised: "cannot tell" is
+    never taken for "not there"."""
+    if not FileSystems.exists(path):
+        return None
     try:
-        return [m for result in FileSystems.match([pattern]) for m in result.metadata_list]
-    except Exception:  # noqa: BLE001 - nothing there yet
-        return []
+        with FileSystems.open(path) as handle:
+            data = handle.read()
+    except FileNotFoundError:  # deleted between the two calls
+        return None
+    return parse_json_object(data)
+
+
+def matching(pattern: str) -> list[Any]:
+    """Beam ``FileMetadata`` of every file matching ``pattern`` (none when its folder does not exist;
+    a listing error is raised, never taken for "nothing there")."""
+    return [m for result in FileSystems.match([pattern]) for m in result.metadata_list]
 
 
 def delete_quietly(paths: Iterable[str]) -> None:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Optional
 
-from beam_captions.io.files import read_json_or_none
+from beam_captions.io.conditional import read_with_token
+from beam_captions.io.files import parse_json_object, read_json_or_none
 from beam_captions.io.parquet import CAPTION_KINDS, check_columns
 from beam_captions.io.paths import meta_path
 from beam_captions.records import ClipInfo, Failure, WindowRecord
 
 __all__ = [
     "META_VERSION", "CAPTION_GROUP", "PREVIEW_GROUP", "clip_meta", "window_meta", "failure_meta", "version_meta",
-    "finished_for", "merge_windows", "read_meta",
+    "finished_for", "merge_windows", "read_meta", "read_meta_with_token",
 ]
 
 META_VERSION = 2
@@ -160,3 +161,10 @@ def read_meta(output: str, clip_id: str) -> Optional[dict[str, Any]]:
     """The clip's metas under ``output``, or ``None`` when there is none (or it cannot be read: the clip
     then counts as not done, and its next write replaces the file)."""
     return read_json_or_none(meta_path(output, clip_id))
+
+
+def read_meta_with_token(output: str, clip_id: str) -> tuple[Optional[dict[str, Any]], Optional[str]]:
+    """The clip's metas and the token of the version read (``io.conditional``): a change made on the
+    strength of it can be made only if nobody wrote the metas since."""
+    data, token = read_with_token(meta_path(output, clip_id))
+    return parse_json_object(data), token

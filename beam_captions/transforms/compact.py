@@ -8,7 +8,7 @@ import apache_beam as beam
 
 from beam_captions.io.compaction import (
     DEFAULT_TARGET_BYTES, CaptionFile, build_manifest, finish_journals, list_caption_files, merge_group, note_planned,
-    plan_groups, remove_stray_files, size_ratio, stop_requested,
+    plan_groups, remove_stray_files, size_ratio, stop_requested, superseded_files,
 )
 from beam_captions.metrics import count
 
@@ -25,7 +25,7 @@ def _plan(output: str, target_bytes: int):
     files = list_caption_files(output)
     count("files_before", len(files))
     small = [f for f in files if f.size < target_bytes // 2]
-    groups = plan_groups(files, target_bytes, size_ratio(output, small))
+    groups = plan_groups(files, target_bytes, size_ratio(output, small), superseded_files(output, files))
     note_planned(len(groups))
     if not stop_requested():
         yield from groups

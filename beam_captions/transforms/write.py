@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import posixpath
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import apache_beam as beam
 from apache_beam import typehints
@@ -16,7 +16,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.io.filesystems import FileSystems
 
-from beam_captions.io.compaction import is_compacted, remove_clip_rows
+from beam_captions.io.compaction import MANIFEST, is_compacted
 from beam_captions.io.files import delete_quietly, matching, write_bytes, write_json
 from beam_captions.io.metas import (
     CAPTION_GROUP, PREVIEW_GROUP, clip_meta, failure_meta, finished_for, merge_windows, read_meta, version_meta,
@@ -24,8 +24,9 @@ from beam_captions.io.metas import (
 )
 from beam_captions.io.parquet import caption_row, parquet_bytes
 from beam_captions.io.paths import (
-    caption_table_path, failure_path, failures_dir, meta_path, preview_path, previews_dir,
+    caption_table_path, captions_dir, failure_path, failures_dir, meta_path, preview_path, previews_dir,
 )
+from beam_captions.io.superseded import mark_superseded
 from beam_captions.metrics import count
 from beam_captions.records import ClipInfo, ClipRef, Failure, WindowRecord, failure_from_exception
 
@@ -89,7 +90,6 @@ def write_clip(
     elements: Iterable[Element],
     partition: Optional[str] = None,
     asked: Optional[dict[str, Any]] = None,
-    left_merged: Optional[Callable[[str, str], None]] = None,
 ) -> bool:
     """Write one clip's failure records, its Parquet rows, then its metas (the marker that it is done);
     then remove what an earlier write of the clip left that this one replaces. Returns whether it wrote.
@@ -101,9 +101,9 @@ def write_clip(
     that is not complete (failures, missing windows) never replaces a complete result of the same source
     version that has every output asked: it is a late duplicate and is dropped.
 
-    A clip whose rows were in a merged file (``compact``) leaves it: its rows there are removed at once,
-    or ``left_merged(merged_file, clip_id)`` is called so that the caller removes a batch of clips in one
-    rewrite of each file.
+    A merged file (``compact``) is never changed: a clip whose rows are in one is marked superseded
+    there (``io.superseded``) before its own file and metas are written; readers that go through the
+    metas (``read_captions``) see its new rows only, and the next compaction drops the old ones.
     """
     asked = dict(asked or {})
     elements = list(elements)
@@ -123,6 +123,13 @@ def write_clip(
         count("duplicates_dropped")
         return False
     window_metas, outputs = merge_windows([window_meta(w) for w in windows], old if same_source else None, asked)
+    before = None
+    if old is not None:
+        before = old.get("captions_file") if "captions_file" in old else (
+            _captions_file(clip_id, None) if old.get("windows") else None)
+    if before and is_compacted(before):  # before any new row: a reader then checks this clip's metas
+        mark_superseded(output, before, clip_id)
+        delete_quietly([FileSystems.join(captions_dir(output), MANIFEST)])  # it no longer lists every file
     for failure in failures:
         count(f"failures_{failure.stage}")
         write_json(failure_path(output, failure.name), failure_meta(failure))
@@ -146,17 +153,9 @@ def write_clip(
     meta = clip_meta(clip_id, elements[0].source, infos[0] if infos else None, window_metas, failures,
                      source_version=version, outputs=outputs, captions_file=captions_file)
     write_json(meta_path(output, clip_id), meta)
-    if old is not None:  # after the metas: a crash before this leaves extra files, never a clip without rows
-        before = old.get("captions_file") if "captions_file" in old else (
-            _captions_file(clip_id, None) if old.get("windows") else None)
-        if before and before != captions_file:
-            if before.endswith(f"/{clip_id}.parquet"):  # the clip's own file
-                delete_quietly([FileSystems.join(output, *before.split("/"))])
-            elif is_compacted(before):  # a merged file of many clips: only this clip's rows go
-                if left_merged is None:
-                    remove_clip_rows(output, before, [clip_id])
-                else:
-                    left_merged(before, clip_id)
+    # after the metas: a crash before this leaves an extra file, never a clip without rows
+    if before and before != captions_file and before.endswith(f"/{clip_id}.parquet"):  # the clip's own old file
+        delete_quietly([FileSystems.join(output, *before.split("/"))])
     previews = {posixpath.basename(str(w["preview"]).replace(os.sep, "/")) for w in window_metas if w.get("preview")}
     delete_quietly(m.path for m in matching(FileSystems.join(previews_dir(output), clip_id, "*.webp"))
                    if posixpath.basename(m.path.replace(os.sep, "/")) not in previews)
@@ -274,17 +273,12 @@ class _WriteCompleteInBundle(beam.DoFn):
         self.asked = dict(asked or {})
         self.held: dict[str, list[WindowedValue]] = {}
         self.written: dict[str, tuple] = {}
-        self.left_merged: dict[str, set[str]] = {}  # merged file -> clips written again in this bundle
 
     def setup(self) -> None:
         self.written = {}  # clips this instance wrote: a duplicate delivery it sees again is dropped
 
     def start_bundle(self) -> None:
         self.held = {}
-        self.left_merged = {}
-
-    def _leave_merged(self, merged: str, clip_id: str) -> None:
-        self.left_merged.setdefault(merged, set()).add(clip_id)
 
     def process(self, element: Element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         written = self.written.get(element.clip_id)
@@ -295,17 +289,13 @@ class _WriteCompleteInBundle(beam.DoFn):
         held.append(WindowedValue(element, timestamp, [window]))
         arrived = [value.value for value in held]
         if clip_complete(arrived):
-            write_clip(self.output, element.clip_id, arrived, time_partition(arrived, self.window_seconds), self.asked,
-                       self._leave_merged)
+            write_clip(self.output, element.clip_id, arrived, time_partition(arrived, self.window_seconds), self.asked)
             del self.held[element.clip_id]
             version = _version_of(arrived)
             self.written[element.clip_id] = (version,)
             yield _Written(element.clip_id, version)
 
     def finish_bundle(self):
-        for merged, clip_ids in sorted(self.left_merged.items()):  # one rewrite per merged file and bundle
-            remove_clip_rows(self.output, merged, clip_ids)
-        self.left_merged = {}
         for held in self.held.values():
             yield from held
         self.held = {}

@@ -6,6 +6,7 @@ import glob
 import json
 import re
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
+from clips import make_clip
 
 from beam_captions.records import ClipInfo, WindowRecord, clip_id_for
 from beam_captions.transforms.notifications import clip_uri_from_notification
@@ -108,6 +110,63 @@ def test_a_live_streaming_job_captions_clips_dropped_into_its_folder(tmp_path, c
     assert len(keys) == len(set(keys)) == sum(len(m["windows"]) for m in metas)
     assert all(r["caption"] and os.path.isfile(r["preview"]) for r in rows)
     assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ", r["window"]) for r in rows)
+
+
+def _place(clip: str, target) -> tuple[int, float]:
+    """Copy ``clip`` into the watched folder as ``target``, under a temporary name then renamed into place
+    (the watcher never sees half a file); returns the version the watcher lists: (size, mtime)."""
+    part = target.parent / f".{target.name}.part"
+    shutil.copyfile(clip, part)
+    os.replace(part, target)
+    found = os.stat(target)
+    return found.st_size, found.st_mtime
+
+
+def _metas_when(out, ready, timeout_s: float, process) -> dict:
+    """The one metas of ``out`` once ``ready(metas)`` holds (the job must keep running meanwhile)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = glob.glob(str(out / "metas" / "*.json"))
+        if found:
+            try:
+                meta = json.load(open(found[0]))
+            except ValueError:  # being written
+                meta = None
+            if meta is not None and ready(meta):
+                return meta
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, f"not within {timeout_s} s; metas: {found and open(found[0]).read()}"
+        time.sleep(0.2)
+
+
+def test_a_watched_file_replaced_while_the_job_runs_is_redone(tmp_path):
+    """Issue 21 §7: a file replaced under the watched folder (new content, new mtime) is listed again and
+    redone, as a batch run redoes it: the output ends with the new version's windows and source version."""
+    watched, out = tmp_path / "watched", tmp_path / "out"
+    watched.mkdir()
+    first = make_clip(str(tmp_path / "first.mp4"), 16, 8.0, 64, 48)  # one window
+    second = make_clip(str(tmp_path / "second.mp4"), 40, 8.0, 64, 48)  # three windows (16 + 16 + 8)
+    command = [sys.executable, "-m", "beam_captions", "--streaming", "--input", str(watched), "--output", str(out),
+               "--watch-interval-seconds", "0.5", "--window-seconds", "5", "--generate-previews",
+               "--preview-target-height", "32", "--captioning-window-size", "16",
+               "--captioning-remainder-threshold", "8", "--no-gallery"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        target = watched / "clip.mp4"
+        old = _place(first, target)
+        _metas_when(out, lambda m: m["source_version"] == {"size": old[0], "modified": old[1]}, 120, process)
+        time.sleep(1.1)  # a later mtime, whatever the filesystem's resolution
+        new = _place(second, target)
+        assert new != old
+        meta = _metas_when(out, lambda m: m["source_version"] == {"size": new[0], "modified": new[1]}, 60, process)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    assert meta["status"] == "done" and len(meta["windows"]) == 3, meta
+    rows = pq.read_table(str(out / "captions")).to_pylist()
+    assert sorted(r["window_index"] for r in rows) == [0, 1, 2], output[-3000:]  # the first version's row is gone
+    assert sorted(os.listdir(out / "previews" / meta["clip_id"])) == sorted(
+        os.path.basename(w["preview"]) for w in meta["windows"])
 
 
 def test_a_clip_delivered_twice_is_written_once(tmp_path):

@@ -214,7 +214,10 @@ def _keep_watched(metadata, extensions) -> bool:
 
 def _watched_clip_ref(metadata, timestamp=beam.DoFn.TimestampParam) -> ClipRef:
     """The clip's event time is the file's modification time, so a file reported twice lands in the
-    same event-time window (its outputs are then rewritten, never duplicated)."""
+    same event-time window (its outputs are then rewritten, never duplicated).
+
+    The version (size, modification time) comes from the listing: a replaced file is a new version, so
+    the writer redoes it rather than dropping it as a duplicate of the first delivery."""
     count("clips_found")
     clip = ClipRef.from_source(normalise_source(metadata.path), metadata.last_updated_in_seconds or float(timestamp))
     if metadata.last_updated_in_seconds:  # the listing already read the version: no second lookup per clip
@@ -225,7 +228,9 @@ def _watched_clip_ref(metadata, timestamp=beam.DoFn.TimestampParam) -> ClipRef:
 class WatchClips(beam.PTransform):
     """``ClipRef``s of video files as they appear under one location, checked every ``interval_s``.
 
-    Unbounded (streaming). A file seen again in a later check is not emitted twice.
+    Unbounded (streaming). A file seen again in a later check is not emitted twice, unless its
+    modification time changed (a file replaced with new content): that is emitted again, with its new
+    version, and redone, as a batch run redoes a replaced file.
     """
 
     def __init__(self, input_pattern: str, interval_s: float = 10.0, extensions: Optional[Iterable[str]] = None):
@@ -241,6 +246,7 @@ class WatchClips(beam.PTransform):
                 to_match_pattern(self.pattern),
                 interval=self.interval_s,
                 has_deduplication=True,
+                match_updated_files=True,  # keyed by (path, mtime): a replaced file is listed again
                 start_timestamp=Timestamp.now(),
                 empty_match_treatment=EmptyMatchTreatment.ALLOW,
             )

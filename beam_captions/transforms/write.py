@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import posixpath
@@ -216,17 +217,54 @@ class SkipFinishedClips(beam.PTransform):
             _SkipFinished(self.output, self.asked, self.skip_existing, self.retry_failed))
 
 
+class _Arrival:
+    """What has arrived of one clip, as far as its completeness goes: the distinct window indices (a
+    window delivered twice counts once) and the fewest windows that a ``ClipInfo`` (``num_windows``) or
+    a ``prepare`` failure (``windows_before``) says went out (None until one of them arrives).
+
+    Small (ints, never frames), so the keyed write keeps it in its own state and decides completeness
+    per element without reading the clip's buffered elements back."""
+
+    __slots__ = ("windows", "needed")
+
+    def __init__(self) -> None:
+        self.windows: set[int] = set()
+        self.needed: Optional[int] = None
+
+    @classmethod
+    def of(cls, elements: Iterable[Element]) -> "_Arrival":
+        arrival = cls()
+        for element in elements:
+            arrival.add(element)
+        return arrival
+
+    def add(self, element: Element) -> None:
+        if isinstance(element, WindowRecord):
+            self.windows.add(element.window_index)
+            return
+        if isinstance(element, ClipInfo):
+            needed = element.num_windows
+        elif isinstance(element, Failure) and element.stage == "prepare":
+            needed = element.windows_before
+        else:
+            return
+        self.needed = needed if self.needed is None else min(self.needed, needed)
+
+    @property
+    def complete(self) -> bool:
+        return self.needed is not None and len(self.windows) >= self.needed
+
+    def __getstate__(self):
+        return self.windows, self.needed
+
+    def __setstate__(self, state) -> None:
+        self.windows, self.needed = state
+
+
 def clip_complete(elements: Iterable[Element]) -> bool:
     """Whether every element of a clip has arrived: its ``ClipInfo`` (or ``prepare`` failure) and as
     many distinct windows as that says went out."""
-    elements = list(elements)
-    windows = {e.window_index for e in elements if isinstance(e, WindowRecord)}
-    for element in elements:
-        if isinstance(element, ClipInfo) and len(windows) >= element.num_windows:
-            return True
-        if isinstance(element, Failure) and element.stage == "prepare" and len(windows) >= element.windows_before:
-            return True
-    return False
+    return _Arrival.of(elements).complete
 
 
 def time_partition(elements: Iterable[Element], window_seconds: Optional[float]) -> Optional[str]:
@@ -257,6 +295,42 @@ def _same_delivery(written: tuple, element: Element) -> bool:
     return version is not None and version == written[0]
 
 
+RECENTLY_WRITTEN_CLIPS = 10_000
+"""How many clips each ``_WriteCompleteInBundle`` instance remembers having written (an LRU; some
+2 MB of clip ids and versions). A bounded, recent set is enough: a duplicate delivery (a retried
+bundle, a file listed or notified twice) arrives close to its original delivery, so the clip is still
+among the last ones written; a later duplicate is caught by the keyed write's ``_Written`` state
+(per clip, kept by the runner), and an incomplete write never replaces a complete one of the same
+source version (``write_clip``). Unbounded, the set would grow with every clip of a streaming job."""
+
+
+class _RecentlyWritten:
+    """The last ``limit`` clips written, by clip id, with what ``_same_delivery`` compares (the least
+    recently written or looked-up one is forgotten first)."""
+
+    def __init__(self, limit: int = RECENTLY_WRITTEN_CLIPS):
+        self.limit = limit
+        self._clips: collections.OrderedDict[str, tuple] = collections.OrderedDict()
+
+    def get(self, clip_id: str) -> Optional[tuple]:
+        found = self._clips.get(clip_id)
+        if found is not None:
+            self._clips.move_to_end(clip_id)
+        return found
+
+    def __setitem__(self, clip_id: str, written: tuple) -> None:
+        self._clips[clip_id] = written
+        self._clips.move_to_end(clip_id)
+        while len(self._clips) > self.limit:
+            self._clips.popitem(last=False)
+
+    def __contains__(self, clip_id: object) -> bool:
+        return clip_id in self._clips
+
+    def __len__(self) -> int:
+        return len(self._clips)
+
+
 class _WriteCompleteInBundle(beam.DoFn):
     """Writes each clip as soon as all its elements have passed in this bundle; hands on the elements
     of clips it has not seen whole when the bundle ends (to ``_WriteWhenComplete``), and a ``_Written``
@@ -275,7 +349,9 @@ class _WriteCompleteInBundle(beam.DoFn):
         self.written: dict[str, tuple] = {}
 
     def setup(self) -> None:
-        self.written = {}  # clips this instance wrote: a duplicate delivery it sees again is dropped
+        # the clips this instance wrote last: a duplicate delivery it sees again is dropped (bounded: see
+        # RECENTLY_WRITTEN_CLIPS; the keyed write's state catches the duplicates that come later)
+        self.written = _RecentlyWritten(RECENTLY_WRITTEN_CLIPS)
 
     def start_bundle(self) -> None:
         self.held = {}
@@ -313,6 +389,7 @@ class _WriteWhenComplete(beam.DoFn):
     """
 
     BUFFER = BagStateSpec("elements", PickleCoder())
+    ARRIVED = ReadModifyWriteStateSpec("arrived", PickleCoder())  # the buffer's ``_Arrival``: no re-read per element
     WRITTEN = ReadModifyWriteStateSpec("written", PickleCoder())
     END = TimerSpec("end", TimeDomain.WATERMARK)
 
@@ -326,37 +403,46 @@ class _WriteWhenComplete(beam.DoFn):
         keyed,
         window=beam.DoFn.WindowParam,
         buffer=beam.DoFn.StateParam(BUFFER),
+        arrived=beam.DoFn.StateParam(ARRIVED),
         written=beam.DoFn.StateParam(WRITTEN),
         end=beam.DoFn.TimerParam(END),
     ):
         clip_id, element = keyed
-        if isinstance(element, _Written):
+        if isinstance(element, _Written):  # once per clip: the buffer is read and rewritten here only
             written.write((element.source_version,))
             before = list(buffer.read())
             kept = [e for e in before if not _same_delivery((element.source_version,), e)]
             if len(kept) < len(before):
                 count("duplicates_dropped")
             buffer.clear()
+            arrived.clear()
             for e in kept:
                 buffer.add(e)
+            if kept:
+                arrived.write(_Arrival.of(kept))
             return
         done = written.read()
         if done is not None and _same_delivery(done, element):
             count("duplicates_dropped")
             return
         buffer.add(element)
-        arrived = list(buffer.read())
-        if clip_complete(arrived):
-            write_clip(self.output, clip_id, arrived, time_partition(arrived, self.window_seconds), self.asked)
-            written.write((_version_of(arrived),))
+        arrival = arrived.read() or _Arrival()
+        arrival.add(element)
+        if arrival.complete:  # the buffer is read once per clip, when it is complete (as clip_complete says)
+            elements = list(buffer.read())
+            write_clip(self.output, clip_id, elements, time_partition(elements, self.window_seconds), self.asked)
+            written.write((_version_of(elements),))
             buffer.clear()
+            arrived.clear()
         else:
+            arrived.write(arrival)
             end.set(window.max_timestamp())
 
     @on_timer(END)
     def flush(self, key=beam.DoFn.KeyParam, buffer=beam.DoFn.StateParam(BUFFER),
-              written=beam.DoFn.StateParam(WRITTEN)):
+              arrived=beam.DoFn.StateParam(ARRIVED), written=beam.DoFn.StateParam(WRITTEN)):
         elements = list(buffer.read())
+        arrived.clear()
         if not elements:
             return
         missing = RuntimeError("the clip's elements did not all arrive; written with what did")

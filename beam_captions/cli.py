@@ -94,8 +94,9 @@ def _compact_arguments(argv: Sequence[str]):
     parser = argparse.ArgumentParser(
         prog="beam-captions compact",
         description="Merge an output's small caption Parquet files into large ones (row groups by clip) and write "
-        "OUT/captions/_manifest.json. Every row is kept once; clips' metas point at their new file. Run it while "
-        "no job writes to OUT; running it again changes nothing. Ctrl-C stops it once the merged files being "
+        "OUT/captions/_manifest.json. Every row is kept once; clips' metas point at their new file. It may run "
+        "while jobs write to OUT (their writes are kept; on a streaming output only partitions closed past the "
+        "job's --lateness-horizon-seconds are merged); running it again changes nothing. Ctrl-C stops it once the merged files being "
         "committed are in place; running it again completes the rest. Other arguments go to Beam (e.g. --runner).",
     )
     parser.error = _compact_usage_error  # one line, exit 2
@@ -130,10 +131,13 @@ def _run_compaction(args, beam_args: list[str], target_bytes: Optional[int], sto
             _refuse(f"compact {args.output}: no captions folder there (is it the output root of a run?)")
     from beam_captions.io.files import read_json_or_none
     from beam_captions.io.lease import describe_holder, holder_is_live, lease_path
+    from beam_captions.io.partitions import read_settings
 
     holder = read_json_or_none(lease_path(output))
-    if holder_is_live(holder):
-        _refuse(f"compact {args.output}: a run is writing to it ({describe_holder(holder)}); compact it once that run ends")
+    if holder_is_live(holder):  # safe: its writes during the compaction are kept (io.compaction)
+        print(f"beam-captions compact: a run is writing to {args.output} ({describe_holder(holder)}); what it writes "
+              "meanwhile is kept" + ("; partitions it may still write are left alone" if read_settings(output) else ""),
+              flush=True)
     started = time.monotonic()
     beam_args = local_beam_args(beam_args, args.local_workers, False)
     options = PipelineOptions(beam_args)
@@ -306,6 +310,10 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
         if lease.displaced:
             logging.getLogger("beam_captions").info("took over the lease of %s from %s", config.output, lease.displaced)
     try:
+        if config.streaming:  # for `compact`: which partitions the job may still write
+            from beam_captions.io.partitions import TimePartitions, write_settings
+
+            write_settings(config.output, TimePartitions(config.window_seconds, config.lateness_horizon_seconds))
         pipeline = beam.Pipeline(options=options)
         build_pipeline(pipeline, config)
 

@@ -43,6 +43,7 @@ class JobConfig:
     input_subscription: Optional[str] = None
     watch_interval_seconds: float = 10.0
     window_seconds: float = 60.0
+    lateness_horizon_seconds: float = 3600.0
     skip_existing: bool = True
     retry_failed: bool = True
     gallery: bool = True
@@ -125,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--watch-interval-seconds", type=float, default=10.0, help="streaming: how often --input is listed")
     io.add_argument("--window-seconds", type=float, default=60.0,
                     help="streaming: Parquet rows are written per event-time window of this length")
+    io.add_argument("--lateness-horizon-seconds", type=float, default=3600.0,
+                    help="streaming: a window's partition closes this long after the window ends; a clip written "
+                         "later goes to the partition of the window it is written in. `beam-captions compact` "
+                         "merges closed partitions only, so it never races the job")
 
     io.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=True,
                     help="skip clips an earlier run finished: done for the outputs asked (same models and "
@@ -258,6 +263,7 @@ def validate(config: JobConfig) -> None:
            "--input-subscription must look like projects/<project>/subscriptions/<name>")
     for flag, value in (("--watch-interval-seconds", config.watch_interval_seconds),
                         ("--window-seconds", config.window_seconds),
+                        ("--lateness-horizon-seconds", config.lateness_horizon_seconds),
                         ("--clip-time-budget-seconds", config.clip_time_budget_seconds),
                         ("--model-request-timeout-seconds", config.model_request_timeout_seconds),
                         ("--captioning-sampling-fps", config.captioning_sampling_fps),
@@ -268,6 +274,7 @@ def validate(config: JobConfig) -> None:
         _check(value is None or math.isfinite(value), f"{flag} must be a finite number, got {value}")
     _check(config.watch_interval_seconds > 0, "--watch-interval-seconds must be positive")
     _check(config.window_seconds > 0, "--window-seconds must be positive")
+    _check(config.lateness_horizon_seconds >= 0, "--lateness-horizon-seconds must be 0 or more")
     _check(config.max_frame_pixels >= 1, "--max-frame-pixels must be positive")
     _check(config.clip_time_budget_seconds > 0, "--clip-time-budget-seconds must be positive")
     _check(config.decode_threads >= 0, "--decode-threads must be 0 (automatic) or more")

@@ -348,9 +348,9 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
             # Ctrl-C or SIGTERM (a runner may wrap the interrupt in its own error)
             logging.getLogger("beam_captions").info("stopped by signal %s", stop.signum, exc_info=True)
             restore_terminal()
-            print("\nbeam-captions: stopped; what is finished is kept, a re-run completes the rest",
-                  file=terminal(), flush=True)
-            if result is not None:
+            line, cancel = _on_stop(result, options, config.cancel_on_stop)
+            print(f"\nbeam-captions: {line}", file=terminal(), flush=True)
+            if cancel:
                 try:
                     result.cancel()
                 except Exception:  # noqa: BLE001 - a runner that cannot cancel: the summary still comes
@@ -378,6 +378,36 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
             lease.release()
         if logs is not None:
             logs.close(stopping=stop is not None and stop.signum is not None)
+
+
+def _on_stop(result, options, cancel_on_stop: bool) -> tuple[str, bool]:
+    """What Ctrl-C / SIGTERM does to the runner's job: the line that says so, and whether to cancel it.
+
+    A local run's job is this process: it is cancelled. A Dataflow job runs on its own; as with Beam, the
+    launcher only stops waiting for it and it keeps running, unless ``--cancel-on-stop`` asks to cancel it.
+    """
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    from beam_captions.local import is_dataflow_runner
+
+    stopped = "stopped; what is finished is kept, a re-run completes the rest"
+    if result is None or not is_dataflow_runner(options.get_all_options()["runner"]):
+        return stopped, result is not None
+    job = _job_id(result)
+    if cancel_on_stop:
+        return f"{stopped} (cancelling the Dataflow job {job}, --cancel-on-stop)", True
+    region = options.view_as(GoogleCloudOptions).region
+    where = f" --region {region}" if region else ""
+    return (f"stopped waiting; the Dataflow job {job} keeps running: cancel it with "
+            f"`gcloud dataflow jobs cancel {job}{where}` or run with --cancel-on-stop"), False
+
+
+def _job_id(result) -> str:
+    """The runner's id of a submitted job (``DataflowPipelineResult.job_id()``), or ``JOB_ID`` where it has none."""
+    try:
+        return str(result.job_id()) or "JOB_ID"
+    except Exception:  # noqa: BLE001 - not known: the line still says what to do
+        return "JOB_ID"
 
 
 def _handle_stop_signals(handler: Callable) -> dict[int, object]:

@@ -55,6 +55,7 @@ class JobConfig:
     log_file: Optional[str] = None
     verbose: bool = False
     force: bool = False  # run even where another live run holds the output's lease
+    cancel_on_stop: bool = False  # Ctrl-C / SIGTERM cancel a Dataflow job too (local runs are always cancelled)
     generate_captions: bool = False
     generate_previews: bool = False
     model_dir: Optional[str] = None
@@ -159,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "without it such a run is refused, as two runs on one output would both make every clip")
     io.add_argument("--verbose", action="store_true",
                     help="also show the libraries' logs (vLLM, transformers, torch, Beam) on the terminal")
+    io.add_argument("--cancel-on-stop", action="store_true",
+                    help="Ctrl-C or SIGTERM to the launcher also cancels the Dataflow job it submitted (by default "
+                         "the launcher stops waiting and the job keeps running, as with Beam; a local run is "
+                         "stopped either way)")
 
     cap = parser.add_argument_group("captions")
     cap.add_argument("--generate-captions", action="store_true", help="caption every window")

@@ -22,8 +22,13 @@ from beam_captions.io.paths import is_local, local_path
 __all__ = ["delete_if_unchanged", "file_token", "read_with_token", "write_if_unchanged"]
 
 
-@functools.lru_cache(maxsize=1)
 def _gcs_client():
+    """The storage client, one per storage endpoint (``STORAGE_EMULATOR_HOST`` may change within a process)."""
+    return _gcs_client_for(os.environ.get("STORAGE_EMULATOR_HOST"))
+
+
+@functools.lru_cache(maxsize=4)
+def _gcs_client_for(endpoint: Optional[str]):
     from apache_beam.io.gcp.gcsio import GcsIO
 
     return GcsIO().client

@@ -137,4 +137,5 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         window_seconds=config.window_seconds if config.streaming else None,
         asked=asked,
         accelerator=config.accelerator if config.generate_captions or config.enhance_captions else None,
+        captions_table=config.captions_table,
     )

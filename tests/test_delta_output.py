@@ -292,3 +292,18 @@ def test_the_staging_area_is_outside_the_table(tmp_path):
     assert meta["captions_staged"].startswith(f"{delta.STAGING}/{clip_id}-")
     assert os.path.exists(os.path.join(out, meta["captions_staged"]))
     assert not os.path.exists(os.path.join(out, "captions"))
+
+
+def test_a_redo_that_leaves_no_window_removes_the_clips_rows(tmp_path):
+    from beam_captions.records import Failure
+
+    out = str(tmp_path / "out")
+    ids = [stage_synthetic_clip(out, number) for number in range(2)]
+    commit_clips(out, ids)
+    source = metas(out)[ids[0]]["source"]
+    broken = Failure(source, ids[0], "prepare", "ValueError", "not a video any more", windows_before=0,
+                     source_version=(9999, 2.0))  # the file was replaced
+    assert write_clip(out, ids[0], [broken], captions_table="delta")
+    commit_clips(out, ids[:1])
+    assert {r["clip_id"] for r in polars_rows(out)} == {ids[1]}
+    assert metas(out)[ids[0]]["status"] == "failed"

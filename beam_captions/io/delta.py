@@ -146,6 +146,18 @@ def staged_files(output: str) -> list[tuple[str, str, float]]:
     return sorted(found)
 
 
+def _delete(output: str, relpaths: Sequence[str]) -> None:
+    """Delete staged files (those gone already are no error); locally without Beam's per-path glob match."""
+    if not is_local(output):
+        delete_quietly(_absolute(output, relpath) for relpath in relpaths)
+        return
+    for relpath in relpaths:
+        try:
+            os.unlink(local_path(_absolute(output, relpath)))
+        except FileNotFoundError:
+            pass
+
+
 def _read_staged(output: str, relpath: str) -> Optional[pa.Table]:
     """The rows of a staged file, or ``None`` when it is gone (committed and deleted already)."""
     path = _absolute(output, relpath)
@@ -251,11 +263,18 @@ def commit_clips(output: str, clip_ids: Iterable[str], *, recovery: bool = False
     whose named file is gone was committed already. ``recovery``: the files may have been committed before
     (a commit killed before its clean-up): replace, never append. Returns counters."""
     ids = sorted(set(clip_ids))
-    metas = dict(zip(ids, parallel_map(lambda clip_id: read_meta(output, clip_id), ids)))
-    named = {clip_id: meta["captions_staged"] for clip_id, meta in metas.items()
-             if isinstance(meta, dict) and meta.get("captions_table") == DELTA and meta.get("captions_staged")}
-    tables = dict(zip(named, parallel_map(lambda clip_id: _read_staged(output, named[clip_id]), list(named))))
-    present = sorted(clip_id for clip_id, table in tables.items() if table is not None)
+
+    def staged_of(clip_id: str) -> tuple[Optional[dict], Optional[str], Optional[pa.Table]]:
+        meta = read_meta(output, clip_id)
+        if not (isinstance(meta, dict) and meta.get("captions_table") == DELTA and meta.get("captions_staged")):
+            return meta, None, None
+        return meta, meta["captions_staged"], _read_staged(output, meta["captions_staged"])
+
+    found = dict(zip(ids, parallel_map(staged_of, ids)))
+    metas = {clip_id: meta for clip_id, (meta, _, _) in found.items()}
+    named = {clip_id: relpath for clip_id, (_, relpath, _) in found.items() if relpath}
+    tables = {clip_id: table for clip_id, (_, _, table) in found.items() if table is not None}
+    present = sorted(tables)
     if not present:
         return {"delta_clips_already_committed": len(named)} if named else {}
     staged = [named[clip_id] for clip_id in present]
@@ -265,7 +284,7 @@ def commit_clips(output: str, clip_ids: Iterable[str], *, recovery: bool = False
     replace = recovery or retried or any(metas[c].get("captions_replaces", True) for c in present)
     data = pa.concat_tables([tables[clip_id] for clip_id in present])
     attempts = _commit(output, data, present, replace, before_commit)
-    delete_quietly(_absolute(output, relpath) for relpath in staged)
+    _delete(output, staged)
     delete_quietly([journal])
     return {"delta_commits": 1, "delta_clips_committed": len(present), "delta_rows_committed": data.num_rows,
             "delta_commit_retries": attempts - 1, "delta_commits_replacing": int(replace),
@@ -291,7 +310,7 @@ def commit_leftovers(output: str, batch_clips: int = BATCH_CLIPS, stale_s: float
             for name, value in commit_clips(output, wanted[start:start + batch_clips], recovery=True).items():
                 totals[name] = totals.get(name, 0) + value
         dead = [relpath for relpath, _, modified in found if relpath not in named and now - modified >= stale_s]
-        delete_quietly(_absolute(output, relpath) for relpath in dead)
+        _delete(output, dead)
         if dead:
             totals["delta_staged_removed"] = len(dead)
     for metadata in matching(FileSystems.join(staging_dir(output), _JOURNALS, "*.json")):

@@ -130,6 +130,7 @@ def _compact_delta(args, target_bytes: Optional[int]) -> dict[str, int]:
     left staged, then delta-rs's optimize, vacuum and log clean-up (``io.delta.compact_table``), in this
     process (Beam arguments are not used). Safe beside a running job: every step is a Delta commit that
     a concurrent commit makes retry; the staged rows of a live run are left to its own committer."""
+    from beam_captions.io.compaction import DEFAULT_TARGET_BYTES
     from beam_captions.io.delta import DEFAULT_RETENTION_HOURS, compact_table, table_uri
     from beam_captions.io.files import read_json_or_none
     from beam_captions.io.lease import describe_holder, holder_is_live, lease_path
@@ -147,7 +148,7 @@ def _compact_delta(args, target_bytes: Optional[int]) -> dict[str, int]:
               "rows are left to its committer", flush=True)
     started = time.monotonic()
     try:
-        counts = compact_table(output, target_bytes, hours, commit_staged=not live)
+        counts = compact_table(output, target_bytes or DEFAULT_TARGET_BYTES, hours, commit_staged=not live)
     except KeyboardInterrupt:
         print(f"\nbeam-captions compact: stopped; each Delta commit is whole or absent; running `beam-captions "
               f"compact {shlex.quote(args.output)}` again completes the rest", file=sys.stderr, flush=True)

@@ -174,13 +174,14 @@ def test_staged_rows_a_killed_job_left_are_committed_by_compact(tmp_path):
     assert staged_files(out) == []
 
 
-def test_staged_rows_a_killed_job_left_are_committed_by_the_next_run(clip_folder, tmp_path):
+def test_staged_rows_a_killed_job_left_are_committed_by_the_next_run(clip_folder, tmp_path, capsys):
     out = str(tmp_path / "out")
     ids = [stage_synthetic_clip(out, number) for number in range(3)]
     redone = stage_synthetic_clip(out, 0, windows=1, tag="second")  # written again before the kill
     assert len(staged_files(out)) == 4  # the first write of clip 0 is superseded: no metas names it
     counts = run_job(delta_args(str(clip_folder), out), release_models=False)
     assert counts["clips"] == 4 and counts.get("delta_clips_committed") == 4  # this run's own clips
+    assert "delta table      4 clips committed in 1 commit (0 retried after a conflict)" in capsys.readouterr().out
     rows = polars_rows(out)
     staged_rows = [r for r in rows if r["clip_id"] in ids]
     assert sorted((r["clip_id"], r["caption"]) for r in staged_rows) == sorted(

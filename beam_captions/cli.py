@@ -563,27 +563,24 @@ def _refuse_unwritable_output(output: str) -> None:
 def _refuse_other_table_format(output: str, wanted: str) -> None:
     """An output whose captions table is of the other format (``--captions-table``) is refused before any
     work: a run never mixes plain Parquet files and a Delta table under ``OUT/captions``."""
-    from beam_captions.io.delta import output_format
+    from beam_captions.io.delta import other_format_error
 
     try:
-        found = output_format(output)
-    except Exception as error:  # noqa: BLE001 - cannot tell: the output's first write will say why
-        logging.getLogger("beam_captions").info("could not list %s: %s", output, error)
+        error = other_format_error(output, wanted)
+    except Exception as failure:  # noqa: BLE001 - cannot tell: the output's first write will say why
+        logging.getLogger("beam_captions").info("could not list %s: %s", output, failure)
         return
-    if found is not None and found != wanted:
-        held = "a Delta table (captions/_delta_log)" if found == "delta" else "a plain Parquet table (captions/*.parquet)"
-        _refuse(f"--captions-table {wanted}: {output} already holds {held}; give --captions-table {found} "
-                "or another --output")
+    if error:
+        _refuse(error)
 
 
 def _commit_staged_leftovers(output: str) -> None:
     """A Delta output: make the table if need be, and commit the rows an earlier job staged but did not
     commit (killed first), before this run's committer starts. One line and exit 1 if that fails."""
-    from beam_captions.io.delta import commit_leftovers, ensure_table
+    from beam_captions.io.delta import prepare_output
 
     try:
-        ensure_table(output)
-        done = commit_leftovers(output)
+        done = prepare_output(output)
     except Exception as error:  # noqa: BLE001
         logging.getLogger("beam_captions").info("committing staged rows failed", exc_info=True)
         print(f"beam-captions: error: committing the rows an earlier run left staged in {output}: "

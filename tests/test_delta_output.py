@@ -308,3 +308,51 @@ def test_a_redo_that_leaves_no_window_removes_the_clips_rows(tmp_path):
     commit_clips(out, ids[:1])
     assert {r["clip_id"] for r in polars_rows(out)} == {ids[1]}
     assert metas(out)[ids[0]]["status"] == "failed"
+
+
+def test_a_streaming_write_commits_to_the_delta_table(tmp_path):
+    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+    from apache_beam.testing.test_pipeline import TestPipeline
+    from apache_beam.testing.test_stream import TestStream
+    from apache_beam.transforms.window import TimestampedValue
+    from test_streaming import T0, clip_elements
+
+    from beam_captions.transforms.write import WriteOutputs
+
+    out = str(tmp_path / "out")
+    stream = (
+        TestStream()
+        .advance_watermark_to(T0)
+        .add_elements([TimestampedValue(e, T0 + 5) for e in clip_elements("first", 2, T0 + 5)])
+        .add_elements([TimestampedValue(e, T0 + 65) for e in clip_elements("second", 3, T0 + 65)])
+        .advance_watermark_to(T0 + 200)
+        .add_elements([TimestampedValue(e, T0 + 30) for e in clip_elements("late", 1, T0 + 30)])
+        .advance_watermark_to_infinity()
+    )
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    with TestPipeline(options=options) as p:
+        p | stream | WriteOutputs(out, window_seconds=60, captions_table="delta")
+    rows = polars_rows(out)
+    assert windows_of_rows(rows) == windows_of_metas(out) and len(rows) == 6
+    assert "window" not in rows[0], "a Delta output is not partitioned"
+    assert staged_files(out) == [] and not glob.glob(os.path.join(out, "captions", "window=*"))
+
+
+@pytest.mark.parametrize("mode", ["batch", "streaming"])
+def test_the_dataflow_graph_has_one_committer_on_cpu_workers(mode):
+    from gcs import storage_emulator
+    from test_runners import ACCELERATOR, ACCELERATOR_URN, BUCKET, dataflow_args, dry_run_graph, leaf_environments
+
+    with storage_emulator(BUCKET):
+        argv = ["--input", f"gs://{BUCKET}/raw/", "--output", f"gs://{BUCKET}/out", "--generate-previews",
+                "--captions-table", "delta", "--accelerator", ACCELERATOR,
+                *(["--streaming", "--streaming"] if mode == "streaming" else [])]  # the CLI's flag, then Beam's
+        proto, _ = dry_run_graph(argv + dataflow_args(f"gs://{BUCKET}", dry_run=True))
+    names = [t.unique_name for t in proto.components.transforms.values()]
+    committer = [name for name in names if name.startswith("WriteOutputs/CommitToDelta/")]
+    assert "WriteOutputs/CommitToDelta/Commit" in committer
+    batching = "WriteOutputs/CommitToDelta/Batch" + ("/ParDo(_GroupIntoBatchesDoFn)" if mode == "streaming" else "")
+    assert batching in committer and ("WriteOutputs/CommitToDelta/Gather" in committer) == (mode == "batch")
+    leaves = leaf_environments(proto)
+    assert not any(ACCELERATOR_URN in leaves[name].resource_hints for name in committer if name in leaves)

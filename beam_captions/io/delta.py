@@ -50,8 +50,8 @@ from beam_captions.io.paths import captions_dir, is_local, local_path
 
 __all__ = [
     "BATCH_CLIPS", "DELTA", "PARQUET", "STAGING", "TABLE_FORMATS", "commit_clips", "commit_leftovers",
-    "compact_table", "ensure_table", "has_delta_log", "output_format", "read_table", "stage_rows",
-    "staged_files", "storage_options", "table_uri",
+    "compact_table", "ensure_table", "has_delta_log", "other_format_error", "output_format", "prepare_output",
+    "read_table", "stage_rows", "staged_files", "storage_options", "table_uri",
 ]
 
 DELTA, PARQUET = "delta", "parquet"
@@ -122,6 +122,16 @@ def output_format(output: str) -> Optional[str]:
                 return PARQUET
         return None
     return PARQUET if _first(FileSystems.join(captions_dir(output), "**.parquet")) else None
+
+
+def other_format_error(output: str, wanted: str) -> Optional[str]:
+    """Why a run with ``--captions-table wanted`` must not write to ``output`` (it holds the other format),
+    or ``None``: a run never mixes plain Parquet files and a Delta table under ``OUT/captions``."""
+    found = output_format(output)
+    if found is None or found == wanted:
+        return None
+    held = "a Delta table (captions/_delta_log)" if found == DELTA else "a plain Parquet table (captions/*.parquet)"
+    return f"--captions-table {wanted}: {output} already holds {held}; give --captions-table {found} or another --output"
 
 
 # ---------------------------------------------------------------------------------------------- staging
@@ -318,6 +328,13 @@ def commit_leftovers(output: str, batch_clips: int = BATCH_CLIPS, stale_s: float
         if not any(FileSystems.exists(_absolute(output, relpath)) for relpath in journal.get("staged", [])):
             delete_quietly([metadata.path])
     return totals
+
+
+def prepare_output(output: str) -> dict[str, int]:
+    """Before a job's pipeline starts (the launcher, holding the output): make the table if there is none,
+    and commit what an earlier job left staged (``commit_leftovers``). Returns its counters."""
+    ensure_table(output)
+    return commit_leftovers(output)
 
 
 # ------------------------------------------------------------------------------------- reading, compact

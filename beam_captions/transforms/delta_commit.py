@@ -75,7 +75,7 @@ class CommitToDelta(beam.PTransform):
             | "Key" >> beam.Map(lambda e: (COMMIT_KEY, _clip_id(e))).with_output_types(typehints.Tuple[str, str])
             | "Global" >> beam.WindowInto(GlobalWindows())
         )
-        if written.pipeline.options.view_as(StandardOptions).streaming:
+        if written.pipeline.options.view_as(StandardOptions).streaming or not written.is_bounded:
             batches = keyed | "Batch" >> beam.GroupIntoBatches(
                 self.batch_size, max_buffering_duration_secs=self.max_buffering_duration_secs)
         else:

@@ -86,7 +86,7 @@ def clip_folder(tmp_path_factory):
 def first_run(clip_folder, tmp_path_factory) -> str:
     """A previews-only run with --captions-table delta, kept as it left the output."""
     out = str(tmp_path_factory.mktemp("delta-run") / "out")
-    counts = run_job(delta_args(str(clip_folder), out), release_models=False)
+    counts = run_job([*previews_args(str(clip_folder), out), "--captions-table", "delta"], release_models=False)
     assert counts["clips"] == 4 and counts.get("delta_clips_committed") == 4
     return out
 
@@ -103,6 +103,8 @@ def test_a_run_makes_a_delta_table_polars_reads_with_every_window_once(first_run
     through_api = read_captions(out).sort_by([("clip_id", "ascending"), ("window_index", "ascending")]).to_pylist()
     assert through_api == rows
     assert not glob.glob(os.path.join(out, "captions", "*", "*.parquet")), "a Delta output has no partitions"
+    gallery = open(os.path.join(out, "index.html"), encoding="utf-8").read()  # the gallery reads the metas
+    assert all(f"c{number}.mp4" in gallery for number in range(4))
 
 
 def test_a_rerun_skips_every_done_clip_and_commits_nothing(first_run, clip_folder, tmp_path):

@@ -96,8 +96,9 @@ def _compact_arguments(argv: Sequence[str]):
     parser = argparse.ArgumentParser(
         prog="beam-captions compact",
         description="Merge an output's small caption Parquet files into large ones (row groups by clip) and write "
-        "OUT/captions/_manifest.json. Every row is kept once; clips' metas point at their new file. Run it while "
-        "no job writes to OUT; running it again changes nothing. Ctrl-C stops it once the merged files being "
+        "OUT/captions/_manifest.json. Every row is kept once; clips' metas point at their new file. It may run "
+        "while jobs write to OUT (their writes are kept; on a streaming output only partitions closed past the "
+        "job's --lateness-horizon-seconds are merged); running it again changes nothing. Ctrl-C stops it once the merged files being "
         "committed are in place; running it again completes the rest. Other arguments go to Beam (e.g. --runner).",
     )
     parser.error = _compact_usage_error  # one line, exit 2
@@ -183,10 +184,13 @@ def _run_compaction(args, beam_args: list[str], target_bytes: Optional[int], sto
             _refuse(f"compact {args.output}: no captions folder there (is it the output root of a run?)")
     from beam_captions.io.files import read_json_or_none
     from beam_captions.io.lease import describe_holder, holder_is_live, lease_path
+    from beam_captions.io.partitions import read_settings
 
     holder = read_json_or_none(lease_path(output))
-    if holder_is_live(holder):
-        _refuse(f"compact {args.output}: a run is writing to it ({describe_holder(holder)}); compact it once that run ends")
+    if holder_is_live(holder):  # safe: its writes during the compaction are kept (io.compaction)
+        print(f"beam-captions compact: a run is writing to {args.output} ({describe_holder(holder)}); what it writes "
+              "meanwhile is kept" + ("; partitions it may still write are left alone" if read_settings(output) else ""),
+              flush=True)
     started = time.monotonic()
     beam_args = local_beam_args(beam_args, args.local_workers, False)
     options = PipelineOptions(beam_args)
@@ -360,6 +364,10 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
         if lease.displaced:
             logging.getLogger("beam_captions").info("took over the lease of %s from %s", config.output, lease.displaced)
     try:
+        if config.streaming:  # for `compact`: which partitions the job may still write
+            from beam_captions.io.partitions import TimePartitions, write_settings
+
+            write_settings(config.output, TimePartitions(config.window_seconds, config.lateness_horizon_seconds))
         pipeline = beam.Pipeline(options=options)
         build_pipeline(pipeline, config)
         if config.captions_table == "delta" and not submitted_only:
@@ -396,9 +404,9 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
             # Ctrl-C or SIGTERM (a runner may wrap the interrupt in its own error)
             logging.getLogger("beam_captions").info("stopped by signal %s", stop.signum, exc_info=True)
             restore_terminal()
-            print("\nbeam-captions: stopped; what is finished is kept, a re-run completes the rest",
-                  file=terminal(), flush=True)
-            if result is not None:
+            line, cancel = _on_stop(result, options, config.cancel_on_stop)
+            print(f"\nbeam-captions: {line}", file=terminal(), flush=True)
+            if cancel:
                 try:
                     result.cancel()
                 except Exception:  # noqa: BLE001 - a runner that cannot cancel: the summary still comes
@@ -426,6 +434,36 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
             lease.release()
         if logs is not None:
             logs.close(stopping=stop is not None and stop.signum is not None)
+
+
+def _on_stop(result, options, cancel_on_stop: bool) -> tuple[str, bool]:
+    """What Ctrl-C / SIGTERM does to the runner's job: the line that says so, and whether to cancel it.
+
+    A local run's job is this process: it is cancelled. A Dataflow job runs on its own; as with Beam, the
+    launcher only stops waiting for it and it keeps running, unless ``--cancel-on-stop`` asks to cancel it.
+    """
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    from beam_captions.local import is_dataflow_runner
+
+    stopped = "stopped; what is finished is kept, a re-run completes the rest"
+    if result is None or not is_dataflow_runner(options.get_all_options()["runner"]):
+        return stopped, result is not None
+    job = _job_id(result)
+    if cancel_on_stop:
+        return f"{stopped} (cancelling the Dataflow job {job}, --cancel-on-stop)", True
+    region = options.view_as(GoogleCloudOptions).region
+    where = f" --region {region}" if region else ""
+    return (f"stopped waiting; the Dataflow job {job} keeps running: cancel it with "
+            f"`gcloud dataflow jobs cancel {job}{where}` or run with --cancel-on-stop"), False
+
+
+def _job_id(result) -> str:
+    """The runner's id of a submitted job (``DataflowPipelineResult.job_id()``), or ``JOB_ID`` where it has none."""
+    try:
+        return str(result.job_id()) or "JOB_ID"
+    except Exception:  # noqa: BLE001 - not known: the line still says what to do
+        return "JOB_ID"
 
 
 def _handle_stop_signals(handler: Callable) -> dict[int, object]:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 from typing import Optional, Sequence
 
-__all__ = ["available_cores", "is_local_runner", "local_beam_args", "runs_in_this_process"]
+__all__ = ["available_cores", "is_dataflow_runner", "is_local_runner", "local_beam_args", "runs_in_this_process"]
 
 _DIRECT_RUNNERS = frozenset({"direct", "directrunner", "switchingdirectrunner"})
+_DATAFLOW_RUNNERS = frozenset({"dataflow", "dataflowrunner", "testdataflowrunner"})
 _USER_CHOICES = ("--direct_num_workers", "--direct_running_mode")
 
 
@@ -27,6 +28,15 @@ def is_local_runner(runner: Optional[str]) -> bool:
     """Whether ``runner`` (a ``--runner`` value; None for the default) is the DirectRunner, which runs here
     (in this process, or in local worker processes of its multi-processing mode)."""
     return runner is None or (isinstance(runner, str) and runner.lower() in _DIRECT_RUNNERS)
+
+
+def is_dataflow_runner(runner: object) -> bool:
+    """Whether ``runner`` (a ``--runner`` value: a name, a dotted path or a runner object) is Dataflow's,
+    whose job runs on Google Cloud, not in this process."""
+    if runner is None:
+        return False
+    name = runner if isinstance(runner, str) else type(runner).__name__
+    return name.rsplit(".", 1)[-1].lower() in _DATAFLOW_RUNNERS
 
 
 def _runner(beam_args: Sequence[str]) -> Optional[str]:

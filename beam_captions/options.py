@@ -44,6 +44,7 @@ class JobConfig:
     input_subscription: Optional[str] = None
     watch_interval_seconds: float = 10.0
     window_seconds: float = 60.0
+    lateness_horizon_seconds: float = 3600.0
     captions_table: str = "parquet"  # or "delta": OUT/captions is a Delta Lake table (io.delta)
     skip_existing: bool = True
     retry_failed: bool = True
@@ -56,6 +57,7 @@ class JobConfig:
     log_file: Optional[str] = None
     verbose: bool = False
     force: bool = False  # run even where another live run holds the output's lease
+    cancel_on_stop: bool = False  # Ctrl-C / SIGTERM cancel a Dataflow job too (local runs are always cancelled)
     generate_captions: bool = False
     generate_previews: bool = False
     model_dir: Optional[str] = None
@@ -127,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--watch-interval-seconds", type=float, default=10.0, help="streaming: how often --input is listed")
     io.add_argument("--window-seconds", type=float, default=60.0,
                     help="streaming: Parquet rows are written per event-time window of this length")
+    io.add_argument("--lateness-horizon-seconds", type=float, default=3600.0,
+                    help="streaming: a window's partition closes this long after the window ends; a clip written "
+                         "later goes to the partition of the window it is written in. `beam-captions compact` "
+                         "merges closed partitions only, so it never races the job")
     io.add_argument("--captions-table", choices=CAPTIONS_TABLES, default="parquet",
                     help="format of OUT/captions: 'parquet' (default: one Parquet file per clip, merged by "
                          "`beam-captions compact`) or 'delta' (a Delta Lake table: workers stage each clip's rows, "
@@ -160,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "without it such a run is refused, as two runs on one output would both make every clip")
     io.add_argument("--verbose", action="store_true",
                     help="also show the libraries' logs (vLLM, transformers, torch, Beam) on the terminal")
+    io.add_argument("--cancel-on-stop", action="store_true",
+                    help="Ctrl-C or SIGTERM to the launcher also cancels the Dataflow job it submitted (by default "
+                         "the launcher stops waiting and the job keeps running, as with Beam; a local run is "
+                         "stopped either way)")
 
     cap = parser.add_argument_group("captions")
     cap.add_argument("--generate-captions", action="store_true", help="caption every window")
@@ -264,6 +274,7 @@ def validate(config: JobConfig) -> None:
            "--input-subscription must look like projects/<project>/subscriptions/<name>")
     for flag, value in (("--watch-interval-seconds", config.watch_interval_seconds),
                         ("--window-seconds", config.window_seconds),
+                        ("--lateness-horizon-seconds", config.lateness_horizon_seconds),
                         ("--clip-time-budget-seconds", config.clip_time_budget_seconds),
                         ("--model-request-timeout-seconds", config.model_request_timeout_seconds),
                         ("--captioning-sampling-fps", config.captioning_sampling_fps),
@@ -274,6 +285,7 @@ def validate(config: JobConfig) -> None:
         _check(value is None or math.isfinite(value), f"{flag} must be a finite number, got {value}")
     _check(config.watch_interval_seconds > 0, "--watch-interval-seconds must be positive")
     _check(config.window_seconds > 0, "--window-seconds must be positive")
+    _check(config.lateness_horizon_seconds >= 0, "--lateness-horizon-seconds must be 0 or more")
     _check(config.max_frame_pixels >= 1, "--max-frame-pixels must be positive")
     _check(config.clip_time_budget_seconds > 0, "--clip-time-budget-seconds must be positive")
     _check(config.decode_threads >= 0, "--decode-threads must be 0 (automatic) or more")

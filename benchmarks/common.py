@@ -161,6 +161,18 @@ def clip_folder(name: str, clips: list[str]) -> str:
     return folder
 
 
+def clip_copies(name: str, clip: str, count: int) -> str:
+    """A cache folder holding ``count`` copies of ``clip`` under different names: distinct clips to the job
+    (links would not do: a link is resolved to its target, so links to one file are one clip)."""
+    folder = os.path.join(CACHE_DIR, "inputs", name)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    stem, ext = os.path.splitext(os.path.basename(clip))
+    for i in range(count):
+        shutil.copyfile(clip, os.path.join(folder, f"{stem}_{i}{ext}"))
+    return folder
+
+
 def _write_atomically(path: str, data: bytes) -> None:
     with open(path + ".part", "wb") as handle:
         handle.write(data)

@@ -4,6 +4,9 @@
 # ceiling), P6 (the whole job vs raw vLLM, GPU busy fraction, peak GPU memory) and P8 (every caption family
 # through the job, the tiny Omni in its real MoE layout included, which vLLM's CPU build cannot run). Without a GPU it runs the
 # same code on the CPU path. Results: benchmarks/results/latest.json; the card's name is in each figure.
+# A GPU machine with no network (this workplace's device machines) cannot run `make setup`: carry the
+# wheels instead (benchmarks/README.md, "GPU run"; the list is benchmarks/gpu_offline_wheels.txt) and run the
+# last line with PYTHONPATH pointing at them and VLLM_USE_FLASHINFER_SAMPLER=0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi -L 2>/dev/null || echo "gpu_check: no GPU visible; running the CPU path"

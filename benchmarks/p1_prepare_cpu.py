@@ -81,7 +81,7 @@ def ffmpeg_decode_cpu(ffmpeg: str, clip: str) -> float:
 
 def run(clip: str, repeats: int, long_clip: Optional[str] = None) -> Figure:
     """The figure on ``clip``; ``long_clip`` adds one pair (ours, ffmpeg) on a long clip to the details."""
-    figure = Figure("P1", "decode+previews CPU / ffmpeg full decode CPU", "CPU s", ("<=", 1.3))
+    figure = Figure("P1", "decode+previews CPU / ffmpeg full decode CPU", "CPU s", ("<=", 1.0))
     ffmpeg = find_ffmpeg()
     if not ffmpeg:
         figure.skipped = "skipped: no ffmpeg CLI (apt-get install -y ffmpeg)"

@@ -26,7 +26,7 @@ from beam_captions.cli import run_job
 from beam_captions.inference.caption_handler import VideoCaptionHandler, video_input
 
 from captioning import prepare_config, prepared_windows
-from common import Figure, clip_folder, gpu_name, interleaved, median_ratio
+from common import Figure, clip_copies, gpu_name, interleaved, median_ratio
 
 MAX_TOKENS = 512  # the job's default
 
@@ -81,9 +81,7 @@ def run(clip: str, copies: int, repeats: int, model_dir: str, vllm_kwargs: dict[
     start = time.perf_counter()
     engine = handler.load_model().engine.start()
     load_s = time.perf_counter() - start
-    folder = clip_folder("p6", [])
-    for i in range(copies):
-        os.symlink(os.path.abspath(clip), os.path.join(folder, f"copy{i}.mp4"))
+    folder = clip_copies("p6", clip, copies)  # distinct clips (links to one file would be one clip)
     windows = prepared_windows(clip, prepare_config(model_dir)) * copies
     inputs = [video_input(engine, r, handler.request.prompt) for r in windows]
     params = handler.request.sampling_params()

@@ -17,19 +17,7 @@ import tempfile
 import time
 from typing import Optional
 
-from common import CACHE_DIR, REPO_DIR, Figure, children_cpu, interleaved, median_ratio
-
-
-def clip_copies(clip: str, count: int) -> str:
-    """A cache folder holding ``count`` copies of ``clip`` under different names: distinct clips to the job
-    (links would not do: a link is resolved to its target, so links to one file are one clip)."""
-    folder = os.path.join(CACHE_DIR, "inputs", "p7")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.makedirs(folder)
-    stem, ext = os.path.splitext(os.path.basename(clip))
-    for i in range(count):
-        shutil.copyfile(clip, os.path.join(folder, f"{stem}_{i}{ext}"))
-    return folder
+from common import REPO_DIR, Figure, children_cpu, clip_copies, interleaved, median_ratio
 
 
 def job_seconds(input_dir: str, cores: Optional[set[int]], cpu_seconds: list[float]) -> float:
@@ -56,7 +44,7 @@ def run(clip: str, copies: int, repeats: int) -> Figure:
     if len(usable) < 2:
         figure.skipped = "skipped: one usable core"
         return figure
-    input_dir = clip_copies(clip, copies)
+    input_dir = clip_copies("p7", clip, copies)
     cpu_default: list[float] = []
     cpu_pinned: list[float] = []
     every_core, one_core = interleaved(

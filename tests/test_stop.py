@@ -17,6 +17,7 @@ import pytest
 from clips import make_clip
 
 from conftest import VLLM_KWARGS
+from gcs import storage_emulator
 
 SCRIPT = """
 import time
@@ -42,6 +43,67 @@ def test_a_runner_that_swallows_the_interrupt_is_finished_by_the_watchdog():
     output, _ = process.communicate(timeout=30)
     assert process.returncode == 143 and time.monotonic() - started < 10  # 128 + SIGTERM
     assert output.split() == ["SWALLOWED", "FINISHED"]
+
+
+FAKE_DATAFLOW = """
+import os, signal, sys, time
+import apache_beam as beam
+
+
+class FakeDataflowResult:
+    \"\"\"What pipeline.run() returns once Dataflow accepted the job (a remote service these tests cannot
+    reach): waiting for it is where Ctrl-C / SIGTERM come.\"\"\"
+
+    def job_id(self):
+        return "2026-11-18_03_07_00-1234567890"
+
+    def wait_until_finish(self, duration=None):
+        os.kill(os.getpid(), signal.SIGTERM)
+        while True:
+            time.sleep(0.05)
+
+    def cancel(self):
+        print("CANCELLED", flush=True)
+
+
+beam.Pipeline.run = lambda self, *args, **kwargs: FakeDataflowResult()
+from gcs import anonymous_beam
+anonymous_beam()  # Dataflow's option checks look at the temp bucket: the emulator's, anonymously
+from beam_captions.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("runner, flags, cancelled", [
+    ("DataflowRunner", [], False),
+    ("DataflowRunner", ["--cancel-on-stop"], True),
+    ("DirectRunner", [], True),  # a local run's job is this process: stopped either way
+])
+def test_a_stop_leaves_a_dataflow_job_running_unless_asked_to_cancel_it(tmp_path, runner, flags, cancelled):
+    """Ctrl-C / SIGTERM to a launcher waiting for its Dataflow job: it stops waiting and says how to cancel
+    the job, which keeps running (Beam's own behaviour), unless --cancel-on-stop; a local run is cancelled."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    command = [sys.executable, "-c", FAKE_DATAFLOW, "--input", str(inputs), "--output", str(tmp_path / "out"),
+               "--generate-previews", "--no-gallery", f"--runner={runner}", "--project=test-project",
+               "--region=europe-west4", "--temp_location=gs://beam-captions-stop/tmp", "--no_auth", *flags]
+    tests = os.path.dirname(os.path.abspath(__file__))
+    with storage_emulator("beam-captions-stop"):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 143, done.stderr[-3000:]
+    assert ("CANCELLED" in done.stdout.split()) == cancelled, done.stdout[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    job = "2026-11-18_03_07_00-1234567890"
+    if runner == "DataflowRunner" and not cancelled:
+        assert told(done.stderr) == [
+            f"beam-captions: stopped waiting; the Dataflow job {job} keeps running: cancel it with "
+            f"`gcloud dataflow jobs cancel {job} --region europe-west4` or run with --cancel-on-stop"], done.stderr
+    elif runner == "DataflowRunner":
+        assert told(done.stderr) == [f"beam-captions: stopped; what is finished is kept, a re-run completes the rest "
+                                     f"(cancelling the Dataflow job {job}, --cancel-on-stop)"], done.stderr
+    else:
+        assert told(done.stderr) == ["beam-captions: stopped; what is finished is kept, a re-run completes the rest"]
 
 
 @pytest.fixture(scope="module")

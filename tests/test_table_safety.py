@@ -236,3 +236,22 @@ def test_the_replay_on_a_bucket_keeps_the_redone_rows(gcs, tmp_path):  # noqa: F
     rows = read_captions(out).to_pylist()
     assert [r["caption"] for r in rows if r["clip_id"] == redone] == ["redone 0/0", "redone 0/1"]
     assert meta["captions_file"].startswith("captions/part-") and len(rows) == 3 * 3 + 2
+
+
+def test_the_gallery_counts_the_table_through_read_captions(tmp_path):
+    import re
+
+    from beam_captions.io.gallery import write_gallery
+
+    out = str(tmp_path / "out")
+    for number in range(4):
+        write_synthetic_clip(out, number)
+    compact([out])
+    redo(out, 1, windows=1)
+    page = open(write_gallery(out)).read()
+    counts = dict(re.findall(r'<li data-count="([^"]+)"><b>(\d+)</b>', page))
+    assert counts["windows"] == counts["rows in the captions table"] == str(3 * 3 + 1)
+    assert len(plain_rows(out)) == 3 * 4 + 1  # the merged file still holds the redone clip's three old rows
+    import beam_captions
+
+    assert beam_captions.read_captions(out).num_rows == 3 * 3 + 1

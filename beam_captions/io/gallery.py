@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Optional, Sequence
 from urllib.parse import quote
 
 from apache_beam.io.filesystems import FileSystems
@@ -280,8 +280,10 @@ def _clip_html(meta: dict[str, Any]) -> str:
     return f'<section class="clip" id="clip-{_esc(clip_id)}">{header}{windows}</section>'
 
 
-def _summary(clips: Sequence[dict[str, Any]], failures: Sequence[dict[str, Any]]) -> dict[str, int]:
-    """Counts over the whole run, for the first page."""
+def _summary(clips: Sequence[dict[str, Any]], failures: Sequence[dict[str, Any]],
+             table_rows: Optional[int] = None) -> dict[str, int]:
+    """Counts over the whole run, for the first page (``table_rows``: the captions table's rows as
+    ``read_captions`` reads them, one per window when the table and the metas agree)."""
     windows = [w for c in clips for w in c["windows"]]
     return {
         "clips": len(clips),
@@ -292,6 +294,7 @@ def _summary(clips: Sequence[dict[str, Any]], failures: Sequence[dict[str, Any]]
         "previews": sum(bool(w.get("preview")) for w in windows),
         "flagged captions": sum(bool(_flags(w, key)) for w in windows for key, _ in CAPTION_FIELDS),
         "failures": len(failures),
+        **({"rows in the captions table": table_rows} if table_rows is not None else {}),
     }
 
 
@@ -347,7 +350,7 @@ def _paginate(clips: Sequence[dict[str, Any]], clips_per_page: int) -> list[_Pag
 
 
 def render_pages(clips: Sequence[dict[str, Any]], failures: Sequence[dict[str, Any]],
-                 clips_per_page: int = 50) -> dict[str, str]:
+                 clips_per_page: int = 50, table_rows: Optional[int] = None) -> dict[str, str]:
     """Every gallery page's HTML by file name; the first page also holds the summary and the failures."""
     if clips_per_page < 1:
         raise ValueError(f"clips_per_page must be >= 1, got {clips_per_page}")
@@ -356,7 +359,7 @@ def render_pages(clips: Sequence[dict[str, Any]], failures: Sequence[dict[str, A
     rendered = {}
     for page in pages:
         pager = _pager_html(page.number, len(pages))
-        extra = (_summary_html(_summary(clips, failures)) if page.number == 1 else "")
+        extra = (_summary_html(_summary(clips, failures, table_rows)) if page.number == 1 else "")
         cards = "".join(_clip_html(c) for c in page.clips) or '<p class="muted">No clips.</p>'
         tail = _failures_html(failures, clip_pages) if page.number == 1 else ""
         body = (f"<h1>beam-captions gallery</h1>{extra}{pager}\n<main>\n{cards}\n</main>\n{pager}{tail}")
@@ -373,11 +376,18 @@ def _remove_stale_pages(output: str, keep: Iterable[str]) -> None:
         FileSystems.delete(stale)
 
 
+def _table_rows(output: str) -> int:
+    """Rows of the captions table through ``read_captions`` (each window once)."""
+    from beam_captions.io.read_captions import read_captions
+
+    return read_captions(output, ["clip_id", "window_index"]).num_rows
+
+
 def write_gallery(output: str, clips_per_page: int = 50) -> str:
     """Write the gallery pages under ``output`` and return the URI of ``OUT/index.html``."""
     clips, problems = load_clips(output)
     failures = sorted(load_failures(output) + problems, key=_failure_key)
-    pages = render_pages(clips, failures, clips_per_page)
+    pages = render_pages(clips, failures, clips_per_page, _table_rows(output))
     for name, text in pages.items():
         write_bytes(FileSystems.join(output, name), text.encode("utf-8"), "text/html; charset=utf-8")
     _remove_stale_pages(output, pages)

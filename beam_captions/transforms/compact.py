@@ -10,6 +10,7 @@ from beam_captions.io.compaction import (
     DEFAULT_TARGET_BYTES, CaptionFile, build_manifest, finish_journals, list_caption_files, merge_group, note_planned,
     plan_groups, remove_stray_files, size_ratio, stop_requested, superseded_files,
 )
+from beam_captions.io.partitions import read_settings
 from beam_captions.metrics import count
 
 __all__ = ["CompactCaptions"]
@@ -24,6 +25,9 @@ def _plan(output: str, target_bytes: int):
     count("staged_files_removed", remove_stray_files(output))
     files = list_caption_files(output)
     count("files_before", len(files))
+    streaming = read_settings(output)
+    if streaming is not None:  # a streaming output: partitions the job may still write are left alone
+        files = [f for f in files if streaming.is_closed(f.partition)]
     small = [f for f in files if f.size < target_bytes // 2]
     groups = plan_groups(files, target_bytes, size_ratio(output, small), superseded_files(output, files))
     note_planned(len(groups))
@@ -51,7 +55,9 @@ def _manifest(_totals: Any, output: str, target_bytes: int) -> dict[str, Any]:
 class CompactCaptions(beam.PTransform):
     """Merge the small Parquet files under ``OUT/captions`` (per partition) into files of about
     ``target_bytes``, rows sorted by clip and row groups cut at clip boundaries; then write
-    ``OUT/captions/_manifest.json``. Idempotent; run it while no job writes to ``output``.
+    ``OUT/captions/_manifest.json``. Idempotent, and safe while jobs write to ``output``: a write during
+    a compaction keeps its rows (``io.compaction``), and on a streaming output only partitions closed
+    past the job's lateness horizon are merged (``io.partitions``).
 
     Groups are merged in parallel (one group per worker at a time); the manifest is written when
     every group is done.

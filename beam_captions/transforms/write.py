@@ -13,7 +13,6 @@ from apache_beam import typehints
 from apache_beam.coders import PickleCoder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateSpec, TimerSpec, on_timer
-from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.io.filesystems import FileSystems
 
@@ -25,6 +24,7 @@ from beam_captions.io.metas import (
     window_meta,
 )
 from beam_captions.io.parquet import caption_row, parquet_bytes
+from beam_captions.io.partitions import TimePartitions
 from beam_captions.io.paths import (
     caption_table_path, captions_dir, failure_path, failures_dir, meta_path, preview_path, previews_dir,
 )
@@ -280,17 +280,18 @@ def clip_complete(elements: Iterable[Element]) -> bool:
     return _Arrival.of(elements).complete
 
 
-def time_partition(elements: Iterable[Element], window_seconds: Optional[float]) -> Optional[str]:
-    """``window=<UTC start>`` of the fixed event-time window of the clip's arrival (streaming), else ``None``.
+def time_partition(elements: Iterable[Element], partitions: Optional[TimePartitions],
+                   now: Optional[float] = None) -> Optional[str]:
+    """``window=<UTC start>`` of the fixed event-time window of the clip's arrival (streaming), else ``None``;
+    the window of ``now`` (the write) for a clip whose own window closed past the lateness horizon.
 
     The arrival time travels in the clip's ``ClipInfo`` or ``prepare`` failure: element timestamps
     are not relied on past the model steps, which hand windows on as they finish.
     """
     found = [e.found_at for e in elements if isinstance(e, (ClipInfo, Failure)) and e.found_at is not None]
-    if not window_seconds or not found:
+    if partitions is None or not found:
         return None
-    start = Timestamp.of(found[0] - found[0] % window_seconds)
-    return "window=" + start.to_utc_datetime().strftime("%Y-%m-%dT%H-%M-%SZ")
+    return partitions.for_clip(found[0], now)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,10 +355,10 @@ class _WriteCompleteInBundle(beam.DoFn):
     GPU and CPU steps, streaming) the keyed write completes it.
     """
 
-    def __init__(self, output: str, window_seconds: Optional[float], asked: Optional[dict[str, Any]] = None,
+    def __init__(self, output: str, partitions: Optional[TimePartitions], asked: Optional[dict[str, Any]] = None,
                  captions_table: str = PARQUET):
         self.output = output
-        self.window_seconds = window_seconds
+        self.partitions = partitions
         self.asked = dict(asked or {})
         self.captions_table = captions_table
         self.held: dict[str, list[WindowedValue]] = {}
@@ -380,7 +381,7 @@ class _WriteCompleteInBundle(beam.DoFn):
         held.append(WindowedValue(element, timestamp, [window]))
         arrived = [value.value for value in held]
         if clip_complete(arrived):
-            write_clip(self.output, element.clip_id, arrived, time_partition(arrived, self.window_seconds), self.asked,
+            write_clip(self.output, element.clip_id, arrived, time_partition(arrived, self.partitions), self.asked,
                        self.captions_table)
             del self.held[element.clip_id]
             version = _version_of(arrived)
@@ -409,10 +410,10 @@ class _WriteWhenComplete(beam.DoFn):
     WRITTEN = ReadModifyWriteStateSpec("written", PickleCoder())
     END = TimerSpec("end", TimeDomain.WATERMARK)
 
-    def __init__(self, output: str, window_seconds: Optional[float], asked: Optional[dict[str, Any]] = None,
+    def __init__(self, output: str, partitions: Optional[TimePartitions], asked: Optional[dict[str, Any]] = None,
                  captions_table: str = PARQUET):
         self.output = output
-        self.window_seconds = window_seconds
+        self.partitions = partitions
         self.asked = dict(asked or {})
         self.captions_table = captions_table
 
@@ -448,7 +449,7 @@ class _WriteWhenComplete(beam.DoFn):
         arrival.add(element)
         if arrival.complete:  # the buffer is read once per clip, when it is complete (as clip_complete says)
             elements = list(buffer.read())
-            write_clip(self.output, clip_id, elements, time_partition(elements, self.window_seconds), self.asked,
+            write_clip(self.output, clip_id, elements, time_partition(elements, self.partitions), self.asked,
                        self.captions_table)
             written.write((_version_of(elements),))
             buffer.clear()
@@ -467,7 +468,7 @@ class _WriteWhenComplete(beam.DoFn):
             return
         missing = RuntimeError("the clip's elements did not all arrive; written with what did")
         elements.append(failure_from_exception(missing, source=elements[0].source, clip_id=key, stage="write"))
-        if write_clip(self.output, key, elements, time_partition(elements, self.window_seconds), self.asked,
+        if write_clip(self.output, key, elements, time_partition(elements, self.partitions), self.asked,
                       self.captions_table):
             written.write((_version_of(elements),))
             buffer.clear()
@@ -485,7 +486,8 @@ class WriteOutputs(beam.PTransform):
 
     Streaming: with ``window_seconds`` the rows go to ``OUT/captions/window=<UTC start>/``, the
     fixed event-time window of the clip's arrival. A clip is written as soon as it is complete,
-    never dropped for lateness: a late clip lands in its own (older) window's folder.
+    never dropped for lateness: a late clip lands in its own (older) window's folder, or, once that
+    closed (``lateness_horizon_s`` after its end), in the window of its write (``io.partitions``).
 
     The keyed write is stateful, and Beam's local runner runs a stateful stage on one worker: the
     ``Gather`` shuffle keeps the steps before it (decoding, previews, captioning) out of that stage,
@@ -504,10 +506,11 @@ class WriteOutputs(beam.PTransform):
     """
 
     def __init__(self, output: str, window_seconds: Optional[float] = None, asked: Optional[dict[str, Any]] = None,
-                 accelerator: Optional[str] = None, captions_table: str = PARQUET):
+                 accelerator: Optional[str] = None, lateness_horizon_s: Optional[float] = None,
+                 captions_table: str = PARQUET):
         super().__init__()
         self.output = output
-        self.window_seconds = window_seconds
+        self.partitions = TimePartitions(window_seconds, lateness_horizon_s) if window_seconds else None
         self.asked = dict(asked or {})
         self.accelerator = accelerator
         self.captions_table = captions_table
@@ -521,13 +524,13 @@ class WriteOutputs(beam.PTransform):
             pcoll
             | "WritePreviews" >> self._on_model_workers(beam.ParDo(_WritePreviews(self.output)))
             | "WriteCompleteInBundle" >> self._on_model_workers(
-                beam.ParDo(_WriteCompleteInBundle(self.output, self.window_seconds, self.asked, table)))
+                beam.ParDo(_WriteCompleteInBundle(self.output, self.partitions, self.asked, table)))
         )
         keyed = (
             in_bundle
             | "ByClip" >> beam.Map(lambda e: (e.clip_id, e)).with_output_types(typehints.Tuple[str, typehints.Any])
             | "Gather" >> beam.Reshuffle()
-            | "WriteWhenComplete" >> beam.ParDo(_WriteWhenComplete(self.output, self.window_seconds, self.asked, table))
+            | "WriteWhenComplete" >> beam.ParDo(_WriteWhenComplete(self.output, self.partitions, self.asked, table))
         )
         if table != DELTA:
             return keyed

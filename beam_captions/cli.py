@@ -82,6 +82,8 @@ def compact(argv: Sequence[str]) -> dict[str, int]:
     Ctrl-C / SIGTERM stop it cleanly (``_StopCompaction``): one line, exit 130 / 143; a second run completes it.
     Bad arguments are one line and exit 2, before any work."""
     args, beam_args, target_bytes = _compact_arguments(argv)
+    if _is_delta_output(args.output):
+        return _compact_delta(args, target_bytes)
     with _StopCompaction(args.output) as stop:
         return _run_compaction(args, beam_args, target_bytes, stop)
 
@@ -104,12 +106,63 @@ def _compact_arguments(argv: Sequence[str]):
     parser.add_argument("--target-size-mb", metavar="MB", default=None,
                         help="about how large each merged file is (default 256)")
     parser.add_argument("--local-workers", type=int, default=None, help="DirectRunner threads (default: every core)")
+    parser.add_argument("--retention-hours", type=float, default=None, metavar="H",
+                        help="Delta outputs (--captions-table delta): vacuum deletes the files no table version of "
+                             "the last H hours uses (default 168); a reader of an older version then fails")
     args, beam_args = parser.parse_known_args(argv)
     target_bytes = None if args.target_size_mb is None else _target_bytes(args.target_size_mb)
     if args.target_size_mb is not None and target_bytes is None:
         _compact_usage_error(f"--target-size-mb must be a finite number of megabytes, at least one byte (such as 256), "
                             f"not {args.target_size_mb!r}")
+    if args.retention_hours is not None and not (args.retention_hours >= 0 and args.retention_hours < float("inf")):
+        _compact_usage_error(f"--retention-hours must be a finite number of hours, 0 or more, not {args.retention_hours}")
     return args, beam_args, target_bytes
+
+
+def _is_delta_output(output: str) -> bool:
+    from beam_captions.io.delta import DELTA, output_format
+    from beam_captions.io.paths import absolute_location
+
+    return output_format(absolute_location(output)) == DELTA
+
+
+def _compact_delta(args, target_bytes: Optional[int]) -> dict[str, int]:
+    """``beam-captions compact`` on a Delta output (``--captions-table delta``): commit the rows a dead run
+    left staged, then delta-rs's optimize, vacuum and log clean-up (``io.delta.compact_table``), in this
+    process (Beam arguments are not used). Safe beside a running job: every step is a Delta commit that
+    a concurrent commit makes retry; the staged rows of a live run are left to its own committer."""
+    from beam_captions.io.compaction import DEFAULT_TARGET_BYTES
+    from beam_captions.io.delta import DEFAULT_RETENTION_HOURS, compact_table, table_uri
+    from beam_captions.io.files import read_json_or_none
+    from beam_captions.io.lease import describe_holder, holder_is_live, lease_path
+    from beam_captions.io.paths import absolute_location
+
+    output = absolute_location(args.output)
+    hours = DEFAULT_RETENTION_HOURS if args.retention_hours is None else args.retention_hours
+    holder = read_json_or_none(lease_path(output))
+    live = holder_is_live(holder)
+    if live and hours < 1:
+        _refuse(f"compact {args.output}: a run is writing to it ({describe_holder(holder)}); --retention-hours "
+                f"{hours:g} could delete files its commits are writing: give 1 or more, or wait for it to end")
+    if live:
+        print(f"beam-captions compact: a run is writing to {args.output} ({describe_holder(holder)}); its staged "
+              "rows are left to its committer", flush=True)
+    started = time.monotonic()
+    try:
+        counts = compact_table(output, target_bytes or DEFAULT_TARGET_BYTES, hours, commit_staged=not live)
+    except KeyboardInterrupt:
+        print(f"\nbeam-captions compact: stopped; each Delta commit is whole or absent; running `beam-captions "
+              f"compact {shlex.quote(args.output)}` again completes the rest", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    print(f"beam-captions compact finished in {time.monotonic() - started:.1f} s (Delta table)\n"
+          f"  staged           {counts.get('delta_clips_committed', 0)} clips committed (left by a run that "
+          f"stopped before its commit)\n"
+          f"  files            {counts['files_before']} before, {counts['files_after']} after "
+          f"({counts['files_merged']} merged into {counts['files_written']}; {counts['files_vacuumed']} vacuumed, "
+          f"retention {hours:g} h)\n"
+          f"  rows             {counts['rows']} of {counts['clips_in_table']} clips\n"
+          f"  table            {table_uri(output)} (version {counts['table_version']})", flush=True)
+    return counts
 
 
 def _run_compaction(args, beam_args: list[str], target_bytes: Optional[int], stop: "_StopCompaction") -> dict[str, int]:
@@ -301,6 +354,7 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
     if not submitted_only:
         _refuse_missing_inputs(config)
         _refuse_unwritable_output(config.output)
+        _refuse_other_table_format(config.output, config.captions_table)
         lease = _take_lease(config.output, config.force)
         try:
             logs = setup_logging(config.output, config.log_file, config.verbose)
@@ -316,6 +370,8 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
             write_settings(config.output, TimePartitions(config.window_seconds, config.lateness_horizon_seconds))
         pipeline = beam.Pipeline(options=options)
         build_pipeline(pipeline, config)
+        if config.captions_table == "delta" and not submitted_only:
+            _commit_staged_leftovers(config.output)
 
         def finish(result) -> dict[str, int]:
             stopped = stop.signum is not None
@@ -540,6 +596,37 @@ def _refuse_unwritable_output(output: str) -> None:
     except OSError as error:
         _refuse(f"--output {root}: cannot write there: {error.strerror or error}"
                 + (f" ({error.filename})" if error.filename and error.filename != root else ""))
+
+
+def _refuse_other_table_format(output: str, wanted: str) -> None:
+    """An output whose captions table is of the other format (``--captions-table``) is refused before any
+    work: a run never mixes plain Parquet files and a Delta table under ``OUT/captions``."""
+    from beam_captions.io.delta import other_format_error
+
+    try:
+        error = other_format_error(output, wanted)
+    except Exception as failure:  # noqa: BLE001 - cannot tell: the output's first write will say why
+        logging.getLogger("beam_captions").info("could not list %s: %s", output, failure)
+        return
+    if error:
+        _refuse(error)
+
+
+def _commit_staged_leftovers(output: str) -> None:
+    """A Delta output: make the table if need be, and commit the rows an earlier job staged but did not
+    commit (killed first), before this run's committer starts. One line and exit 1 if that fails."""
+    from beam_captions.io.delta import prepare_output
+
+    try:
+        done = prepare_output(output)
+    except Exception as error:  # noqa: BLE001
+        logging.getLogger("beam_captions").info("committing staged rows failed", exc_info=True)
+        print(f"beam-captions: error: committing the rows an earlier run left staged in {output}: "
+              f"{_one_line_error(error)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    if done.get("delta_clips_committed"):
+        logging.getLogger("beam_captions").info(
+            "committed %d clips an earlier run left staged", done["delta_clips_committed"])
 
 
 def _one_line_error(error: BaseException) -> str:

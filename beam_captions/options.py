@@ -26,6 +26,7 @@ ALGORITHMS = CAPTION_ALGORITHMS  # qwen, qwen2.5, qwen3, nemotron, nemotron-bf16
 ENGINE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 FRAME_DTYPES = ("uint8", "float16", "bfloat16", "float32")
 WEBP_MAX_SIDE = 16383
+CAPTIONS_TABLES = ("parquet", "delta")  # beam_captions.io.delta.TABLE_FORMATS (that module imports Beam)
 
 
 class ConfigError(ValueError):
@@ -44,6 +45,7 @@ class JobConfig:
     watch_interval_seconds: float = 10.0
     window_seconds: float = 60.0
     lateness_horizon_seconds: float = 3600.0
+    captions_table: str = "parquet"  # or "delta": OUT/captions is a Delta Lake table (io.delta)
     skip_existing: bool = True
     retry_failed: bool = True
     gallery: bool = True
@@ -131,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="streaming: a window's partition closes this long after the window ends; a clip written "
                          "later goes to the partition of the window it is written in. `beam-captions compact` "
                          "merges closed partitions only, so it never races the job")
+    io.add_argument("--captions-table", choices=CAPTIONS_TABLES, default="parquet",
+                    help="format of OUT/captions: 'parquet' (default: one Parquet file per clip, merged by "
+                         "`beam-captions compact`) or 'delta' (a Delta Lake table: workers stage each clip's rows, "
+                         "one committer step commits them in batches; not partitioned by --window-seconds)")
 
     io.add_argument("--skip-existing", action=argparse.BooleanOptionalAction, default=True,
                     help="skip clips an earlier run finished: done for the outputs asked (same models and "

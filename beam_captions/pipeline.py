@@ -138,4 +138,5 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         asked=asked,
         accelerator=config.accelerator if config.generate_captions or config.enhance_captions else None,
         lateness_horizon_s=config.lateness_horizon_seconds,
+        captions_table=config.captions_table,
     )

@@ -72,6 +72,10 @@ def format_summary(counts: dict[str, int], output: str, seconds: float, captions
     lines += [
         f"  previews         {counts.get('previews', 0)}",
         f"  failures         {sum(failures.values())}" + (f" ({by_stage})" if by_stage else ""),
+        *([f"  delta table      {counts.get('delta_clips_committed', 0)} clips committed in "
+           f"{counts['delta_commits']} commit{'s' if counts['delta_commits'] != 1 else ''} "
+           f"({counts.get('delta_commit_retries', 0)} retried after a conflict)"]
+          if counts.get("delta_commits") else []),
         f"  outputs          {output}" + _folders(output, folders),
     ]
     if warned:

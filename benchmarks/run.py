@@ -30,7 +30,7 @@ from common import (
     trailer_clip,
 )
 
-FIGURES = ("P1", "P10", "P2", "P7", "P9", "P11", "P12", "P3", "P4", "P4B", "P5", "P6", "P8")
+FIGURES = ("P1", "P10", "P2", "P7", "P9", "P13", "P11", "P12", "P3", "P4", "P4B", "P5", "P6", "P8")
 
 
 @dataclass(frozen=True)
@@ -115,10 +115,15 @@ def _figure_runners(quick: bool) -> dict[str, Callable[[], Union[Figure, list[Fi
 
         return p8_families.run(kwargs)
 
-    def p9() -> Figure:
+    def p9() -> list[Figure]:
         import p9_compact
 
-        return p9_compact.run(1000 if quick else 10000, plan.repeats_cores)
+        return p9_compact.run(1000 if quick else 10000, plan.repeats_cores)  # P9 (plain Parquet) and P9d (Delta)
+
+    def p13() -> Figure:
+        import p13_delta_commit
+
+        return p13_delta_commit.run(1000, plan.repeats_cores)
 
     def p11() -> Figure:
         import p11_accounting
@@ -131,7 +136,7 @@ def _figure_runners(quick: bool) -> dict[str, Callable[[], Union[Figure, list[Fi
         return p12_shared_memory.run(windows_per_thread=2 if quick else 6, repeats=1 if quick else 2)
 
     return {"P1": p1, "P2": p2, "P3": p3, "P4": p4, "P4B": p4b, "P5": p5, "P6": p6, "P7": p7, "P8": p8, "P9": p9,
-            "P10": p10, "P11": p11, "P12": p12}
+            "P10": p10, "P13": p13, "P11": p11, "P12": p12}
 
 
 def _target(figure: Figure) -> str:
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             made = Figure(name, "failed", "-", ("", 0.0))
             made.skipped = f"error: {type(error).__name__}: {error}"[:200]
-        made = made if isinstance(made, list) else [made]  # P10 gives two rows
+        made = made if isinstance(made, list) else [made]  # P10 and P9 give two rows
         wall = round(time.perf_counter() - t0, 1)
         for figure in made:
             figure.details["figure_wall_s"] = wall

@@ -7,6 +7,10 @@ records. This reader keeps the rows of a clip from the one file its metas names 
 reading only the metas it must: those of clips in their own files and of clips marked superseded in a
 merged file (``io.superseded``). A compaction in flight (its journal there) counts the merged file for
 the clips whose former file it already deleted.
+
+On a Delta output (``--captions-table delta``: ``OUT/captions/_delta_log``) it is the Delta table's latest
+version (``io.delta.read_table``), where every window is once by construction; rows still staged (a clip
+finished after the last commit) appear with the next commit.
 """
 
 from __future__ import annotations
@@ -39,6 +43,10 @@ def read_captions(output: str, columns: Optional[Sequence[str]] = None) -> pa.Ta
     """Every window of ``OUT/captions`` once, from the file its clip's metas names, with the partition
     columns a dataset read adds (``window`` on streaming outputs). ``columns``: the ones to return
     (``clip_id`` is read regardless, to pick the rows)."""
+    from beam_captions.io.delta import has_delta_log, read_table
+
+    if has_delta_log(output):
+        return read_table(output, columns)
     files = list_caption_files(output)
     marked = superseded_clips(output)
     in_flight: dict[str, set[str]] = {}  # merged file -> members a compaction in flight replaces

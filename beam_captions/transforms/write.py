@@ -17,6 +17,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from apache_beam.io.filesystems import FileSystems
 
 from beam_captions.io.compaction import MANIFEST, is_compacted
+from beam_captions.io.delta import DELTA, PARQUET, stage_rows
 from beam_captions.io.files import delete_quietly, matching, write_bytes, write_json
 from beam_captions.io.metas import (
     CAPTION_GROUP, PREVIEW_GROUP, clip_meta, failure_meta, finished_for, merge_windows, read_meta, version_meta,
@@ -91,9 +92,14 @@ def write_clip(
     elements: Iterable[Element],
     partition: Optional[str] = None,
     asked: Optional[dict[str, Any]] = None,
+    captions_table: str = PARQUET,
 ) -> bool:
     """Write one clip's failure records, its Parquet rows, then its metas (the marker that it is done);
     then remove what an earlier write of the clip left that this one replaces. Returns whether it wrote.
+
+    ``captions_table="delta"``: the rows go to a staged file (``io.delta.stage_rows``), which the metas
+    names (``captions_staged``) for the job's committer (``CommitToDelta``) to commit to the Delta table;
+    a clip written before gets a staged file even without rows, so that its commit removes its old ones.
 
     ``partition`` (streaming: the event-time window) puts the rows in ``captions/<partition>/``.
     ``asked`` is what the run makes (``outputs`` in the metas): outputs of the clip's earlier metas that
@@ -137,7 +143,7 @@ def write_clip(
     keep = {f"{failure.name}.json" for failure in failures}
     delete_quietly(m.path for m in matching(FileSystems.join(failures_dir(output), f"{clip_id}_*.json"))
                    if posixpath.basename(m.path.replace(os.sep, "/")) not in keep)
-    captions_file = None
+    captions_file = staged = None
     if windows:
         for record in windows:
             _count_row(record)
@@ -146,13 +152,20 @@ def write_clip(
             row = caption_row(record)
             row.update({key: merged.get(key) for key in (*CAPTION_GROUP, *PREVIEW_GROUP)})
             rows.append(row)
-        write_bytes(caption_table_path(output, clip_id, partition), parquet_bytes(rows))
-        captions_file = _captions_file(clip_id, partition)
+        if captions_table == DELTA:
+            staged = stage_rows(output, clip_id, rows)
+        else:
+            write_bytes(caption_table_path(output, clip_id, partition), parquet_bytes(rows))
+            captions_file = _captions_file(clip_id, partition)
+    elif captions_table == DELTA and old is not None:
+        staged = stage_rows(output, clip_id, [])  # its commit removes the rows an earlier write committed
     count("clips")
     if not infos:
         count("clips_failed")
     meta = clip_meta(clip_id, elements[0].source, infos[0] if infos else None, window_metas, failures,
                      source_version=version, outputs=outputs, captions_file=captions_file)
+    if captions_table == DELTA:  # an earlier metas: rows of the clip may be in the table, the commit replaces them
+        meta.update(captions_table=DELTA, captions_staged=staged, captions_replaces=old is not None)
     write_json(meta_path(output, clip_id), meta)
     # after the metas: a crash before this leaves an extra file, never a clip without rows
     if before and before != captions_file and before.endswith(f"/{clip_id}.parquet"):  # the clip's own old file
@@ -342,10 +355,12 @@ class _WriteCompleteInBundle(beam.DoFn):
     GPU and CPU steps, streaming) the keyed write completes it.
     """
 
-    def __init__(self, output: str, partitions: Optional[TimePartitions], asked: Optional[dict[str, Any]] = None):
+    def __init__(self, output: str, partitions: Optional[TimePartitions], asked: Optional[dict[str, Any]] = None,
+                 captions_table: str = PARQUET):
         self.output = output
         self.partitions = partitions
         self.asked = dict(asked or {})
+        self.captions_table = captions_table
         self.held: dict[str, list[WindowedValue]] = {}
         self.written: dict[str, tuple] = {}
 
@@ -366,7 +381,8 @@ class _WriteCompleteInBundle(beam.DoFn):
         held.append(WindowedValue(element, timestamp, [window]))
         arrived = [value.value for value in held]
         if clip_complete(arrived):
-            write_clip(self.output, element.clip_id, arrived, time_partition(arrived, self.partitions), self.asked)
+            write_clip(self.output, element.clip_id, arrived, time_partition(arrived, self.partitions), self.asked,
+                       self.captions_table)
             del self.held[element.clip_id]
             version = _version_of(arrived)
             self.written[element.clip_id] = (version,)
@@ -394,10 +410,12 @@ class _WriteWhenComplete(beam.DoFn):
     WRITTEN = ReadModifyWriteStateSpec("written", PickleCoder())
     END = TimerSpec("end", TimeDomain.WATERMARK)
 
-    def __init__(self, output: str, partitions: Optional[TimePartitions], asked: Optional[dict[str, Any]] = None):
+    def __init__(self, output: str, partitions: Optional[TimePartitions], asked: Optional[dict[str, Any]] = None,
+                 captions_table: str = PARQUET):
         self.output = output
         self.partitions = partitions
         self.asked = dict(asked or {})
+        self.captions_table = captions_table
 
     def process(
         self,
@@ -431,10 +449,12 @@ class _WriteWhenComplete(beam.DoFn):
         arrival.add(element)
         if arrival.complete:  # the buffer is read once per clip, when it is complete (as clip_complete says)
             elements = list(buffer.read())
-            write_clip(self.output, clip_id, elements, time_partition(elements, self.partitions), self.asked)
+            write_clip(self.output, clip_id, elements, time_partition(elements, self.partitions), self.asked,
+                       self.captions_table)
             written.write((_version_of(elements),))
             buffer.clear()
             arrived.clear()
+            return [_Written(clip_id, _version_of(elements))]  # for the Delta committer (a list: no generator)
         else:
             arrived.write(arrival)
             end.set(window.max_timestamp())
@@ -448,8 +468,11 @@ class _WriteWhenComplete(beam.DoFn):
             return
         missing = RuntimeError("the clip's elements did not all arrive; written with what did")
         elements.append(failure_from_exception(missing, source=elements[0].source, clip_id=key, stage="write"))
-        if write_clip(self.output, key, elements, time_partition(elements, self.partitions), self.asked):
+        if write_clip(self.output, key, elements, time_partition(elements, self.partitions), self.asked,
+                      self.captions_table):
             written.write((_version_of(elements),))
+            buffer.clear()
+            return [_Written(key, _version_of(elements))]  # for the Delta committer
         buffer.clear()
 
 
@@ -476,26 +499,45 @@ class WriteOutputs(beam.PTransform):
     stage starts when the one before it has finished: writes on CPU workers would wait for the last
     clip of the job to be captioned, and a job that failed after hours of GPU time would leave no row.
     With the hint they run in the GPU stage, so each clip is durable as soon as it is captioned.
+
+    ``captions_table="delta"``: ``OUT/captions`` is a Delta table (``io.delta``). The writers stage each
+    clip's rows and write its metas as above; every clip they wrote (``_Written``) goes to one committer
+    step (``CommitToDelta``), which commits them in batches, one Delta transaction each.
     """
 
     def __init__(self, output: str, window_seconds: Optional[float] = None, asked: Optional[dict[str, Any]] = None,
-                 accelerator: Optional[str] = None, lateness_horizon_s: Optional[float] = None):
+                 accelerator: Optional[str] = None, lateness_horizon_s: Optional[float] = None,
+                 captions_table: str = PARQUET):
         super().__init__()
         self.output = output
         self.partitions = TimePartitions(window_seconds, lateness_horizon_s) if window_seconds else None
         self.asked = dict(asked or {})
         self.accelerator = accelerator
+        self.captions_table = captions_table
 
     def _on_model_workers(self, step: beam.PTransform) -> beam.PTransform:
         return step.with_resource_hints(accelerator=self.accelerator) if self.accelerator else step
 
     def expand(self, pcoll):
-        return (
+        table = self.captions_table
+        in_bundle = (
             pcoll
             | "WritePreviews" >> self._on_model_workers(beam.ParDo(_WritePreviews(self.output)))
             | "WriteCompleteInBundle" >> self._on_model_workers(
-                beam.ParDo(_WriteCompleteInBundle(self.output, self.partitions, self.asked)))
+                beam.ParDo(_WriteCompleteInBundle(self.output, self.partitions, self.asked, table)))
+        )
+        keyed = (
+            in_bundle
             | "ByClip" >> beam.Map(lambda e: (e.clip_id, e)).with_output_types(typehints.Tuple[str, typehints.Any])
             | "Gather" >> beam.Reshuffle()
-            | "WriteWhenComplete" >> beam.ParDo(_WriteWhenComplete(self.output, self.partitions, self.asked))
+            | "WriteWhenComplete" >> beam.ParDo(_WriteWhenComplete(self.output, self.partitions, self.asked, table))
+        )
+        if table != DELTA:
+            return keyed
+        from beam_captions.transforms.delta_commit import CommitToDelta
+
+        return (
+            (in_bundle | "WrittenInBundle" >> beam.Filter(lambda e: isinstance(e, _Written)), keyed)
+            | "Written" >> beam.Flatten()
+            | "CommitToDelta" >> CommitToDelta(self.output)
         )

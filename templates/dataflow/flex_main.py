@@ -56,6 +56,20 @@ def to_cli_args(argv: Sequence[str], parser: Optional[argparse.ArgumentParser] =
     return args
 
 
+def _prepare_captions_table(config) -> None:
+    """As ``beam-captions`` does before its pipeline: refuse an output that holds the other table format;
+    on a Delta output, make the table and commit the rows an earlier job left staged."""
+    from beam_captions.io.delta import DELTA, other_format_error, prepare_output
+
+    error = other_format_error(config.output, config.captions_table)
+    if error:
+        raise SystemExit(f"beam-captions: error: {error}")
+    if config.captions_table == DELTA:
+        done = prepare_output(config.output)
+        logging.getLogger("beam_captions").info("committed %d clips an earlier job left staged",
+                                                done.get("delta_clips_committed", 0))
+
+
 def main(argv: Optional[Sequence[str]] = None):
     """Build and submit the job; returns Beam's ``PipelineResult`` (no waiting)."""
     import apache_beam as beam
@@ -65,6 +79,7 @@ def main(argv: Optional[Sequence[str]] = None):
     from beam_captions.pipeline import build_pipeline
 
     config, beam_args = parse_args(to_cli_args(sys.argv[1:] if argv is None else argv))
+    _prepare_captions_table(config)
     if getattr(config, "streaming", False) and "--streaming" not in beam_args:
         beam_args = [*beam_args, "--streaming"]  # as beam_captions.cli.run_job does
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))

@@ -11,7 +11,6 @@ While each runs, ``nvidia-smi`` is sampled every 0.2 s for ``utilization.gpu`` (
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import statistics
 import subprocess

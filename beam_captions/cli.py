@@ -20,6 +20,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 from beam_captions.logs import restore_terminal, terminal
+from beam_captions.stop_signals import StopSignals
 
 __all__ = ["main", "run_job"]
 
@@ -247,32 +248,31 @@ class _StopCompaction:
     committed in this process are finished (up to ``wait_s``; a runner elsewhere has its job cancelled), then
     one line says what is done and the process exits with 128 + the signal's number (130 / 143) at once,
     runner threads and all. A second signal ends it at once. Whatever is left part way (a journal under
-    ``OUT/_compact/``) the next ``compact`` finishes. Only installed in the main thread."""
+    ``OUT/_compact/``) the next ``compact`` finishes. Only installed in the main thread; the signals are acted
+    on in ``StopSignals``' watcher thread, as the main thread may be waiting where no handler runs."""
 
     def __init__(self, output: str, wait_s: float = 60.0):
         self.output, self.wait_s = output, wait_s  # the output root as the user wrote it
         self.in_process = True  # whether the merges run in this process (the DirectRunner's threads)
         self.result = None  # the runner's job, once started (cancelled on a stop)
         self.signum: Optional[int] = None
-        self.previous: dict[int, object] = {}
+        self._signals = StopSignals(self._on_signal)  # acted on in its watcher thread: the main thread may wait
         self._once = threading.Lock()
 
     def __enter__(self) -> "_StopCompaction":
-        self.previous = _handle_stop_signals(self._on_signal)
+        self._signals.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        self.previous = {}
+        self._signals.restore()
 
     def _again(self) -> str:
         return f"running `beam-captions compact {shlex.quote(self.output)}` again completes the rest"
 
-    def _on_signal(self, signum, frame) -> None:
-        if self.signum is not None:  # the second one: at once
+    def _on_signal(self, signum: int, count: int) -> None:
+        if count > 1:  # the second one: at once
             print(f"\nbeam-captions compact: stopped at once; {self._again()}", file=sys.stderr, flush=True)
-            os._exit(128 + self.signum)
+            os._exit(128 + (self.signum or signum))
         self.signum = signum
         compaction = sys.modules.get("beam_captions.io.compaction")
         if hasattr(compaction, "request_stop"):  # at once: no merge starts from here on
@@ -466,20 +466,13 @@ def _job_id(result) -> str:
         return "JOB_ID"
 
 
-def _handle_stop_signals(handler: Callable) -> dict[int, object]:
-    """``handler`` for SIGINT and SIGTERM (in the main thread only: elsewhere signals cannot be set); the
-    handlers it replaced, by signal, to put back."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    return {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
-
-
 class _StopOnSignal:
     """SIGINT/SIGTERM stop a local run: the first raises ``KeyboardInterrupt`` in the main thread; a
     second one ends the process at once (exit 128 + the signal's number).
 
     A runner may swallow that exception inside a bundle and keep going; if the run has not ended
-    ``grace_s`` later, ``finish`` (summary, gallery) runs from a watchdog thread and the process exits
+    ``grace_s`` later (counted from the signal, even while the main thread waits where no handler can run:
+    ``StopSignals``), ``finish`` (summary, gallery) runs from a watchdog thread and the process exits
     with 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM).
     Only installed in the main thread (signal handlers cannot be set elsewhere).
     """
@@ -487,11 +480,12 @@ class _StopOnSignal:
     def __init__(self, finish: Callable[[], object], grace_s: float = 20.0):
         self.finish, self.grace_s = finish, grace_s
         self.done = threading.Event()
-        self.previous: dict[int, object] = {}
         self.signum: Optional[int] = None
+        self._interrupted = False
+        self._signals = StopSignals(self._on_signal, in_main=self._interrupt_main)
 
     def __enter__(self) -> "_StopOnSignal":
-        self.previous = _handle_stop_signals(self._on_signal)
+        self._signals.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -500,17 +494,24 @@ class _StopOnSignal:
         self.done.set()
 
     def restore(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        self.previous = {}
+        self._signals.restore()
 
-    def _on_signal(self, signum, frame) -> None:
-        if self.signum is not None:  # the second one: at once
+    def _interrupt_main(self, signum: int) -> None:
+        """The main thread, when it gets to run the handler: stop waiting for the runner (once)."""
+        if self.signum is None:
+            self.signum = signum
+        if not self._interrupted:
+            self._interrupted = True
+            raise KeyboardInterrupt
+
+    def _on_signal(self, signum: int, count: int) -> None:
+        """The watcher thread, at once: the grace period starts even while the main thread cannot run."""
+        if count > 1:  # the second one: at once
             print("\nbeam-captions: stopped at once", file=terminal(), flush=True)
-            os._exit(128 + self.signum)
-        self.signum = signum
+            os._exit(128 + (self.signum or signum))
+        if self.signum is None:
+            self.signum = signum
         threading.Thread(target=self._force_after_grace, daemon=True).start()
-        raise KeyboardInterrupt
 
     def _force_after_grace(self) -> None:
         if self.done.wait(self.grace_s):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from test_compact import assert_each_clip_in_its_file, table_rows, write_synthetic_clip
+from test_stop import run_with_the_main_thread_waiting
 
 from beam_captions.cli import compact
 from beam_captions.io import compaction
@@ -168,6 +169,18 @@ def test_a_second_signal_stops_at_once_and_the_next_run_finishes_the_commit_it_c
     assert table_rows(out) == before  # its small files went right after the rename: no window twice
     assert_completed_by_a_second_run(out, before)
     assert_each_clip_in_its_file(out)
+
+
+def test_a_signal_another_thread_receives_stops_a_compaction_whose_main_thread_waits():
+    """The DirectRunner's main thread waits on a stage's futures; a signal the kernel hands to a worker
+    thread must stop the merges then, not when the stage is done (CI saw all nine merged files committed
+    after a Ctrl-C)."""
+    done, took = run_with_the_main_thread_waiting("_StopCompaction", "'OUT'")
+    assert done.returncode == 143 and took < 20, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split() == ["READY"]
+    assert done.stderr.strip().splitlines() == [
+        "beam-captions compact: stopped after committing 0 merged files; running `beam-captions compact OUT` "
+        "again completes the rest"]
 
 
 def test_a_stop_before_any_merge(out):

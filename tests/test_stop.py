@@ -45,6 +45,40 @@ def test_a_runner_that_swallows_the_interrupt_is_finished_by_the_watchdog():
     assert output.split() == ["SWALLOWED", "FINISHED"]
 
 
+# The kernel may hand a process's signal to any of its threads; Python runs the handler only in the main thread,
+# when it next runs Python code. Here the main thread waits on a lock for ever and the signal goes to another.
+SIGNAL_TO_A_WORKER_THREAD = """
+import signal, sys, threading, time
+from beam_captions.cli import {stopper}
+from beam_captions.io import compaction  # a compaction's stop asks it to start no merge
+
+def worker():
+    print("READY", flush=True)
+    time.sleep(0.2)
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # this thread's, not the main thread's
+    time.sleep(60)
+
+with {stopper}({arguments}):
+    threading.Thread(target=worker, daemon=True).start()
+    waiting = threading.Lock()
+    waiting.acquire()
+    waiting.acquire()  # as the DirectRunner's main thread waits on a stage's futures
+"""
+
+
+def run_with_the_main_thread_waiting(stopper: str, arguments: str) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", SIGNAL_TO_A_WORKER_THREAD.format(stopper=stopper, arguments=arguments)],
+                          capture_output=True, text=True, timeout=60)
+    return done, time.monotonic() - started
+
+
+def test_a_signal_another_thread_receives_stops_a_run_whose_main_thread_waits():
+    done, took = run_with_the_main_thread_waiting("_StopOnSignal", 'lambda: print("FINISHED", flush=True), grace_s=1.0')
+    assert done.returncode == 143 and took < 20, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split() == ["READY", "FINISHED"]
+
+
 FAKE_DATAFLOW = """
 import os, signal, sys, time
 import apache_beam as beam

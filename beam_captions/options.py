@@ -150,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--clip-time-budget-seconds", type=float, default=900.0,
                     help="stop decoding a clip after this long and record a failure (default 900)")
     io.add_argument("--decode-threads", type=int, default=0,
-                    help="decoder threads per clip: 0 (default) lets FFmpeg thread each clip, the fastest local "
-                         "run; 1 spends the least CPU per window where many processes decode at once (Dataflow)")
+                    help="decoder threads per clip: 0 (default) shares this process's cores among the clips it "
+                         "decodes at once (all for a clip alone, one each when every core has a clip); 1 spends the "
+                         "least CPU per window where many processes decode at once (Dataflow)")
     io.add_argument("--trust-remote-code", action="store_true",
                     help="let model directories run their own Python code (off by default)")
     io.add_argument("--local-workers", type=int,
@@ -344,6 +345,8 @@ def _max_model_len(kwargs: dict[str, Any], default: int) -> int:
 
 def _check_memory(config: JobConfig, caption_hub_id: str, shares: tuple[float, Optional[float]]) -> None:
     """Each model fits its GPU memory share with one full sequence (GPU size: --gpu-memory-gib or this machine's)."""
+    if not (config.generate_captions or config.enhance_captions):
+        return  # no model: nothing to fit, and no torch to import to ask for the GPU's size
     gpu_gib = config.gpu_memory_gib or gpu_total_gib()
     if gpu_gib is None:
         return  # no GPU here and none named: each worker checks its own GPU before loading

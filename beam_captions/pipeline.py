@@ -9,8 +9,6 @@ from beam_captions.local import is_local_runner
 from beam_captions.io.paths import absolute_location
 from beam_captions.media.decode import PreviewSpec
 from beam_captions.options import JobConfig
-from beam_captions.transforms.caption import CaptionWindows
-from beam_captions.transforms.enhance import EnhanceCaptions
 from beam_captions.transforms.prepare import PrepareWindows
 from beam_captions.transforms.previews import GeneratePreviews
 from beam_captions.transforms.notifications import ClipsFromNotifications
@@ -91,6 +89,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         config.enhance_captions, config.captioning_gpu_memory_share, config.enhance_captions_gpu_memory_share
     )
     if config.generate_captions:
+        from beam_captions.transforms.caption import CaptionWindows  # here: a job without models never loads torch
+
         elements = elements | "CaptionWindows" >> CaptionWindows(
             model_dir=config.model_dir,
             model_variant=config.captioning_algorithm,
@@ -116,6 +116,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             record_start_failures=local,
         )
     if config.enhance_captions:
+        from beam_captions.transforms.enhance import EnhanceCaptions
+
         elements = elements | "EnhanceCaptions" >> EnhanceCaptions(
             model_dir=config.enhance_captions_model_dir,
             model_variant=config.enhance_captions_algorithm,

@@ -19,6 +19,7 @@ from beam_captions.media.decode import (
     DecodeError,
     PreviewSpec,
     VideoInfo,
+    automatic_threads,
     decode_windows,
     iter_decode,
     preview_size,
@@ -409,6 +410,35 @@ def test_decoder_threads_do_not_change_the_frames(tmp_path: Path, threads: int) 
         assert a.frame_indices == b.frame_indices
         np.testing.assert_array_equal(a.frames, b.frames)
         np.testing.assert_array_equal(a.preview_frames, b.preview_frames)
+
+
+def test_automatic_threads_share_the_cores_among_the_clips_under_way() -> None:
+    assert [automatic_threads(n, 2) for n in range(3)] == [2, 1, 1]
+    assert [automatic_threads(n, 16) for n in (0, 1, 3, 7, 15, 40)] == [16, 8, 4, 2, 1, 1]
+    assert automatic_threads(0, 1) == 1
+
+
+def test_a_clip_alone_gets_every_core_and_clips_side_by_side_share_them(tmp_path: Path, monkeypatch) -> None:
+    """The default (0): a clip decoded while another is under way in this process gets its share of the
+    cores; once the other is done, the next clip alone gets them all again; an explicit count is kept."""
+    from beam_captions.media import decode
+
+    monkeypatch.setattr(decode, "available_cores", lambda: 4)
+    chosen: list[int] = []
+    set_threads = decode._set_threads
+    monkeypatch.setattr(decode, "_set_threads", lambda stream, threads: (chosen.append(threads),
+                                                                        set_threads(stream, threads)))
+    clip = make_clip(tmp_path / "clip.mp4", 40, 30, 96, 64)
+    options = dict(window_size=16, remainder_threshold=8, **SMALL)
+    first = iter_decode(clip, **options)
+    next(first)  # the first clip is under way (a worker holds its first window)
+    second = list(iter_decode(clip, **options))
+    rest = list(first)
+    assert chosen == [4, 2]
+    list(iter_decode(clip, **options))  # alone again
+    list(iter_decode(clip, decode_threads=3, **options))
+    assert chosen == [4, 2, 4, 3]
+    assert len(second) == len(rest) + 1 > 1
 
 
 def test_negative_decoder_threads_are_refused(tmp_path: Path) -> None:

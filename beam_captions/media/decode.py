@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,6 +27,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from beam_captions.local import available_cores
 from beam_captions.media.windowing import (
     MIN_FRAMES,
     MIN_PREVIEW_FRAMES,
@@ -44,6 +46,7 @@ __all__ = [
     "PreviewSpec",
     "DecodedWindow",
     "FrameSize",
+    "automatic_threads",
     "preview_size",
     "decode_windows",
     "iter_decode",
@@ -54,10 +57,11 @@ log = logging.getLogger(__name__)
 
 _INTERPOLATION = "AREA"
 DEFAULT_DECODE_THREADS = 0
-"""Decoder threads per clip. 0 (default): FFmpeg's automatic frame and slice threads, which keep a local
-run's cores busy (its worker threads share one interpreter, so clips decoded side by side scale poorly:
-P7). 1 costs the least CPU per window (frame threading adds 4-12 % CPU seconds, benchmarks P10): the
-choice where many processes decode clips at once, as on Dataflow workers (``--decode-threads 1``)."""
+"""Decoder threads per clip. 0 (default): automatic, ``automatic_threads``: a clip gets this process's
+cores divided among the clips it decodes at that moment, itself included, so a clip alone uses every core
+and clips decoded side by side (a local run's worker threads) one thread each, the least CPU per window
+(frame threading adds 4-12 % CPU seconds, benchmarks P10). 1: always one, the choice where many
+processes decode clips at once, as on Dataflow workers (``--decode-threads 1``)."""
 
 Source = Union[str, os.PathLike, BinaryIO]
 Size = tuple[int, int]
@@ -552,12 +556,40 @@ class _FrameIndex:
 
 
 def _set_threads(stream: av.VideoStream, threads: int) -> None:
-    """``threads`` decoder threads (0: FFmpeg's automatic count, frame and slice threading)."""
+    """``threads`` decoder threads (more than one: frame and slice threading)."""
     if threads == 1:
         stream.codec_context.thread_count = 1
     else:
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = threads
+
+
+def automatic_threads(under_way: int, cores: int) -> int:
+    """Decoder threads for a clip that starts while ``under_way`` other clips are being decoded on ``cores``."""
+    return max(1, cores // (under_way + 1))
+
+
+class _ClipsUnderWay:
+    """The clips this process is decoding now (``DEFAULT_DECODE_THREADS``' automatic choice counts them)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.count = 0
+
+    @contextmanager
+    def clip(self, decode_threads: int) -> Iterator[int]:
+        """One clip decoding from entry to exit; yields its thread count (``decode_threads``, or automatic for 0)."""
+        with self._lock:
+            threads = decode_threads or automatic_threads(self.count, available_cores())
+            self.count += 1
+        try:
+            yield threads
+        finally:
+            with self._lock:
+                self.count -= 1
+
+
+_CLIPS_UNDER_WAY = _ClipsUnderWay()
 
 
 class _Deadline:
@@ -698,7 +730,7 @@ def iter_decode(
     ``MIN_FRAMES`` of a caption window). ``max_pixels_per_frame_source`` refuses
     clips with larger frames before decoding; ``time_budget_s`` stops a clip that decodes
     too slowly. ``decode_threads`` decoder threads (default ``DEFAULT_DECODE_THREADS``; 1: the least
-    CPU per frame; 0: FFmpeg's automatic frame and slice threads). ``skip_unkept_frames`` lets the
+    CPU per frame; 0: automatic, every core for a clip decoded alone, one each for clips side by side). ``skip_unkept_frames`` lets the
     decoder skip frames that are neither kept nor referred to by another frame (the same kept frames
     for less CPU). ``source`` is a path or a seekable binary file object holding the whole
     clip. Raises ``DecodeError`` for unusable inputs. Reading problems that did not stop it
@@ -745,21 +777,22 @@ def _iter_decode(
     options = (fps, window_size, remainder_threshold, sampling_fps, preview, min_frames)
     plan = _plan(packet_count, *options, times)
     final_at = _final_at(plan, window_size, remainder_threshold)
-    decoded, rest = yield from _decode_pass(source, plan, model_size, small, deadline, final_at, orientation, notes,
-                                             decode_threads, frame_at if skip_unkept_frames else None)
-    _require_min_frames(decoded, model_frames)
-    if decoded == packet_count:
-        yield from rest
-    else:
-        given = len(plan.windows) - len(rest)  # a prefix, each final whatever the total
-        notes.add("decoded_twice", f"decoded {decoded} frames but demuxed {packet_count} packets; "
-                                   f"decoding again for the windows from #{given}")
-        tail = _plan(decoded, *options).after(given)
-        redecoded, unfilled = yield from _decode_pass(
-            source, tail, model_size, small, deadline, _complete_at(tail), orientation, notes, decode_threads
-        )
-        _require_repeatable(source, decoded, redecoded)
-        yield from unfilled
+    with _CLIPS_UNDER_WAY.clip(decode_threads) as threads:
+        decoded, rest = yield from _decode_pass(source, plan, model_size, small, deadline, final_at, orientation,
+                                                 notes, threads, frame_at if skip_unkept_frames else None)
+        _require_min_frames(decoded, model_frames)
+        if decoded == packet_count:
+            yield from rest
+        else:
+            given = len(plan.windows) - len(rest)  # a prefix, each final whatever the total
+            notes.add("decoded_twice", f"decoded {decoded} frames but demuxed {packet_count} packets; "
+                                       f"decoding again for the windows from #{given}")
+            tail = _plan(decoded, *options).after(given)
+            redecoded, unfilled = yield from _decode_pass(
+                source, tail, model_size, small, deadline, _complete_at(tail), orientation, notes, threads
+            )
+            _require_repeatable(source, decoded, redecoded)
+            yield from unfilled
     duration_s = plan.times[-1] if plan.times is not None and decoded == packet_count else decoded / fps
     yield VideoInfo(width, height, fps, decoded, codec, duration_s, shown_width, shown_height, orientation.rotation,
                     tuple(notes.items()))

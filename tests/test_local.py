@@ -145,3 +145,26 @@ def test_a_clip_whose_elements_span_bundles_is_completed_by_the_keyed_write(tmp_
     meta = json.loads((tmp_path / "metas" / f"{clip_id}.json").read_text())
     assert [w["caption"] for w in meta["windows"]] == ["w0", "w1", "w2"] and meta["errors"] == []
     assert not (tmp_path / "failures").exists()
+
+
+PREVIEWS_ONLY_MODULES = """
+import sys
+from beam_captions.cli import run_job
+run_job(["--input", sys.argv[1], "--output", sys.argv[2], "--generate-previews", "--no-gallery"])
+print(sorted(name for name in ("torch", "vllm", "apache_beam.ml") if name in sys.modules))
+"""
+
+
+def test_a_previews_only_job_loads_no_model_library(tmp_path):
+    """Its start-up stays short (P7): no torch for the GPU memory check, no caption stage's imports."""
+    import subprocess
+    import sys
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    make_clip(clips / "a.mp4", 12, 24, 64, 48)
+    done = subprocess.run([sys.executable, "-c", PREVIEWS_ONLY_MODULES, str(clips), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]
+    assert glob.glob(str(tmp_path / "out" / "previews" / "**" / "*.webp"), recursive=True)

@@ -105,6 +105,7 @@ def test_the_pipeline_passes_both_settings_through(tiny_models, tmp_path, monkey
     import apache_beam as beam
 
     from beam_captions import pipeline as pipeline_module
+    from beam_captions.transforms import caption as caption_transform
     from beam_captions.options import parse_args
 
     config = parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--generate-captions",
@@ -122,7 +123,7 @@ def test_the_pipeline_passes_both_settings_through(tiny_models, tmp_path, monkey
         def expand(self, elements):
             return elements
 
-    monkeypatch.setattr(pipeline_module, "CaptionWindows", Recorded)
+    monkeypatch.setattr(caption_transform, "CaptionWindows", Recorded)  # build_pipeline imports it when asked for
     pipeline_module.build_pipeline(beam.Pipeline(), config)
     assert (seen["video_pruning_rate"], seen["window_relative_timestamps"]) == (0.5, True)
     handler = VideoCaptionHandler("m", model_variant="qwen3", **{k: seen[k] for k in

@@ -35,6 +35,7 @@ def test_the_pipeline_hands_each_dtype_to_its_place(monkeypatch, captioner_dir):
     import apache_beam as beam
 
     import beam_captions.pipeline as pipeline_module
+    import beam_captions.transforms.caption as caption_transform
 
     seen = {}
 
@@ -46,7 +47,7 @@ def test_the_pipeline_hands_each_dtype_to_its_place(monkeypatch, captioner_dir):
         def expand(self, pcoll):
             return pcoll
 
-    monkeypatch.setattr(pipeline_module, "CaptionWindows", Spy)
+    monkeypatch.setattr(caption_transform, "CaptionWindows", Spy)  # build_pipeline imports it when asked for
     config, _ = parse_args(["--input", "i", "--output", "o", "--generate-captions", "--model-dir", captioner_dir,
                             "--captioning-preprocess-dtype", "float16"])
     pipeline_module.build_pipeline(beam.Pipeline(), config)

@@ -13,8 +13,9 @@ models stop at varied lengths; captions may run to the job's default 512 tokens)
 
 ``details["pipeline_start_s"]`` is the wall time of the same pipeline given no windows (graph, runner and
 step set-up): a fixed cost that a short run shows and a job amortises over its windows.
-``details["short_captions"]`` is the same pair with captions cut at ``SHORT_TOKENS`` tokens: the engine then
-serves a window in about the time a GPU takes, so what the pipeline costs per window shows on a CPU too.
+``details["short_captions"]`` is the same pair with captions cut at ``SHORT_TOKENS`` tokens, over at least
+``SHORT_WINDOWS`` windows: the engine then serves a window in about the time a GPU takes, so what the pipeline
+costs per window (its start set apart) shows on a CPU too.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from common import Figure, interleaved, median_ratio
 OLD_BATCH = 8  # the old default --captioning-batch-size
 MAX_TOKENS = 512  # the job's default --captioning-max-output-tokens
 SHORT_TOKENS = 4  # details["short_captions"]: an engine about as fast per window as a GPU's
+SHORT_WINDOWS = 512  # ... and as many windows as a GPU run's P4b, so that the pipeline's start is amortised
 WINDOW_SIZE = 48  # short windows: more distinct windows out of one clip
 
 
@@ -110,10 +112,11 @@ def run(clip: str, windows: int, repeats: int, model_dir: str, vllm_kwargs: dict
     prepare_s = time.perf_counter() - start
     records = [prepared[i % len(prepared)] for i in range(windows)]
     mine, theirs, lengths = _pair(records, handler, engine, repeats)
+    short_records = [prepared[i % len(prepared)] for i in range(max(windows, SHORT_WINDOWS))]
     short_handler = VideoCaptionHandler(
-        model_dir, max_output_tokens=SHORT_TOKENS, caption_batch_size=max(64, windows), vllm_kwargs=vllm_kwargs
+        model_dir, max_output_tokens=SHORT_TOKENS, caption_batch_size=len(short_records), vllm_kwargs=vllm_kwargs
     )
-    short_mine, short_theirs, _ = _pair(records, short_handler, engine, repeats)
+    short_mine, short_theirs, _ = _pair(short_records, short_handler, engine, repeats)
 
     def old() -> float:
         return _pipeline_rate(records, RunInference(old_handler))[0]
@@ -144,11 +147,15 @@ def run(clip: str, windows: int, repeats: int, model_dir: str, vllm_kwargs: dict
         "old_over_ceiling": statistics.median(previous) / figure.baseline,
         "short_captions": {
             "max_output_tokens": SHORT_TOKENS,
+            "windows": len(short_records),
             "pipeline_windows_per_s": short_mine,
             "ceiling_windows_per_s": short_theirs,
             "ratio": median_ratio(short_mine, short_theirs),
-            "pipeline_ms_per_window_over_ceiling": 1000 * (1 / statistics.median(short_mine)
-                                                           - 1 / statistics.median(short_theirs)),
+            # the pipeline's own cost per window, its start set apart
+            "pipeline_ms_per_window_over_ceiling": 1000 * (
+                (len(short_records) / statistics.median(short_mine) - start_s) / len(short_records)
+                - 1 / statistics.median(short_theirs)
+            ),
         },
     }
     return figure

@@ -15,7 +15,7 @@ import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
 from beam_captions.inference.caption_handler import VideoCaptionHandler, video_input
-from beam_captions.inference.engine import Engine, EngineSettings, EngineStartError
+from beam_captions.inference.engine import RENDERED_KEPT, Engine, EngineSettings, EngineStartError
 from beam_captions.inference.serving import WindowServer, serve_async
 from beam_captions.records import WindowRecord
 from beam_captions.transforms._inference import ServeWindows
@@ -60,6 +60,29 @@ def test_a_short_request_is_not_held_behind_a_long_one(engine, handler):
     run("short", window(1), short_params)
     long.join()
     assert finished["short"] < finished["long"]
+
+
+def test_a_chat_is_rendered_once_for_every_window_that_sends_it_and_the_kept_texts_are_bounded(engine, monkeypatch):
+    """render_chat keeps the chat template's text per messages (the same for a stage's windows), up to
+    ``RENDERED_KEPT`` of them (stage 2's prompts differ per window)."""
+    tokenizer = engine.tokenizer
+    engine._rendered.clear()
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Describe it."}]}]
+    first = engine.render_chat(messages)
+    assert first == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def no_more_rendering(self):
+        raise AssertionError("the template was rendered again")
+
+    monkeypatch.setattr(Engine, "tokenizer", property(no_more_rendering))
+    assert engine.render_chat(messages) == first
+    other = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Name the colours."}]}]
+    with pytest.raises(AssertionError, match="rendered again"):
+        engine.render_chat(other)  # other messages are rendered, not served from the kept text
+    monkeypatch.undo()
+    for i in range(RENDERED_KEPT + 5):
+        engine.render_chat([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": f"Caption {i}."}]}])
+    assert 0 < len(engine._rendered) <= RENDERED_KEPT
 
 
 def test_tiny_captions_end_at_varied_lengths(engine, handler):
@@ -116,6 +139,28 @@ def test_windows_are_in_flight_together_bounded_and_push_back_on_the_upstream():
         assert_that(out, equal_to(expected))
     assert 2 <= _alive["peak_in_flight"] <= 4
     assert _alive["peak_alive"] <= 5, _alive
+
+
+_serving_threads: list[threading.Thread] = []
+
+
+def _caption_noting_the_thread(engine, batch, request):
+    _serving_threads.append(threading.current_thread())
+    time.sleep(0.02)
+    return [r.replace(frames=None, caption="c") for r in batch]
+
+
+def test_step_instances_of_one_handler_share_the_process_s_serving_threads():
+    """A new ``ServeWindows`` instance (a new bundle processor, a new pipeline in the same worker) serves on the
+    threads the earlier ones started, and its teardown leaves them to the others; a pool per instance started
+    ``batch_size`` new threads each time, every start a wait on the step's thread."""
+    handler = VideoCaptionHandler("unused-pool", caption_batch_size=8, inference_fn=_caption_noting_the_thread)
+    _serving_threads.clear()
+    for _ in range(3):
+        outcomes = _drive(ServeWindows(handler), [window(i) for i in range(8)])
+        assert [o.caption for o in outcomes] == ["c"] * 8
+    assert len(_serving_threads) == 24
+    assert len(set(_serving_threads)) <= 8
 
 
 def _drive(dofn: ServeWindows, elements) -> list:

@@ -164,6 +164,9 @@ async def _generate_all(llm: Any, inputs: Sequence[dict], params: Any) -> list:
         raise
 
 
+RENDERED_KEPT = 64  # chat texts an engine keeps (render_chat)
+
+
 class Engine:
     """vLLM's async engine on its own event-loop thread, started on first use.
 
@@ -191,6 +194,7 @@ class Engine:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
         self._start_lock = threading.Lock()
+        self._rendered: dict[str, str] = {}  # render_chat's texts by their messages (the same for most windows)
 
     def start(self) -> "Engine":
         """Start the engine if it is not running; raise the remembered error if its start failed."""
@@ -339,10 +343,21 @@ class Engine:
             _stop_loop(loop, thread)
 
     def render_chat(self, messages: list[dict], **template_kwargs: Any) -> str:
-        """``messages`` rendered with the model directory's chat template, ready for generation."""
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **template_kwargs
-        )
+        """``messages`` rendered with the model directory's chat template, ready for generation.
+
+        Up to ``RENDERED_KEPT`` texts are kept: every window of a stage sends the same messages (its
+        frames travel apart), and rendering the template costs the serving process more than a window's
+        own work there (P4b's short captions)."""
+        key = json.dumps([messages, template_kwargs], sort_keys=True, default=str)
+        text = self._rendered.get(key)
+        if text is None:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, **template_kwargs
+            )
+            if len(self._rendered) >= RENDERED_KEPT:
+                self._rendered.clear()  # stage 2's prompts differ per window: keep the cache small
+            self._rendered[key] = text
+        return text
 
 
 async def _cancel_tasks() -> None:

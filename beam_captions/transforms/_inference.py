@@ -11,6 +11,7 @@ pushes back on the decode upstream.
 from __future__ import annotations
 
 import hashlib
+import threading
 from concurrent.futures import ALL_COMPLETED, FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, Iterator, Optional
 
@@ -23,12 +24,31 @@ from beam_captions.inference.serving import serve_async
 from beam_captions.inference.vllm_handler import VLLMWindowHandler
 from beam_captions.metrics import count
 
-__all__ = ["InferWindows", "ModelStep", "ServeWindows"]
+__all__ = ["InferWindows", "ModelStep", "ServeWindows", "serve_pool"]
 
 
 def _digest(key: str) -> str:
     """A short, file-name-safe name for ``key`` (Beam's cross-process lock is a file named after the tag)."""
     return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+_serve_pools: dict[str, ThreadPoolExecutor] = {}
+_serve_pools_lock = threading.Lock()
+
+
+def serve_pool(key: str, threads: int) -> ThreadPoolExecutor:
+    """The process's pool of ``threads`` serving threads for the handler named ``key``, made once.
+
+    Each window in flight waits for its outcome on a thread of this pool. One pool per process, shared by
+    every ``ServeWindows`` instance of that handler (as its server is), so a thread started for one window
+    serves the next ones: a pool per instance started up to ``threads`` new threads for every new instance,
+    each start a wait on the step's thread (P4b).
+    """
+    with _serve_pools_lock:
+        pool = _serve_pools.get(key)
+        if pool is None:
+            pool = _serve_pools[key] = ThreadPoolExecutor(threads, "serve-window")
+        return pool
 
 
 class ServeWindows(beam.DoFn):
@@ -65,11 +85,11 @@ class ServeWindows(beam.DoFn):
             self._server = multi_process_shared.MultiProcessShared(handler.load_model, tag=tag, always_proxy=True).acquire()
         else:
             self._server = self._shared_handle.acquire(handler.load_model, tag=handler.server_key())
-        self._pool = ThreadPoolExecutor(handler.batch_size, "serve-window")
+        self._pool = serve_pool(handler.server_key(), handler.batch_size)
 
     def teardown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._pending:  # the pool is the process's: only this instance's queued windows go
+            self._abandon()
 
     def start_bundle(self) -> None:
         self._pending = []

@@ -18,14 +18,14 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
     from beam_captions.inference.engine import Engine
     from beam_captions.records import WindowRecord
 
-__all__ = ["WindowServer", "give_large_buffers_back", "serve_async"]
+__all__ = ["WindowServer", "give_large_buffers_back", "serve_async", "serve_pool"]
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
@@ -126,3 +126,22 @@ def serve_async(server: Any, window: "WindowRecord", pool: Executor) -> "Future[
         raise
     future.ticket = ticket  # type: ignore[attr-defined]  # to give the place back if the future is cancelled
     return future
+
+
+_serve_pools: dict[str, ThreadPoolExecutor] = {}
+_serve_pools_lock = threading.Lock()
+
+
+def serve_pool(key: str, threads: int) -> ThreadPoolExecutor:
+    """The process's pool of ``threads`` serving threads for the handler named ``key``, made once.
+
+    Each window in flight waits for its outcome on a thread of this pool. One pool per process, shared by
+    every ``ServeWindows`` instance and ``run_inference`` batch of that handler (as its server is), so a
+    thread started for one window serves the next ones: a pool per instance started up to ``threads`` new
+    threads for every new instance, each start a wait on the step's thread (P4b).
+    """
+    with _serve_pools_lock:
+        pool = _serve_pools.get(key)
+        if pool is None:
+            pool = _serve_pools[key] = ThreadPoolExecutor(threads, "serve-window")
+        return pool

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from apache_beam.ml.inference.base import ModelHandler
@@ -12,7 +11,7 @@ from apache_beam.ml.inference.base import ModelHandler
 from beam_captions.inference.engine import (
     Engine, EngineDied, EngineSettings, EngineStartError, engine_key, is_engine_dead, load_engine,
 )
-from beam_captions.inference.serving import WindowServer, give_large_buffers_back, serve_async
+from beam_captions.inference.serving import WindowServer, give_large_buffers_back, serve_async, serve_pool
 from beam_captions.metrics import count
 from beam_captions.records import WindowRecord, failure_from_exception
 
@@ -129,8 +128,8 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, WindowRecord, WindowServer]):
         wanted = [element for element in batch if self.wants(element)]
         if wanted:
             model.allow_start()
-            with ThreadPoolExecutor(len(wanted), "run-inference") as pool:
-                futures = [serve_async(model, window, pool) for window in wanted]
+            pool = serve_pool(self.server_key(), self.batch_size)
+            futures = [serve_async(model, window, pool) for window in wanted]
             outcomes = iter([future.result() for future in futures])
         for element in batch:
             if not self.wants(element):

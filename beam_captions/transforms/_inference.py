@@ -11,7 +11,6 @@ pushes back on the decode upstream.
 from __future__ import annotations
 
 import hashlib
-import threading
 from concurrent.futures import ALL_COMPLETED, FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, Iterator, Optional
 
@@ -20,35 +19,16 @@ from apache_beam.utils import multi_process_shared, shared
 from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_captions.inference.engine import EngineClosed
-from beam_captions.inference.serving import serve_async
+from beam_captions.inference.serving import serve_async, serve_pool
 from beam_captions.inference.vllm_handler import VLLMWindowHandler
 from beam_captions.metrics import count
 
-__all__ = ["InferWindows", "ModelStep", "ServeWindows", "serve_pool"]
+__all__ = ["InferWindows", "ModelStep", "ServeWindows"]
 
 
 def _digest(key: str) -> str:
     """A short, file-name-safe name for ``key`` (Beam's cross-process lock is a file named after the tag)."""
     return hashlib.sha256(key.encode()).hexdigest()[:24]
-
-
-_serve_pools: dict[str, ThreadPoolExecutor] = {}
-_serve_pools_lock = threading.Lock()
-
-
-def serve_pool(key: str, threads: int) -> ThreadPoolExecutor:
-    """The process's pool of ``threads`` serving threads for the handler named ``key``, made once.
-
-    Each window in flight waits for its outcome on a thread of this pool. One pool per process, shared by
-    every ``ServeWindows`` instance of that handler (as its server is), so a thread started for one window
-    serves the next ones: a pool per instance started up to ``threads`` new threads for every new instance,
-    each start a wait on the step's thread (P4b).
-    """
-    with _serve_pools_lock:
-        pool = _serve_pools.get(key)
-        if pool is None:
-            pool = _serve_pools[key] = ThreadPoolExecutor(threads, "serve-window")
-        return pool
 
 
 class ServeWindows(beam.DoFn):

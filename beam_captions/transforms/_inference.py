@@ -68,8 +68,7 @@ class ServeWindows(beam.DoFn):
         self._pool = serve_pool(handler.server_key(), handler.batch_size)
 
     def teardown(self) -> None:
-        if self._pending:  # the pool is the process's: only this instance's queued windows go
-            self._abandon()
+        self._abandon()  # the pool is the process's: only this instance's queued windows go
 
     def start_bundle(self) -> None:
         self._pending = []

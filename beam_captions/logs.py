@@ -110,16 +110,17 @@ class LogSetup:
             root.removeHandler(handler)
             handler.close()
         root.setLevel(self.root_level)
-        for handler in self.displaced:
+        for handler in () if stopping else self.displaced:  # a displaced handler would print to the terminal
             root.addHandler(handler)
         if not root.handlers:  # runner threads still draining after a stop must not print raw tracebacks
             root.addHandler(logging.NullHandler())
         logging.captureWarnings(False)
+        own_terminal = self.terminal is not None and self.terminal is not (self.saved_stderr or sys.stderr)
         if self.saved_stderr is not None:
             stray, sys.stderr = sys.stderr, (open(os.devnull, "w") if stopping else self.saved_stderr)
             with contextlib.suppress(Exception):
                 stray.close()
-        if self.terminal is not None and self.terminal is not sys.stderr:
+        if own_terminal:  # the copy of descriptor 2 made for the run, not the stream it copied
             with contextlib.suppress(Exception):
                 self.terminal.close()
         if self.copy_to:

@@ -50,6 +50,27 @@ def test_library_logs_go_to_the_file_and_to_the_terminal_only_with_verbose(tmp_p
     assert not any(getattr(h, "_beam_captions", False) for h in logging.getLogger().handlers)
 
 
+def test_after_a_stop_runner_threads_print_nothing_on_the_terminal(tmp_path, capfd):
+    """A library set up ``logging.basicConfig`` before the run; the run replaces that handler. After a stop
+    (the process ends next), what runner threads still log must not reach the terminal through it."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    for stopping in (True, False):
+        root.addHandler(logging.StreamHandler(sys.__stderr__))
+        stderr = sys.stderr
+        try:
+            setup_logging(str(tmp_path / "out")).close(stopping=stopping)
+            sys.stderr = stderr  # a stop points it at os.devnull, as the process ends next
+            logging.getLogger("beam_captions.transforms.prepare").warning("late warning %s", stopping)
+        finally:
+            sys.stderr = stderr
+            for handler in set(root.handlers) - set(before):
+                root.removeHandler(handler)
+    err = capfd.readouterr().err
+    assert "late warning True" not in err
+    assert "late warning False" in err  # a run that ends normally gives the handler back
+
+
 def test_vllm_processes_are_configured_to_log_to_the_file(tmp_path):
     setup = setup_logging(str(tmp_path / "out"), log_file=str(tmp_path / "run.log"))
     try:

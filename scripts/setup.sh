@@ -6,7 +6,7 @@
 # scripts/setup.sh --check-gpu-resolve  (needs PyPI, installs nothing): resolves the GPU environment
 # (this package with the vllm-gpu and gcp extras: the pinned vllm beside apache-beam[gcp]) as pip would
 # on a GPU worker, from any machine. Run it before moving the vllm or apache-beam pins: vllm >= 0.33
-# needs pillow >= 13, which apache-beam 2.77 (the newest release on 2026-12-04) excludes.
+# needs pillow >= 13, which apache-beam allows from 2.78 on (2.77 capped it below 13).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}

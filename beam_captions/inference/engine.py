@@ -296,11 +296,16 @@ class Engine:
             raise EngineDied(f"no answer from the {self.name} engine in {self.request_timeout_s:g} s "
                              "(a hung engine)", generation) from error
         except (CancelledError, asyncio.CancelledError) as error:
-            raise EngineDied(f"the request was cancelled: the {self.name} engine was stopped", generation) from error
+            raise self._gone(f"the request was cancelled: the {self.name} engine was stopped", generation) from error
         except Exception as error:
             if is_engine_dead(error) or "Event loop is closed" in str(error):
-                raise EngineDied(f"the {self.name} engine died ({type(error).__name__}: {error})", generation) from error
+                raise self._gone(f"the {self.name} engine died ({type(error).__name__}: {error})", generation) from error
             raise
+
+    def _gone(self, message: str, generation: int) -> Exception:
+        """The error for a request whose engine went away: ``EngineClosed`` once the engine was closed for
+        good (a stopping run: nothing retries, nothing starts it again), else ``EngineDied`` (restart, retry)."""
+        return EngineClosed(message) if self._closed else EngineDied(message, generation)
 
     def restart(self, generation: Optional[int] = None) -> "Engine":
         """Start a new engine after this one died.

@@ -403,6 +403,7 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
                 stop.signum = signal.SIGINT
             # Ctrl-C or SIGTERM (a runner may wrap the interrupt in its own error)
             logging.getLogger("beam_captions").info("stopped by signal %s", stop.signum, exc_info=True)
+            stop.leave_to_watchdog()
             restore_terminal()
             line, cancel = _on_stop(result, options, config.cancel_on_stop)
             print(f"\nbeam-captions: {line}", file=terminal(), flush=True)
@@ -417,6 +418,7 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
             print(f"beam-captions: job built and handed to {pipeline.options.get_all_options()['runner']}; "
                   "no run happened here, so there is no summary or gallery")
             return {}
+        stop.leave_to_watchdog()
         try:
             counts = finish(result if stop.signum is None else None)
         finally:
@@ -482,6 +484,8 @@ class _StopOnSignal:
         self.done = threading.Event()
         self.signum: Optional[int] = None
         self._interrupted = False
+        self._finisher: Optional[str] = None  # who writes the stop line and summary: "main" or "watchdog"
+        self._finisher_lock = threading.Lock()
         self._signals = StopSignals(self._on_signal, in_main=self._interrupt_main)
 
     def __enter__(self) -> "_StopOnSignal":
@@ -495,6 +499,20 @@ class _StopOnSignal:
 
     def restore(self) -> None:
         self._signals.restore()
+
+    def _claim(self, who: str) -> bool:
+        """Whether ``who`` writes the stop line and summary: the first to ask does, the other never."""
+        with self._finisher_lock:
+            if self._finisher is None:
+                self._finisher = who
+            return self._finisher == who
+
+    def leave_to_watchdog(self) -> None:
+        """Called by the main thread before it writes the stop line or summary: if the watchdog has taken
+        over (the runner held the main thread past the grace period), wait for it to end the process."""
+        if not self._claim("main"):
+            time.sleep(3 * self.grace_s)  # the watchdog ends the process well before
+            os._exit(128 + (self.signum or signal.SIGINT))
 
     def _interrupt_main(self, signum: int) -> None:
         """The main thread, when it gets to run the handler: stop waiting for the runner (once)."""
@@ -519,7 +537,7 @@ class _StopOnSignal:
         threading.Thread(target=self._force_after_grace, daemon=True).start()
 
     def _force_after_grace(self) -> None:
-        if self.done.wait(self.grace_s):
+        if self.done.wait(self.grace_s) or not self._claim("watchdog"):
             return
         print("\nbeam-captions: stopped (the runner kept going; finishing from the watchdog)", file=terminal())
         code = 128 + (self.signum or signal.SIGINT)

@@ -71,6 +71,17 @@ def test_after_a_stop_runner_threads_print_nothing_on_the_terminal(tmp_path, cap
     assert "late warning False" in err  # a run that ends normally gives the handler back
 
 
+def test_a_stop_leaves_open_the_stream_the_terminal_lines_went_to(tmp_path, capsys):
+    """Without a real descriptor 2 (here a captured stream) the run writes its terminal lines to sys.stderr
+    itself; a stop's close must not close that stream, though it points sys.stderr elsewhere first."""
+    stderr = sys.stderr
+    try:
+        setup_logging(str(tmp_path / "out")).close(stopping=True)
+    finally:
+        sys.stderr = stderr
+    assert not stderr.closed
+
+
 def test_vllm_processes_are_configured_to_log_to_the_file(tmp_path):
     setup = setup_logging(str(tmp_path / "out"), log_file=str(tmp_path / "run.log"))
     try:

@@ -41,6 +41,7 @@ WARNING_KINDS = {
     "undecodable_packets": "clips with packets that could not be decoded",
     "demux_error": "clips whose reading stopped at a demux error",
     "decoded_twice": "clips decoded twice (frame count differs from packet count)",
+    "lost_frames": "clips with frames that could not be decoded",
 }
 
 

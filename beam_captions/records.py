@@ -58,6 +58,8 @@ class ClipInfo:
     display_width: Optional[int] = None  # as shown (sample aspect ratio and rotation applied)
     display_height: Optional[int] = None
     rotation: int = 0  # the display rotation applied, as a ``rotate`` tag gives it
+    lost_frames: int = 0  # frames demuxed that gave no picture
+    lost_frame_ranges: tuple[tuple[int, int], ...] = ()  # those frames, (first, last) source frame indices
 
 
 @dataclass(frozen=True)

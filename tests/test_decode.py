@@ -172,7 +172,9 @@ def test_undecodable_packet_is_skipped(tmp_path: Path) -> None:
     info, [decoded] = decode_windows(clip, **SMALL)
     assert info.num_frames == 19
     # decoded twice (19 frames of 20 packets), the bad packet met in each pass: told once per kind
-    assert [kind for kind, _ in info.warnings] == ["undecodable_packets", "decoded_twice"]
+    assert [kind for kind, _ in info.warnings] == ["undecodable_packets", "decoded_twice", "lost_frames"]
+    assert (info.lost_frames, info.lost_frame_ranges) == (1, ((5, 5),))
+    assert dict(info.warnings)["lost_frames"] == "1 of 20 frames could not be decoded (source frames 5-5)"
     assert dict(info.warnings)["undecodable_packets"] == "1 video packets could not be decoded"
     assert decoded.window.end == 18
     shown = [read_frame_index(frame) for frame in decoded.frames]

@@ -37,7 +37,9 @@ def test_a_corrupt_clip_is_counted_once_per_warning_and_its_metas_say_so(tmp_pat
     warnings = meta(out, bad)["warnings"]
     assert "1 video packets could not be decoded" in warnings
     assert any(text.startswith("decoded 19 frames but demuxed 20 packets") for text in warnings)
-    assert len(warnings) == 2
+    assert "1 of 20 frames could not be decoded (source frames 5-5)" in warnings
+    assert len(warnings) == 3
+    assert (meta(out, bad)["lost_frames"], meta(out, bad)["lost_frame_ranges"]) == (1, [[5, 5]])
 
 
 def test_a_relative_output_is_recorded_as_absolute_paths(tmp_path, monkeypatch):

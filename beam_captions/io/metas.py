@@ -149,6 +149,9 @@ def clip_meta(
         "codec": info.codec if info else None,
         "duration_s": info.duration_s if info else None,
         "warnings": list(info.warnings) if info else [],
+        # frames that gave no picture (damaged or cut streams): their count, and where when the timestamps tell
+        "lost_frames": info.lost_frames if info else None,
+        "lost_frame_ranges": [list(span) for span in info.lost_frame_ranges] if info else [],
         "windows": sorted(windows, key=lambda w: w["window_index"]),
         "errors": [
             failure_meta(f)

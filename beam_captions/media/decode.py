@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, BinaryIO, Union
 
@@ -62,6 +62,22 @@ cores divided among the clips it decodes at that moment, itself included, so a c
 and clips decoded side by side (a local run's worker threads) one thread each, the least CPU per window
 (frame threading adds 4-12 % CPU seconds, benchmarks P10). 1: always one, the choice where many
 processes decode clips at once, as on Dataflow workers (``--decode-threads 1``)."""
+MAX_DECODE_THREADS = 64
+"""The most decoder threads a clip gets, whatever is asked: FFmpeg starts every thread it is told to, and
+more than a few dozen never decode faster (frame threading waits on references)."""
+
+FRAME_SKIP_CODECS = frozenset({"h264", "hevc"})
+"""Codecs (FFmpeg codec names) whose frames that nobody keeps and no frame refers to may go undecoded
+(``skip_frame`` "nonref"). Proven to give the frame count and kept frames of a full decode by the codec
+matrix (tests/test_codec_matrix.py); every other codec is decoded whole (MPEG-4 Part 2's packed B-frames,
+two frames in one packet, broke the count)."""
+
+THREADED_CODECS = frozenset({
+    "h264", "hevc", "mpeg4", "mpeg1video", "mpeg2video", "vp8", "vp9", "av1", "theora", "mjpeg", "prores",
+    "dnxhd", "ffv1", "wmv2", "flv1", "h263",
+})
+"""Codecs decoded on several threads when a clip gets more than one: the codec matrix proves each one gives
+the frames of a one-thread decode. Any other codec gets one thread."""
 
 Source = Union[str, os.PathLike, BinaryIO]
 Size = tuple[int, int]
@@ -90,6 +106,9 @@ class VideoInfo:
     rotation: int = 0  # the display rotation applied (0, 90, 180, 270), as a ``rotate`` tag gives it
     # what went wrong while reading it, once per kind (``beam_captions.logs.WARNING_KINDS``): (kind, text)
     warnings: tuple[tuple[str, str], ...] = ()
+    lost_frames: int = 0  # frames demuxed that gave no picture (packets minus decoded frames)
+    # those frames as (first, last) source frame indices in presentation order, when the timestamps tell
+    lost_frame_ranges: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.display_width:
@@ -408,12 +427,16 @@ def _targets(plan: _Plan, with_model: bool) -> dict[int, list[tuple[int, str, in
 
 
 class _WindowBuffers:
-    """Output arrays of the windows being filled; a window is allocated at its first frame."""
+    """Output arrays of the windows being filled; a window is allocated at its first frame. The windows
+    before ``first`` were given by an earlier pass: they get no frames and are never yielded again."""
 
-    def __init__(self, plan: _Plan, model_size: ModelSize | None, preview: Size | None, ready_at: list[int]):
+    def __init__(self, plan: _Plan, model_size: ModelSize | None, preview: Size | None, ready_at: list[int],
+                 first: int = 0):
         self.plan, self.model_size, self.preview = plan, model_size, preview
         self.open: dict[int, DecodedWindow] = {}
+        self.filled: dict[int, int] = {}  # frames put in each open window
         self.ready_at = ready_at
+        self.first = first
 
     def _new(self, i: int) -> DecodedWindow:
         plan, model, preview = self.plan, self.model_size, self.preview
@@ -432,13 +455,26 @@ class _WindowBuffers:
 
     def array(self, i: int, kind: str) -> np.ndarray | None:
         window = self.open.get(i) or self.open.setdefault(i, self._new(i))
+        self.filled[i] = self.filled.get(i, 0) + 1
         return window.frames if kind == "model" else window.preview_frames
+
+    def _take(self, i: int) -> DecodedWindow:
+        """Window ``i``, released; every slot of its arrays must hold a decoded frame."""
+        window = self.open.pop(i)
+        slots = sum(len(a) for a in (window.frames, window.preview_frames) if a is not None)
+        if self.filled.pop(i) != slots:
+            raise DecodeError(f"window {window.window.start}-{window.window.end} did not get all its frames")
+        return window
 
     def ready(self, decoded_count: int) -> Iterator[DecodedWindow]:
         """Windows that are ready at ``decoded_count`` decoded frames, in order, released from the buffer."""
         for i in sorted(self.open):
             if self.ready_at[i] <= decoded_count:
-                yield self.open.pop(i)
+                yield self._take(i)
+
+    def rest(self) -> list[DecodedWindow]:
+        """The windows not yielded, in order, once every frame is in."""
+        return [self._take(i) for i in sorted(self.open)]
 
 
 def _last_wanted(plan: _Plan, i: int) -> int:
@@ -463,6 +499,39 @@ def _final_at(plan: _Plan, window_size: int, remainder_threshold: int) -> list[i
     ]
 
 
+@dataclass(frozen=True)
+class _Shortcuts:
+    """How a pass may save CPU: decoder threads, and each packet's presentation index by its timestamp,
+    which lets the decoder skip the frames nobody keeps (``None``: decode every frame). ``PLAIN`` is the
+    full one-thread decode every shortcut must equal."""
+
+    threads: int = 1
+    frame_at: dict[int, int] | None = None
+
+    @property
+    def any(self) -> bool:
+        return self.threads > 1 or self.frame_at is not None
+
+
+PLAIN = _Shortcuts()
+
+
+def _shortcuts_for(codec: str, threads: int, frame_at: dict[int, int] | None, skip: bool) -> _Shortcuts:
+    """The shortcuts proven for ``codec`` (``FRAME_SKIP_CODECS``, ``THREADED_CODECS``), else none."""
+    return _Shortcuts(min(threads, MAX_DECODE_THREADS) if codec in THREADED_CODECS else 1,
+                      frame_at if skip and codec in FRAME_SKIP_CODECS else None)
+
+
+@dataclass
+class _Pass:
+    """What a decode pass found: frames in the clip, the timestamps of those it decoded, and the trouble
+    (an undecodable packet, a damaged or misplaced frame) that stopped a pass with shortcuts early."""
+
+    total: int = 0
+    pts: list[int] = field(default_factory=list)
+    trouble: str | None = None
+
+
 def _decode_pass(
     source: Source,
     plan: _Plan,
@@ -472,33 +541,43 @@ def _decode_pass(
     ready_at: list[int],
     orientation: Orientation,
     notes: _Notes,
-    decode_threads: int = DEFAULT_DECODE_THREADS,
-    frame_at: dict[int, int] | None = None,
+    given: list[FrameWindow],
+    shortcuts: _Shortcuts = PLAIN,
 ) -> Iterator[DecodedWindow]:
     """Decode the clip, keep the planned frames, yield each window once ``ready_at`` frames are decoded.
 
-    Returns (as the generator's value) the decoded frame count and the windows not yielded. Kept
-    frames go through one reformatter per output size, so swscale contexts are reused.
-    ``model_size`` gives each window's model frame size from its sampled frame count.
+    Windows are appended to ``given`` as they are yielded; those ``given`` already holds (a prefix of the
+    plan, from an earlier pass) are neither filled nor yielded. Returns (as the generator's value) a
+    ``_Pass``, and the buffers of the windows not yielded. Kept frames go through one reformatter per output size, so
+    swscale contexts are reused. ``model_size`` gives each window's model frame size from its sampled
+    frame count.
 
-    ``frame_at`` (each packet's presentation index by its timestamp, from the probe) lets the decoder
-    skip the frames no other frame refers to (FFmpeg's ``skip_frame`` "nonref", set per packet) unless
-    the plan keeps them: the kept frames are the very frames a full decode gives, for about 30 % less
-    CPU on H.264 with B-frames (benchmarks P1, P10). Without it every frame is decoded and counted.
+    With ``shortcuts`` the decoder may skip the frames no other frame refers to (FFmpeg's ``skip_frame``
+    "nonref", set per packet) unless the plan keeps them, and run on several threads: the same kept
+    frames as a full decode on the codecs proven for it, for less CPU (benchmarks P1, P10). At the first
+    sign of damage such a pass stops and says why: damaged streams are decoded by the plain pass alone,
+    so every run gives the same windows.
     """
-    buffers = _WindowBuffers(plan, model_size, preview, ready_at)
-    pending = sorted(set(ready_at))
-    targets = _targets(plan, with_model=model_size is not None)
+    first = len(given)
+    buffers = _WindowBuffers(plan, model_size, preview, ready_at, first)
+    pending = sorted(set(ready_at[first:]))
+    targets = {index: [place for place in places if place[0] >= first]
+               for index, places in _targets(plan, with_model=model_size is not None).items()}
     reformatters: dict[Size, VideoReformatter] = {}
     count = 0
-    frames = _FrameIndex(frame_at, targets)
+    frames = _FrameIndex(shortcuts.frame_at, targets)
+    result = _Pass()
     with _open(source) as container:
         stream = _video_stream(container, _describe(source))
-        _set_threads(stream, decode_threads)
+        _set_threads(stream, shortcuts.threads)
         for frame in _decoded_frames(container, stream, deadline, notes, frames):
             index = frames.index_of(frame, count)
-            places = targets.get(index, ())
-            for i, kind, slot in places:
+            if shortcuts.any:
+                result.trouble = frames.trouble or ("a damaged frame" if frame.is_corrupt else None)
+                if result.trouble:
+                    return result, buffers
+            result.pts.append(frame.pts)
+            for i, kind, slot in targets.get(index, ()):
                 array = buffers.array(i, kind)
                 width, height = orientation.coded_size(array.shape[2], array.shape[1])
                 if (width, height) not in reformatters:
@@ -508,18 +587,24 @@ def _decode_pass(
             count = index + 1
             if pending and count >= pending[0]:
                 pending = [n for n in pending if n > count]
-                yield from deadline.paused(buffers.ready(count))
-    return frames.total(count), [buffers.open[i] for i in sorted(buffers.open)]
+                for window in deadline.paused(buffers.ready(count)):
+                    given.append(window.window)
+                    yield window
+    result.trouble = frames.trouble if shortcuts.any else None
+    result.total = frames.total(count)
+    return result, buffers
 
 
 class _FrameIndex:
-    """Where each decoded frame belongs (its presentation index) and which packets may go undecoded."""
+    """Where each decoded frame belongs (its presentation index), which packets may go undecoded, and
+    the first sign that the stream is damaged (``trouble``)."""
 
     def __init__(self, frame_at: dict[int, int] | None, targets: dict[int, Any]):
         self.frame_at, self.targets = frame_at, targets
         self.skippable: set[int] = set()  # indices of packets sent with "skip if no frame refers to it"
         self.output = 0  # frames the decoder gave
         self.skipped = 0  # frames it skipped before the last one it gave
+        self.trouble: str | None = None
 
     def before_packet(self, packet: av.Packet, context: av.CodecContext) -> None:
         if self.frame_at is None:
@@ -533,13 +618,14 @@ class _FrameIndex:
 
     def rejected(self, packet: av.Packet) -> None:
         """The decoder could not decode ``packet``: its frame is missing, not skipped."""
+        self.trouble = self.trouble or "an undecodable packet"
         if self.frame_at is not None:
             self.skippable.discard(self.frame_at.get(packet.pts))
 
     def index_of(self, frame: av.VideoFrame, count: int) -> int:
         """The frame's presentation index: by its timestamp while every frame it passes over was one the
-        decoder was allowed to skip; else (a frame the timestamps do not place, an undecodable kept
-        frame) the count of frames before it, as without skipping, and no more skipping."""
+        decoder was allowed to skip; else (a frame the timestamps do not place) the count of frames
+        before it, as without skipping, and no more skipping."""
         self.output += 1
         if self.frame_at is not None:
             index = self.frame_at.get(frame.pts)
@@ -547,6 +633,7 @@ class _FrameIndex:
                 self.skipped += index - count
                 return index
             self.frame_at = None
+            self.trouble = self.trouble or "a frame its timestamp does not place"
         return count
 
     def total(self, count: int) -> int:
@@ -641,10 +728,11 @@ def _display_matrix(packet: av.Packet) -> tuple[bool, list[int] | None]:
         frames = packet.decode()
     except av.error.FFmpegError:
         return False, None
-    for side in frames[0].side_data if frames else ():
-        if side.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
-            return True, np.frombuffer(bytes(side), dtype="<i4", count=9).tolist()
-    return bool(frames), None
+    if not frames:
+        return False, None
+    # a mapping from PyAV 18.1.1 on (iterating it gives its keys), a sequence with ``get`` before
+    side = frames[0].side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
+    return True, None if side is None else np.frombuffer(bytes(side), dtype="<i4", count=9).tolist()
 
 
 def _presentation_times(pts: list[int], durations: list[int], time_base, fps: float) -> list[float] | None:
@@ -777,30 +865,87 @@ def _iter_decode(
     options = (fps, window_size, remainder_threshold, sampling_fps, preview, min_frames)
     plan = _plan(packet_count, *options, times)
     final_at = _final_at(plan, window_size, remainder_threshold)
+    given: list[FrameWindow] = []
+    run = partial(_decode_pass, source, model_size=model_size, preview=small, deadline=deadline,
+                  orientation=orientation, notes=notes, given=given)
     with _CLIPS_UNDER_WAY.clip(decode_threads) as threads:
-        decoded, rest = yield from _decode_pass(source, plan, model_size, small, deadline, final_at, orientation,
-                                                 notes, threads, frame_at if skip_unkept_frames else None)
+        shortcuts = _shortcuts_for(codec, threads, frame_at, skip_unkept_frames)
+        found, buffers = yield from run(plan, ready_at=final_at, shortcuts=shortcuts)
+        again_why = ""
+        if shortcuts.any and (found.trouble or found.total != packet_count):
+            # damaged or cut: the plain decode alone decides, so that every run gives the same windows
+            again_why = f"decoded again without shortcuts from window #{len(given)} ({found.trouble or 'a cut'})"
+            found, buffers = yield from run(plan, ready_at=final_at)
+        decoded = found.total
         _require_min_frames(decoded, model_frames)
         if decoded == packet_count:
-            yield from rest
+            if again_why:
+                notes.add("decoded_twice", again_why)
+            for window in buffers.rest():
+                given.append(window.window)
+                yield window
         else:
-            given = len(plan.windows) - len(rest)  # a prefix, each final whatever the total
             notes.add("decoded_twice", f"decoded {decoded} frames but demuxed {packet_count} packets; "
-                                       f"decoding again for the windows from #{given}")
-            tail = _plan(decoded, *options).after(given)
-            redecoded, unfilled = yield from _decode_pass(
-                source, tail, model_size, small, deadline, _complete_at(tail), orientation, notes, threads
-            )
-            _require_repeatable(source, decoded, redecoded)
-            yield from unfilled
+                                       f"decoding again for the windows from #{len(given)}"
+                                       + (f"; {again_why}" if again_why else ""))
+            tail = _plan(decoded, *options)
+            _require_prefix(source, given, tail.windows)
+            again, buffers = yield from run(tail, ready_at=_complete_at(tail))
+            _require_repeatable(source, decoded, again.total)
+            for window in buffers.rest():
+                given.append(window.window)
+                yield window
+    _require_every_window(source, given, compute_windows(decoded, window_size, remainder_threshold, min_frames))
+    lost = max(0, packet_count - decoded)
+    ranges = _lost_ranges(found.pts, frame_at, lost)
+    if lost:
+        where = f" (source frames {', '.join(f'{a}-{b}' for a, b in ranges)})" if ranges else ""
+        notes.add("lost_frames", f"{lost} of {packet_count} frames could not be decoded{where}")
     duration_s = plan.times[-1] if plan.times is not None and decoded == packet_count else decoded / fps
     yield VideoInfo(width, height, fps, decoded, codec, duration_s, shown_width, shown_height, orientation.rotation,
-                    tuple(notes.items()))
+                    tuple(notes.items()), lost, ranges)
+
+
+def _spans(windows: Iterable[FrameWindow]) -> list[tuple[int, int]]:
+    return [(w.start, w.end) for w in windows]
+
+
+def _require_prefix(source: Source, given: list[FrameWindow], windows: list[FrameWindow]) -> None:
+    """The windows already given must be the first ones of the plan for the decoded count."""
+    if _spans(given) != _spans(windows[:len(given)]):
+        raise DecodeError(f"{_describe(source)}: decoding is not repeatable (windows {_spans(given)} were given, "
+                          f"the decoded frames give {_spans(windows[:len(given)])})")
 
 
 def _require_repeatable(source: Source, first: int, second: int) -> None:
     if first != second:
         raise DecodeError(f"{_describe(source)}: decoding is not repeatable ({first} then {second} frames)")
+
+
+def _require_every_window(source: Source, given: list[FrameWindow], expected: list[FrameWindow]) -> None:
+    """A clip is whole only when every window of the reference rule for its decoded frames was given."""
+    if _spans(given) != _spans(expected):
+        missing = [span for span in _spans(expected) if span not in _spans(given)]
+        raise DecodeError(f"{_describe(source)}: windows {missing or _spans(expected)} of the decoded frames were "
+                          f"not produced (produced {_spans(given)})")
+
+
+def _lost_ranges(pts: list[int], frame_at: dict[int, int] | None, lost: int) -> tuple[tuple[int, int], ...]:
+    """The source frames (presentation indices) that gave no picture, as ranges, when the decoded frames'
+    timestamps account for exactly ``lost`` of them; else none (the count alone is known)."""
+    if not lost or not pts or frame_at is None:
+        return ()
+    seen = {frame_at[p] for p in pts if p in frame_at}
+    missing = [i for i in range(len(frame_at)) if i not in seen]
+    if len(missing) != lost:
+        return ()
+    ranges: list[tuple[int, int]] = []
+    for i in missing:
+        if ranges and ranges[-1][1] == i - 1:
+            ranges[-1] = (ranges[-1][0], i)
+        else:
+            ranges.append((i, i))
+    return tuple(ranges)
 
 
 def decode_windows(source: Source, **options) -> tuple[VideoInfo, list[DecodedWindow]]:

@@ -158,6 +158,8 @@ def prepare_clip(clip: ClipRef, config: PrepareConfig) -> Iterator[Union[ClipInf
         display_width=info.display_width,
         display_height=info.display_height,
         rotation=info.rotation,
+        lost_frames=info.lost_frames,
+        lost_frame_ranges=info.lost_frame_ranges,
     )
 
 

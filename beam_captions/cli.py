@@ -94,6 +94,8 @@ def _compact_arguments(argv: Sequence[str]):
     a bad one is one line and exit 2."""
     import argparse
 
+    from beam_captions.local import MAX_LOCAL_WORKERS
+
     parser = argparse.ArgumentParser(
         prog="beam-captions compact",
         description="Merge an output's small caption Parquet files into large ones (row groups by clip) and write "
@@ -106,7 +108,8 @@ def _compact_arguments(argv: Sequence[str]):
     parser.add_argument("output", help="the output root of a run (local or gs://)")
     parser.add_argument("--target-size-mb", metavar="MB", default=None,
                         help="about how large each merged file is (default 256)")
-    parser.add_argument("--local-workers", type=int, default=None, help="DirectRunner threads (default: every core)")
+    parser.add_argument("--local-workers", type=int, default=None,
+                        help=f"DirectRunner threads (default: every core; at most {MAX_LOCAL_WORKERS})")
     parser.add_argument("--retention-hours", type=float, default=None, metavar="H",
                         help="Delta outputs (--captions-table delta): vacuum deletes the files no table version of "
                              "the last H hours uses (default 168); a reader of an older version then fails")
@@ -115,6 +118,8 @@ def _compact_arguments(argv: Sequence[str]):
     if args.target_size_mb is not None and target_bytes is None:
         _compact_usage_error(f"--target-size-mb must be a finite number of megabytes, at least one byte (such as 256), "
                             f"not {args.target_size_mb!r}")
+    if args.local_workers is not None and not 1 <= args.local_workers <= MAX_LOCAL_WORKERS:
+        _compact_usage_error(f"--local-workers must be between 1 and {MAX_LOCAL_WORKERS}, got {args.local_workers}")
     if args.retention_hours is not None and not (args.retention_hours >= 0 and args.retention_hours < float("inf")):
         _compact_usage_error(f"--retention-hours must be a finite number of hours, 0 or more, not {args.retention_hours}")
     return args, beam_args, target_bytes

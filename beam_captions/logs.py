@@ -14,6 +14,7 @@ a logging config that writes to the log file) before any engine starts, so its c
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -26,8 +27,8 @@ from dataclasses import dataclass
 from typing import Iterator, Optional, TextIO
 
 __all__ = [
-    "LogSetup", "WARNING_KINDS", "default_log_path", "engine_output_to_log", "route_transformers", "setup_logging",
-    "terminal", "warn",
+    "LogSetup", "WARNING_KINDS", "default_log_path", "engine_output_to_log", "held_for_log_file", "route_transformers",
+    "setup_logging", "terminal", "warn",
 ]
 
 log = logging.getLogger("beam_captions")
@@ -193,6 +194,8 @@ def setup_logging(output: str, log_file: Optional[str] = None, verbose: bool = F
     level = root.level
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)
+    while _HELD:  # logged before this set-up, while the flags were checked (held_for_log_file)
+        root.handle(_HELD.popleft())
     # vLLM (this process and the engine processes it starts): to the same file.
     vllm_config = _vllm_config(path, verbose, folder)
     settings = {"VLLM_CONFIGURE_LOGGING": "1", "VLLM_LOGGING_LEVEL": "INFO", "VLLM_LOGGING_CONFIG_PATH": vllm_config}
@@ -251,6 +254,34 @@ def terminal() -> TextIO:
 
 
 _ACTIVE: Optional[LogSetup] = None
+_HELD: collections.deque[logging.LogRecord] = collections.deque(maxlen=100)
+
+
+class _Hold(logging.Handler):
+    """Keeps each record for ``setup_logging`` (see ``held_for_log_file``)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _HELD.append(record)
+
+
+@contextlib.contextmanager
+def held_for_log_file() -> Iterator[None]:
+    """Before ``setup_logging``, keep what is logged in the block for the run's log file (``setup_logging``
+    writes it there) instead of letting Python's last-resort handler print it on the terminal: a library
+    imported while the flags are checked (vLLM on a CPU: "Triton is installed, but doesn't include CPU
+    backend"). A run refused meanwhile has no log file, and its refusal stays the only line."""
+    if _ACTIVE is not None:
+        yield
+        return
+    hold = _Hold()
+    root = logging.getLogger()
+    root.addHandler(hold)
+    try:
+        yield
+    finally:
+        root.removeHandler(hold)
+
+
 _REDIRECT_LOCK = threading.Lock()
 _REDIRECTS = {"depth": 0, "saved": ()}
 

@@ -14,11 +14,15 @@ from typing import Any, Optional, Sequence
 from beam_captions.inference.checkpoint_family import caption_mismatch, enhance_mismatch, read_config
 from beam_captions.inference.gpu_budget import MODEL_SPECS, check_share, gpu_total_gib, memory_shares
 from beam_captions.inference.model_source import ModelUnavailableError, check_model_source, pinned_revision
+from beam_captions.inference.serving import MAX_IN_FLIGHT
 from beam_captions.inference.variants import (
     CAPTION_ALGORITHMS, ENHANCE_ALGORITHMS, ENHANCE_MODELS, caption_model, canonical_variant,
 )
 from beam_captions.prompts import CAPTION_PROMPTS, ENHANCE_PROMPTS
 from beam_captions.extensions import parse_extensions
+from beam_captions.local import MAX_LOCAL_WORKERS
+from beam_captions.media.decode import MAX_DECODE_THREADS
+from beam_captions.media.webp import MAX_ENCODER_THREADS
 
 __all__ = ["JobConfig", "build_parser", "parse_args", "ConfigError"]
 
@@ -152,12 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--decode-threads", type=int, default=0,
                     help="decoder threads per clip: 0 (default) shares this process's cores among the clips it "
                          "decodes at once (all for a clip alone, one each when every core has a clip); 1 spends the "
-                         "least CPU per window where many processes decode at once (Dataflow)")
+                         "least CPU per window where many processes decode at once (Dataflow); at most "
+                         f"{MAX_DECODE_THREADS}")
     io.add_argument("--trust-remote-code", action="store_true",
                     help="let model directories run their own Python code (off by default)")
     io.add_argument("--local-workers", type=int,
                     help="local (DirectRunner) runs: decode and encode previews on this many threads "
-                         "(default: every core), sharing one engine per model")
+                         f"(default: every core; at most {MAX_LOCAL_WORKERS}), sharing one engine per model")
 
     io.add_argument("--log-file",
                     help="where the run's log goes (default: OUT/logs/beam-captions-<time>-<pid>.log); "
@@ -192,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--captioning-batch-size", type=int, default=64,
                      help="windows in flight to each captioning engine, which batches them continuously "
                           "(default 64; per engine, however many threads and processes feed it; each holds its "
-                          "sampled frames in memory)")
+                          f"sampled frames in memory; at most {MAX_IN_FLIGHT})")
     cap.add_argument("--captioning-max-output-tokens", type=int, default=512)
     cap.add_argument("--captioning-use-fp8-weights", action="store_true",
                      help="fp8 weight quantization (Qwen; a Nemotron variant's precision is its checkpoint's)")
@@ -232,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     enh.add_argument("--enhance-captions-prompt-variant", choices=tuple(ENHANCE_PROMPTS), default="default")
     enh.add_argument("--enhance-captions-prompt-text", help="custom enhancement instruction; overrides the variant")
     enh.add_argument("--enhance-captions-batch-size", type=int, default=128,
-                     help="captions in flight to each enhancement engine (default 128; per engine)")
+                     help=f"captions in flight to each enhancement engine (default 128; per engine; at most "
+                          f"{MAX_IN_FLIGHT})")
     enh.add_argument("--enhance-captions-max-output-tokens", type=int, default=512)
     enh.add_argument("--enhance-captions-use-fp8-weights", action="store_true")
     enh.add_argument("--enhance-captions-gpu-memory-share", type=float,
@@ -245,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--preview-target-height", type=int, default=240)
     pre.add_argument("--preview-compression-level", type=int, default=6, help="0 (fast) to 6 (small)")
     pre.add_argument("--preview-quality", type=int, default=50, help="0 to 100")
-    pre.add_argument("--preview-num-cpus-per-worker", type=int, default=4, help="WebP encoder threads")
+    pre.add_argument("--preview-num-cpus-per-worker", type=int, default=4,
+                     help=f"WebP encoder threads (1 to {MAX_ENCODER_THREADS})")
     return parser
 
 
@@ -307,6 +314,15 @@ def validate(config: JobConfig) -> None:
     _check(0 <= config.preview_compression_level <= 6, "--preview-compression-level must be between 0 and 6")
     _check(0 <= config.preview_quality <= 100, "--preview-quality must be between 0 and 100")
     _check(config.preview_num_cpus_per_worker >= 1, "--preview-num-cpus-per-worker must be at least 1")
+    # thread counts (a window in flight waits on a serving thread): each bound is documented where it is defined
+    for flag, value, most in (
+        ("--decode-threads", config.decode_threads, MAX_DECODE_THREADS),
+        ("--local-workers", config.local_workers, MAX_LOCAL_WORKERS),
+        ("--preview-num-cpus-per-worker", config.preview_num_cpus_per_worker, MAX_ENCODER_THREADS),
+        ("--captioning-batch-size", config.captioning_batch_size, MAX_IN_FLIGHT),
+        ("--enhance-captions-batch-size", config.enhance_captions_batch_size, MAX_IN_FLIGHT),
+    ):
+        _check(value is None or value <= most, f"{flag} must be at most {most}, got {value}")
     captioner = caption_model(config.captioning_algorithm)
     _check(not config.captioning_use_fp8_weights or captioner.fp8_flag,
            f"--captioning-use-fp8-weights does not apply to --captioning-algorithm {config.captioning_algorithm} "
@@ -409,8 +425,11 @@ def _check_pruning_here(config: JobConfig, beam_args: Sequence[str]) -> None:
         return
     from beam_captions.local import is_local_runner
     from beam_captions.inference.pruning import CPU_PRUNING_GAP, pruning_runs_here
+    from beam_captions.logs import held_for_log_file
 
-    _check(not is_local_runner(_runner_named(beam_args)) or pruning_runs_here(),
+    with held_for_log_file():  # what importing vLLM logs is for the log file, not the terminal
+        runs_here = not is_local_runner(_runner_named(beam_args)) or pruning_runs_here()
+    _check(runs_here,
            f"--captioning-video-pruning-rate {rate:g}: {CPU_PRUNING_GAP}; this run's engines start here, "
            "without one (leave the rate at 0, or run on a GPU machine)")
 

@@ -90,6 +90,7 @@ class WindowRecord:
     caption_model: Optional[str] = None
     enhance_model: Optional[str] = None
     prompt_variant: Optional[str] = None
+    prompt: Optional[str] = field(default=None, repr=False)  # caption prompt chosen in preparation (PrepareWindows)
     source_version: Optional[tuple[int, float]] = None  # the ``ClipRef.version`` that was decoded
     failures: tuple["Failure", ...] = ()  # what went wrong for this window, stage by stage: its outcome travels whole
 

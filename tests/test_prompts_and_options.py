@@ -98,3 +98,47 @@ def test_streaming_watches_one_location():
         parse_args(["--input", "a/", "--input", "b/", "--output", "o", "--streaming"])
     config, _ = parse_args(["--input", "a/", "--output", "o", "--streaming"])
     assert config.streaming and config.input == ("a/",)
+
+
+def test_prepare_windows_refuses_an_unknown_prompt_variant_naming_the_known_ones():
+    from beam_captions.transforms import PrepareWindows
+
+    with pytest.raises(ValueError, match="unknown caption prompt variant 'cats'; choose one of default, av, "
+                                         "av-surveillance"):
+        PrepareWindows(pixel_bounds=(100, 1000), prompt_variant="cats")
+    assert PrepareWindows(pixel_bounds=(100, 1000), prompt_variant="av").prompt == ("av", CAPTION_PROMPTS["av"])
+    assert PrepareWindows(pixel_bounds=(100, 1000), prompt_text="Say it.").prompt == ("custom", "Say it.")
+    assert PrepareWindows(pixel_bounds=(100, 1000)).prompt is None
+
+
+@pytest.mark.parametrize("own_variant", [None, "av"])
+def test_the_prompt_chosen_in_preparation_reaches_the_engine_unless_the_caption_stage_has_its_own(
+        own_variant, tmp_path, captioner_dir):
+    """As in the reference, the prompt is given to the preparation stage; a caption stage given none of its
+    own sends that text to the (real) engine, and one given its own sends its own."""
+    import apache_beam as beam
+    from apache_beam.testing.util import assert_that, equal_to
+    from clips import make_clip
+
+    from beam_captions.inference.caption_handler import VideoCaptionHandler
+    from beam_captions.records import ClipRef, WindowRecord
+    from beam_captions.transforms import CaptionWindows, PrepareWindows
+    from conftest import VLLM_KWARGS, spying_on
+
+    text = "Name every colour in this clip."
+    clip = ClipRef.from_source(str(make_clip(tmp_path / "clip.mp4", 8, 4.0, 64, 48)))  # one window of 4 model frames
+    handler = VideoCaptionHandler(captioner_dir, vllm_kwargs=VLLM_KWARGS, max_output_tokens=2,
+                                  prompt_variant=own_variant)
+    with spying_on(handler.load_model().engine) as calls, beam.Pipeline() as pipeline:
+        variants = (
+            pipeline
+            | beam.Create([clip])
+            | PrepareWindows(window_size=8, remainder_threshold=4, model_dir=captioner_dir, prompt_text=text)
+            | CaptionWindows(handler)
+            | beam.Map(lambda e: (e.prompt_variant, bool(e.caption)) if isinstance(e, WindowRecord)
+                       else type(e).__name__)
+        )
+        assert_that(variants, equal_to([(own_variant or "custom", True), "ClipInfo"]))
+    (prompt,) = [i["prompt"] for inputs, _ in calls for i in inputs]
+    assert (text in prompt) == (own_variant is None)
+    assert (CAPTION_PROMPTS["av"] in prompt) == (own_variant == "av")

@@ -137,3 +137,31 @@ def test_a_captions_run_prints_no_library_log_without_verbose(tmp_path, captione
     assert noise == [], "\n".join(noise)
     (log_file,) = glob.glob(str(out / "logs" / "*.log"))
     assert "vllm" in open(log_file).read()
+
+
+def test_a_run_refused_while_its_flags_are_checked_prints_its_refusal_alone(tmp_path, captioner_dir):
+    """Asking this CPU machine's vLLM whether it can prune imports vLLM, which warns that Triton has no CPU
+    backend; that line is for the log file, and the refused run has none: its refusal is all it prints."""
+    from beam_captions.inference.pruning import pruning_runs_here
+
+    if pruning_runs_here():
+        pytest.skip("this machine's engines can prune: nothing is refused")
+    command = [os.path.join(os.path.dirname(sys.executable), "beam-captions"), "--input", str(tmp_path),
+               "--output", str(tmp_path / "out"), "--generate-captions", "--model-dir", captioner_dir,
+               "--captioning-video-pruning-rate", "0.5"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("beam-captions: error: --captioning-video-pruning-rate 0.5: video token pruning needs a GPU")
+    assert not (tmp_path / "out").exists()
+
+
+def test_what_is_logged_while_the_flags_are_checked_goes_to_the_run_log(tmp_path, capfd):
+    from beam_captions.logs import held_for_log_file
+
+    with held_for_log_file():  # a library not configured yet (vLLM's own logger is, once an engine started here)
+        logging.getLogger("a_library.importing").warning("Triton is installed, but doesn't include CPU backend.")
+    setup = setup_logging(str(tmp_path / "out"))
+    setup.close()
+    assert "Triton" not in capfd.readouterr().err
+    assert "WARNING a_library.importing [pid" in open(setup.path).read()

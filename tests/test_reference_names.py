@@ -106,3 +106,24 @@ def test_preview_path_takes_a_window():
     assert preview_path("out", "c", (30, 59)) == expected
     assert preview_path("out", "c", FrameWindow(1, 30, 59)) == expected
     assert preview_path("out", "c", window().replace(start_frame=30, end_frame=59)) == expected
+
+
+@pytest.mark.parametrize("step, arguments", [
+    ("CaptionWindows", ()), ("EnhanceCaptions", ()), ("PrepareWindows", ()), ("GeneratePreviews", ()),
+    ("ReadClips", ("clips/",)), ("WriteOutputs", ("out/",)), ("CompactCaptions", ("out/",)),
+])
+def test_a_misspelt_keyword_is_named_as_unexpected_as_python_does(step, arguments):
+    import beam_captions.transforms as transforms
+
+    with pytest.raises(TypeError, match=rf"^{step}\.__init__\(\) got an unexpected keyword argument 'model_dirr'$"):
+        getattr(transforms, step)(*arguments, model_dirr="models/captioner")
+
+
+def test_a_handler_names_a_misspelt_keyword_as_python_does():
+    from beam_captions.inference.enhance_handler import QwenTextEnhanceHandler
+
+    unexpected = r"\.__init__\(\) got an unexpected keyword argument "
+    with pytest.raises(TypeError, match=rf"^VideoCaptionHandler{unexpected}'batchsize'$"):
+        VideoCaptionHandler("m", batchsize=3, model_batch_size=2)
+    with pytest.raises(TypeError, match=rf"^QwenTextEnhanceHandler{unexpected}'preprocess_dtype'$"):
+        QwenTextEnhanceHandler("m", preprocess_dtype="uint8")  # the caption stage's name, not the enhancer's

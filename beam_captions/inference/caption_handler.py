@@ -25,7 +25,7 @@ from beam_captions.records import WindowRecord
 
 __all__ = [
     "CaptionRequest", "Generated", "VideoCaptionHandler", "caption_batch", "generate_checked",
-    "refuse_unknown", "source_timing", "strip_reasoning", "video_input", "video_metadata",
+    "source_timing", "stage1_prompt", "strip_reasoning", "video_input", "video_metadata",
 ]
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class CaptionRequest:
 
     prompt: str
     prompt_variant: str = "default"
+    window_prompt_first: bool = False  # a window's prompt from preparation (``WindowRecord.prompt``) wins
     stage2_instruction: Optional[str] = None
     generate_stage2: bool = False
     retry_flagged: bool = False
@@ -196,10 +197,19 @@ def _retry_flagged(engine: Engine, inputs: list[dict], first: list[Generated], r
     return [i in chosen for i in range(len(first))]
 
 
+def stage1_prompt(record: WindowRecord, request: CaptionRequest) -> tuple[str, str]:
+    """The stage-1 prompt of ``record`` and its variant's name: the one chosen in preparation, if any, where
+    the caption stage was given none of its own; else the caption stage's."""
+    if request.window_prompt_first and record.prompt:
+        return record.prompt, record.prompt_variant or "custom"
+    return request.prompt, request.prompt_variant
+
+
 def caption_batch(engine: Engine, batch: Sequence[WindowRecord], request: CaptionRequest) -> list[WindowRecord]:
     """Caption every window of ``batch`` (stage 1, retries of flagged captions, stage 2); raises on engine errors."""
-    inputs = [video_input(engine, r, request.prompt, request.family, request.frames_dtype,
-                          request.window_relative_timestamps) for r in batch]
+    stage1_prompts = [stage1_prompt(r, request) for r in batch]
+    inputs = [video_input(engine, r, prompt, request.family, request.frames_dtype, request.window_relative_timestamps)
+              for r, (prompt, _) in zip(batch, stage1_prompts)]
     stage1 = generate_checked(engine, inputs, request.sampling_params())
     retried = _retry_flagged(engine, inputs, stage1, request) if request.retry_flagged else [False] * len(batch)
     stage2: list[Optional[Generated]] = [None] * len(batch)
@@ -224,9 +234,9 @@ def caption_batch(engine: Engine, batch: Sequence[WindowRecord], request: Captio
             caption_retried=again,
             caption_prompt_tokens=first.prompt_tokens,
             caption_model=engine.name,
-            prompt_variant=request.prompt_variant,
+            prompt_variant=variant,
         )
-        for record, first, second, again in zip(batch, stage1, stage2, retried)
+        for record, first, second, again, (_, variant) in zip(batch, stage1, stage2, retried, stage1_prompts)
     ]
 
 
@@ -236,7 +246,9 @@ class VideoCaptionHandler(VLLMWindowHandler):
     ``model_variant`` picks the family (chat format, vLLM settings) and the hub checkpoint an empty
     ``model_dir`` is filled from. Nemotron variants turn ``trust_remote_code`` on: their checkpoints
     ship their config class as code. ``fp8`` is vLLM's on-the-fly fp8 (Qwen only; a Nemotron
-    variant's precision is its checkpoint's).
+    variant's precision is its checkpoint's). ``prompt_variant`` / ``prompt_text`` (the text wins) pick the
+    caption prompt; given neither, a window keeps the prompt chosen in preparation
+    (``PrepareWindows(prompt_variant=, prompt_text=)``) and the others get the ``default`` variant's.
 
     Each window is its own request: a window that fails comes back without a caption and carrying a
     ``Failure`` (stage ``caption``); the others keep their captions. ``caption_batch_size`` is the
@@ -252,13 +264,14 @@ class VideoCaptionHandler(VLLMWindowHandler):
 
     stage = "caption"
     done_counter = "windows_captioned"
+    reference_names = frozenset({"model_batch_size", "preprocess_dtype", "verbose"})
 
     def __init__(
         self,
         model_dir: str,
         *,
         model_variant: str = "qwen2.5",
-        prompt_variant: str = "default",
+        prompt_variant: Optional[str] = None,
         prompt_text: Optional[str] = None,
         caption_batch_size: int = 64,
         max_output_tokens: int = 512,
@@ -281,10 +294,10 @@ class VideoCaptionHandler(VLLMWindowHandler):
         **reference_names: Any,
     ):
         # The reference's CaptionGenerationStage / CaptionPreparationStage names, where ours differ.
+        self.refuse_unknown(reference_names)
         caption_batch_size = reference_names.pop("model_batch_size", caption_batch_size)
         frames_dtype = reference_names.pop("preprocess_dtype", frames_dtype)
         self.verbose = bool(reference_names.pop("verbose", False))
-        refuse_unknown("VideoCaptionHandler", reference_names)
         model = caption_model(model_variant)
         family = model.family
         if fp8 and not model.fp8_flag:
@@ -304,8 +317,9 @@ class VideoCaptionHandler(VLLMWindowHandler):
             extra={"video_pruning_rate": float(video_pruning_rate), **(vllm_kwargs or {})},
         )
         request = CaptionRequest(
-            prompt=caption_prompt(prompt_variant, prompt_text),
-            prompt_variant="custom" if prompt_text else prompt_variant,
+            prompt=caption_prompt(prompt_variant or "default", prompt_text),
+            prompt_variant="custom" if prompt_text else prompt_variant or "default",
+            window_prompt_first=prompt_variant is None and prompt_text is None,
             stage2_instruction=stage2_prompt_text,
             generate_stage2=generate_stage2_caption,
             retry_flagged=retry_flagged,
@@ -332,10 +346,3 @@ class VideoCaptionHandler(VLLMWindowHandler):
 
     def get_num_bytes(self, batch: Sequence[WindowRecord]) -> int:
         return sum(r.frames.nbytes for r in batch if isinstance(r, WindowRecord) and r.frames is not None)
-
-
-def refuse_unknown(name: str, extra: dict) -> None:
-    """A ``TypeError`` like Python's for keyword arguments ``name`` does not take."""
-    if extra:
-        raise TypeError(f"{name}() got unexpected keyword arguments: {', '.join(sorted(extra))}")
-

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-from beam_captions.inference.caption_handler import generate_checked, refuse_unknown
+from beam_captions.inference.caption_handler import generate_checked
 from beam_captions.inference.engine import Engine, EngineSettings
 from beam_captions.inference.variants import ENHANCE_MODELS, canonical_variant
 from beam_captions.inference.vllm_handler import DEFAULT_REQUEST_TIMEOUT_S, VLLMWindowHandler
@@ -75,6 +75,7 @@ class QwenTextEnhanceHandler(VLLMWindowHandler):
 
     stage = "enhance"
     done_counter = "windows_enhanced"
+    reference_names = frozenset({"model_batch_size", "verbose"})
 
     def __init__(
         self,
@@ -96,9 +97,9 @@ class QwenTextEnhanceHandler(VLLMWindowHandler):
         inference_fn: Callable[[Engine, Sequence[WindowRecord], EnhanceRequest], list[WindowRecord]] = enhance_batch,
         **reference_names: Any,
     ):
+        self.refuse_unknown(reference_names)
         batch_size = reference_names.pop("model_batch_size", batch_size)  # the reference's EnhanceCaptionStage name
         self.verbose = bool(reference_names.pop("verbose", False))
-        refuse_unknown("QwenTextEnhanceHandler", reference_names)
         settings = EngineSettings(
             model_dir=model_dir,
             fp8=fp8,

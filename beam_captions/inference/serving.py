@@ -25,7 +25,13 @@ if TYPE_CHECKING:
     from beam_captions.inference.engine import Engine
     from beam_captions.records import WindowRecord
 
-__all__ = ["WindowServer", "give_large_buffers_back", "serve_async", "serve_pool"]
+__all__ = ["MAX_IN_FLIGHT", "WindowServer", "give_large_buffers_back", "serve_async", "serve_pool"]
+
+MAX_IN_FLIGHT = 4096
+"""The most windows in flight per engine (``--captioning-batch-size``, ``--enhance-captions-batch-size``):
+each waits on a thread of ``serve_pool``, and vLLM runs at most 1024 sequences at once by default (its
+``max_num_seqs`` on the largest GPUs, 256 on others), so past four times that windows only wait, each
+holding a thread and (captions) its frames."""
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -40,6 +41,7 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, WindowRecord, WindowServer]):
 
     stage = "inference"
     done_counter = "windows_inferred"
+    reference_names: frozenset[str] = frozenset()  # the reference's setting names its ``**`` takes besides ours
 
     def __init__(
         self,
@@ -58,6 +60,16 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, WindowRecord, WindowServer]):
         self.batch_size = batch_size
         self.request_timeout_s = request_timeout_s
         self._inference_fn = inference_fn
+
+    @classmethod
+    def refuse_unknown(cls, settings: Iterable[str], caller: Optional[str] = None) -> None:
+        """A ``TypeError`` worded as Python's for the first of ``settings`` this handler does not take
+        (``caller``: the class named in it, the handler's by default)."""
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        known = cls.reference_names | {p.name for p in inspect.signature(cls).parameters.values() if p.kind in named}
+        unknown = sorted(set(settings) - known)
+        if unknown:
+            raise TypeError(f"{caller or cls.__name__}.__init__() got an unexpected keyword argument {unknown[0]!r}")
 
     def load_model(self) -> WindowServer:
         """The engine (started on first use) behind a server that holds ``batch_size`` windows in flight."""

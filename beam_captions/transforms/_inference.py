@@ -150,6 +150,7 @@ class ModelStep(beam.PTransform):
         super().__init__()
         name = type(self).__name__
         if handler is None:
+            self.handler_class.refuse_unknown(handler_settings, name)
             model_dir = handler_settings.pop("model_dir", None)
             if not model_dir:
                 raise ValueError(f"{name} needs model_dir (or a handler)")

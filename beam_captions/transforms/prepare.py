@@ -18,6 +18,7 @@ from beam_captions.media.decode import DEFAULT_DECODE_THREADS, DecodedWindow, Pr
 from beam_captions.io.paths import is_local, local_path
 from beam_captions.logs import warn
 from beam_captions.metrics import count
+from beam_captions.prompts import caption_prompt
 from beam_captions.records import ClipInfo, ClipRef, Failure, WindowRecord, failure_from_exception
 
 __all__ = ["PrepareConfig", "PrepareWindows", "prepare_clip", "preview_warnings"]
@@ -170,7 +171,9 @@ class PrepareWindows(beam.PTransform):
     get the sizes of ``model_variant``'s family (Qwen: the reference's bounds, tightened by the model
     directory's video processor config; Nemotron: the checkpoint's frame size from its config.json),
     unless ``pixel_bounds`` is given (fixed per-frame ``(min, max)`` pixels, ``FrameBounds`` or
-    ``NemotronFrameSize``).
+    ``NemotronFrameSize``). ``prompt_variant`` / ``prompt_text`` (the text wins), as the reference's
+    preparation stage takes them, choose the caption prompt of these windows (``WindowRecord.prompt``):
+    ``CaptionWindows`` uses it unless it is given a prompt of its own.
     """
 
     def __init__(
@@ -187,10 +190,16 @@ class PrepareWindows(beam.PTransform):
         max_frame_pixels: Optional[int] = DEFAULT_MAX_FRAME_PIXELS,
         time_budget_s: Optional[float] = DEFAULT_TIME_BUDGET_S,
         decode_threads: int = DEFAULT_DECODE_THREADS,
+        prompt_variant: Optional[str] = None,
+        prompt_text: Optional[str] = None,
         verbose: bool = False,
     ):
         super().__init__()
         self.verbose = verbose  # the reference's stages take it; here the log file has everything
+        self.prompt: Optional[tuple[str, str]] = None  # (variant's name, text) each window carries
+        if prompt_variant is not None or prompt_text is not None:
+            variant = prompt_variant or "default"
+            self.prompt = ("custom" if prompt_text else variant, caption_prompt(variant, prompt_text))
         if pixel_bounds is None:
             pixel_bounds = model_frame_bounds(model_dir, model_variant)
         elif not isinstance(pixel_bounds, (FrameBounds, NemotronFrameSize)):
@@ -202,4 +211,12 @@ class PrepareWindows(beam.PTransform):
 
     def expand(self, clips):
         config = self.config
-        return clips | "DecodeClip" >> beam.FlatMap(prepare_clip, config)
+        prepared = clips | "DecodeClip" >> beam.FlatMap(prepare_clip, config)
+        if self.prompt is None:
+            return prepared
+        return prepared | "Prompt" >> beam.Map(self.with_prompt, *self.prompt)
+
+    @staticmethod
+    def with_prompt(element: object, variant: str, prompt: str) -> object:
+        """``element``, a window with its caption prompt (``prompt``, of variant ``variant``) set."""
+        return element.replace(prompt=prompt, prompt_variant=variant) if isinstance(element, WindowRecord) else element

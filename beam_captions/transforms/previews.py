@@ -7,7 +7,7 @@ from typing import Iterator, Optional, Union
 import apache_beam as beam
 import numpy as np
 
-from beam_captions.media.webp import encode_webp
+from beam_captions.media.webp import MAX_ENCODER_THREADS, encode_webp
 from beam_captions.metrics import count
 from beam_captions.records import Failure, WindowRecord, failure_from_exception
 
@@ -93,6 +93,9 @@ class GeneratePreviews(beam.PTransform):
             raise ValueError(f"target_fps must be positive, got {target_fps}")
         if target_height is not None and not 2 <= target_height <= 16383:
             raise ValueError(f"target_height must be between 2 and 16383, got {target_height}")
+        if not 1 <= num_cpus_per_worker <= MAX_ENCODER_THREADS:
+            raise ValueError(f"num_cpus_per_worker must be between 1 and {MAX_ENCODER_THREADS}, "
+                             f"got {num_cpus_per_worker}")
         self.verbose = verbose
         self.options = {"quality": quality, "compression_level": compression_level, "threads": num_cpus_per_worker,
                         "target_fps": target_fps, "target_height": target_height}

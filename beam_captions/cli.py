@@ -59,7 +59,8 @@ def _sample_clips(argv: Sequence[str]) -> int:
 def _gallery(argv: Sequence[str]) -> int:
     import argparse
 
-    from beam_captions.io.gallery import write_gallery
+    from beam_captions.io.gallery import is_run_output, write_gallery
+    from beam_captions.io.paths import is_local, local_path
 
     parser = argparse.ArgumentParser(
         prog="beam-captions gallery",
@@ -71,6 +72,12 @@ def _gallery(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if args.clips_per_page < 1:
         parser.exit(2, f"{parser.prog}: error: --clips-per-page must be at least 1\n")
+    # Nothing is written unless OUTPUT is the output of a run (a misspelt path must not become a new folder).
+    if is_local(args.output) and not os.path.isdir(local_path(args.output)):
+        _refuse(f"gallery {args.output}: " + ("not a folder" if os.path.lexists(local_path(args.output))
+                                              else "no such folder"))
+    if not is_run_output(args.output):
+        _refuse(f"gallery {args.output}: not the output of a run (no metas/ or failures/ under it)")
     started = time.monotonic()
     print(f"{write_gallery(args.output, args.clips_per_page)}  ({time.monotonic() - started:.1f} s)")
     return 0
@@ -177,7 +184,7 @@ def _run_compaction(args, beam_args: list[str], target_bytes: Optional[int], sto
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from beam_captions.io.compaction import DEFAULT_TARGET_BYTES, MANIFEST, reset_progress
-    from beam_captions.local import local_beam_args, runs_in_this_process
+    from beam_captions.local import local_beam_args, local_runner, runs_in_this_process
     from beam_captions.metrics import counters
     from beam_captions.transforms.compact import CompactCaptions
     from beam_captions.io.paths import is_local, local_path
@@ -204,7 +211,7 @@ def _run_compaction(args, beam_args: list[str], target_bytes: Optional[int], sto
     reset_progress()
     if stop.signum is not None:  # stopped while starting up
         stop.stop()
-    pipeline = beam.Pipeline(options=options)
+    pipeline = beam.Pipeline(runner=local_runner(options), options=options)
     pipeline | "Compact" >> CompactCaptions(output, target_bytes)
     try:
         stop.result = result = pipeline.run()
@@ -333,7 +340,7 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
 
     from beam_captions.inference.engine import release_engines, start_failures
     from beam_captions.io.gallery import write_gallery
-    from beam_captions.local import local_beam_args
+    from beam_captions.local import local_beam_args, local_runner
     from beam_captions.logs import setup_logging
     from beam_captions.metrics import counters
     from beam_captions.options import parse_args
@@ -373,7 +380,10 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
             from beam_captions.io.partitions import TimePartitions, write_settings
 
             write_settings(config.output, TimePartitions(config.window_seconds, config.lateness_horizon_seconds))
-        pipeline = beam.Pipeline(options=options)
+        runner = local_runner(options)  # a local run: the DirectRunner with Prism off; it logs which runner runs
+        if runner is None:
+            logging.getLogger("beam_captions").info("runner: %s (--runner)", options.get_all_options()["runner"])
+        pipeline = beam.Pipeline(runner=runner, options=options)
         build_pipeline(pipeline, config)
         if config.captions_table == "delta" and not submitted_only:
             _commit_staged_leftovers(config.output)

@@ -6,11 +6,12 @@ keeps one vLLM engine per GPU (the engine cache is per process) and the live pro
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional, Sequence
 
 __all__ = [
-    "MAX_LOCAL_WORKERS", "available_cores", "is_dataflow_runner", "is_local_runner", "local_beam_args",
+    "MAX_LOCAL_WORKERS", "available_cores", "is_dataflow_runner", "is_local_runner", "local_beam_args", "local_runner",
     "runs_in_this_process",
 ]
 
@@ -78,3 +79,93 @@ def runs_in_this_process(beam_args: Sequence[str]) -> bool:
 
     options = PipelineOptions(list(beam_args)).get_all_options()
     return is_local_runner(options["runner"]) and options.get("direct_running_mode") != "multi_processing"
+
+
+def local_runner(options) -> Optional[object]:
+    """The runner object for a job with these Beam ``options``: for a local run (no ``--runner``, or the
+    DirectRunner named) Beam's DirectRunner with Prism off; None for any other runner (Beam makes the
+    one ``--runner`` names, ``--runner PrismRunner`` included)."""
+    if not is_local_runner(options.get_all_options()["runner"]):
+        return None
+    return _direct_runner_class()()
+
+
+_RUNNER_CLASS = None
+
+
+def _direct_runner_class():
+    """``SwitchingDirectRunner`` without Prism (made once, on first use: importing Beam's runners is slow)."""
+    global _RUNNER_CLASS
+    if _RUNNER_CLASS is not None:
+        return _RUNNER_CLASS
+    from apache_beam.runners.direct import direct_runner
+
+    class SwitchingDirectRunner(direct_runner.SwitchingDirectRunner):
+        """Beam's DirectRunner as the tests run it: the FnApiRunner, or the BundleBasedDirectRunner for what
+        the FnApiRunner cannot run (a Pub/Sub read or write, a TestStream, ...), chosen as Beam 2.78 chooses
+        between them. Never Prism: Beam's own DirectRunner tries Prism first (downloading its binary from
+        Beam's release page) and falls back to these when that fails; this one never tries. Logs which
+        runner runs the job. Keeps Beam's class name: ``Pipeline.run`` recognises the DirectRunner by it
+        (a batch job goes to the FnApiRunner without a runner-API round trip)."""
+
+        def run_pipeline(self, pipeline, options):
+            runner = self.choose(pipeline, options)
+            logging.getLogger("beam_captions").info("local runner: %s (Prism off)", type(runner).__name__)
+            return runner.run_pipeline(pipeline, options)
+
+        @staticmethod
+        def choose(pipeline, options):
+            """The runner that runs ``pipeline``, made as Beam 2.78's DirectRunner makes it."""
+            if not _fn_api_runner_can_run(pipeline):
+                return direct_runner.BundleBasedDirectRunner()
+            from apache_beam.portability.api import beam_provision_api_pb2
+            from apache_beam.runners.portability.fn_api_runner import fn_runner
+            from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+            encoded = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+            return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
+                beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
+
+    _RUNNER_CLASS = SwitchingDirectRunner
+    return _RUNNER_CLASS
+
+
+def _fn_api_runner_can_run(pipeline) -> bool:
+    """Whether the FnApiRunner can run ``pipeline``: Beam 2.78's own test in ``SwitchingDirectRunner``
+    (``_FnApiRunnerSupportVisitor``, a class local to its ``run_pipeline``)."""
+    import itertools
+
+    import apache_beam as beam
+    from apache_beam.internal.util import ArgumentPlaceholder
+    from apache_beam.io.gcp.pubsub import ReadFromPubSub, WriteToPubSub
+    from apache_beam.pipeline import PipelineVisitor
+    from apache_beam.testing.test_stream import TestStream
+    from apache_beam.transforms import userstate
+    from apache_beam.transforms.core import CombineValuesDoFn
+    from apache_beam.transforms.timeutil import TimeDomain
+
+    class Visitor(PipelineVisitor):
+        supported = True
+
+        def enter_composite_transform(self, applied):
+            if isinstance(applied.transform, (ReadFromPubSub, WriteToPubSub)):
+                self.supported = False
+
+        def visit_transform(self, applied):
+            transform = applied.transform
+            if isinstance(transform, TestStream):
+                self.supported = False
+            if isinstance(transform, beam.ParDo):
+                dofn = transform.dofn
+                if isinstance(dofn, CombineValuesDoFn):
+                    args, kwargs = transform.raw_side_inputs
+                    if any(isinstance(arg, ArgumentPlaceholder) for arg in itertools.chain(args, kwargs.values())):
+                        self.supported = False
+                if userstate.is_stateful_dofn(dofn):
+                    _, timers = userstate.get_dofn_specs(dofn)
+                    if any(timer.time_domain == TimeDomain.REAL_TIME for timer in timers):
+                        self.supported = False
+
+    visitor = Visitor()
+    pipeline.visit(visitor)
+    return visitor.supported

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 from clips import make_clip
 from gcs import gcs  # noqa: F401  (the module-scoped fixture)
 
@@ -67,3 +68,44 @@ def test_a_gs_source_version_is_its_size_and_update_time_and_changes_with_a_new_
     assert first is not None and first[0] == 10 and first[1] > 0
     gcs.upload_bytes(b"y" * 12, uri)
     assert source_version(uri)[0] == 12 and source_version("gs://version-bucket/raw/missing.mp4") is None
+
+
+def _refused(argv: list[str], capsys) -> str:
+    """The one line ``main(argv)`` refuses with, after checking it exits with status 2 and prints nothing else."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    printed = capsys.readouterr()
+    assert printed.out == "" and printed.err.count("\n") == 1 and printed.err.startswith("beam-captions: error: ")
+    return printed.err
+
+
+def test_the_gallery_command_on_a_missing_folder_creates_nothing_and_exits_2(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _refused(["gallery", "no-such-out"], capsys) == "beam-captions: error: gallery no-such-out: no such folder\n"
+    (tmp_path / "a-file").write_text("x")
+    assert "gallery a-file: not a folder" in _refused(["gallery", "a-file"], capsys)
+    assert sorted(os.listdir(tmp_path)) == ["a-file"]
+
+
+def test_the_gallery_command_on_a_folder_that_is_no_output_writes_nothing_and_exits_2(tmp_path, capsys):
+    folder = tmp_path / "not-an-output"
+    (folder / "captions").mkdir(parents=True)  # no metas/ and no failures/: not what a run leaves
+    (folder / "notes.txt").write_text("x")
+    line = _refused(["gallery", str(folder)], capsys)
+    assert line == (f"beam-captions: error: gallery {folder}: not the output of a run "
+                    "(no metas/ or failures/ under it)\n")
+    assert sorted(os.listdir(folder)) == ["captions", "notes.txt"] and not os.listdir(folder / "captions")
+    (folder / "failures").mkdir()  # an output whose clips all failed (or none yet): a gallery
+    assert main(["gallery", str(folder)]) == 0 and (folder / "index.html").is_file()
+
+
+def test_the_gallery_command_on_a_gs_prefix_without_metas_or_failures_writes_nothing(gcs, capsys):  # noqa: F811
+    gcs.create_bucket("no-output-bucket")
+    gcs.upload_bytes(b"x", "gs://no-output-bucket/other/notes.txt")
+    for out in ("gs://no-output-bucket/no-such-out", "gs://no-output-bucket/other"):
+        assert "not the output of a run (no metas/ or failures/ under it)" in _refused(["gallery", out], capsys)
+    assert gcs.list("gs://no-output-bucket/") == ["gs://no-output-bucket/other/notes.txt"]
+    gcs.upload_bytes(b"{}", "gs://no-output-bucket/other/failures/x_clip_prepare.json")
+    assert main(["gallery", "gs://no-output-bucket/other"]) == 0
+    assert gcs.exists("gs://no-output-bucket/other/index.html")

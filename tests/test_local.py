@@ -168,3 +168,56 @@ def test_a_previews_only_job_loads_no_model_library(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]
     assert glob.glob(str(tmp_path / "out" / "previews" / "**" / "*.webp"), recursive=True)
+
+
+# The local runner (issue 31): Beam's DirectRunner with Prism off, named in the log; Prism only when asked.
+
+def _log_of(out) -> str:
+    [path] = glob.glob(os.path.join(str(out), "logs", "*.log"))
+    with open(path) as handle:
+        return handle.read()
+
+
+@pytest.mark.parametrize("runner", [[], ["--runner", "DirectRunner"]])
+def test_a_local_run_runs_on_the_fn_api_runner_and_never_tries_prism(tmp_path, runner):
+    from test_run_details import previews_args
+
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    make_clip(str(clips / "a.mp4"), 24, 10.0, 96, 64)
+    out = tmp_path / "out"
+    counts = run_job(previews_args(str(clips), str(out), *runner))
+    assert counts["previews"] == 2
+    log = _log_of(out)
+    assert [line.split(": ", 1)[1] for line in log.splitlines() if "local runner:" in line] == [
+        "local runner: FnApiRunner (Prism off)"]
+    assert "PrismRunner" not in log and "downloading prism" not in log.lower()
+
+
+@pytest.mark.parametrize("source, expected", [
+    (["--input", "IN"], "FnApiRunner"),
+    (["--streaming", "--input", "IN"], "FnApiRunner"),
+    (["--streaming", "--input-subscription", "projects/my-project/subscriptions/raw-clips"], "BundleBasedDirectRunner"),
+])
+def test_the_local_runner_chooses_as_beams_direct_runner_does_without_prism(tmp_path, source, expected):
+    """Beam 2.78's DirectRunner: the FnApiRunner, unless the job reads Pub/Sub (BundleBasedDirectRunner)."""
+    import apache_beam as beam
+
+    from beam_captions.pipeline import build_pipeline
+
+    config, beam_args = parse_args([arg.replace("IN", str(tmp_path)) for arg in source]
+                                   + ["--output", str(tmp_path / "out"), "--generate-previews"])
+    options = PipelineOptions(beam_args + (["--streaming"] if config.streaming else []))
+    runner = local.local_runner(options)
+    pipeline = beam.Pipeline(runner=runner, options=options)
+    build_pipeline(pipeline, config)
+    assert type(runner.choose(pipeline, options)).__name__ == expected
+
+
+def test_prism_runs_only_when_asked_for():
+    import apache_beam as beam
+
+    assert local.local_runner(PipelineOptions(["--runner", "PrismRunner"])) is None
+    assert type(beam.Pipeline(options=PipelineOptions(["--runner", "PrismRunner"])).runner).__name__ == "PrismRunner"
+    for args in ([], ["--runner=DirectRunner"], ["--runner", "direct"]):
+        assert type(local.local_runner(PipelineOptions(args))).__name__ == "SwitchingDirectRunner"

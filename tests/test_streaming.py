@@ -165,6 +165,9 @@ def test_a_watched_file_replaced_while_the_job_runs_is_redone(tmp_path):
     assert meta["status"] == "done" and len(meta["windows"]) == 3, meta
     rows = pq.read_table(str(out / "captions")).to_pylist()
     assert sorted(r["window_index"] for r in rows) == [0, 1, 2], output[-3000:]  # the first version's row is gone
+    [log] = glob.glob(str(out / "logs" / "*.log"))
+    log = open(log).read()  # a local streaming run: the FnApiRunner, Prism never tried (issue 31)
+    assert "local runner: FnApiRunner (Prism off)" in log and "PrismRunner" not in log
     assert sorted(os.listdir(out / "previews" / meta["clip_id"])) == sorted(
         os.path.basename(w["preview"]) for w in meta["windows"])
 

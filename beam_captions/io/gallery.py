@@ -14,6 +14,7 @@ import html
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 from urllib.parse import quote
@@ -21,7 +22,7 @@ from urllib.parse import quote
 from apache_beam.io.filesystems import FileSystems
 
 from beam_captions.io.files import parallel_map, read_json, write_bytes
-from beam_captions.io.paths import failures_dir, metas_dir
+from beam_captions.io.paths import failures_dir, is_local, local_path, metas_dir
 
 __all__ = [
     "CAPTION_FIELDS", "page_name", "preview_href", "load_clips", "load_failures", "render_pages", "write_gallery",
@@ -381,6 +382,18 @@ def _table_rows(output: str) -> int:
     from beam_captions.io.read_captions import read_captions
 
     return read_captions(output, ["clip_id", "window_index"]).num_rows
+
+
+def is_run_output(output: str) -> bool:
+    """Whether ``output`` is the output root of a run: a ``metas/`` or ``failures/`` folder under it (local),
+    or at least one object under ``OUT/metas/`` or ``OUT/failures/`` (an object store has no empty folders).
+    A listing error is raised, never taken for "not an output"."""
+    if is_local(output):
+        root = local_path(output)
+        return any(os.path.isdir(os.path.join(root, name)) for name in ("metas", "failures"))
+    return any(result.metadata_list
+               for folder in (metas_dir(output), failures_dir(output))
+               for result in FileSystems.match([FileSystems.join(folder, "*")], limits=[1]))
 
 
 def write_gallery(output: str, clips_per_page: int = 50) -> str:

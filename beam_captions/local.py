@@ -11,14 +11,9 @@ import os
 from typing import Optional, Sequence
 
 __all__ = [
-    "MAX_LOCAL_WORKERS", "available_cores", "is_dataflow_runner", "is_local_runner", "local_beam_args", "local_runner",
+    "available_cores", "is_dataflow_runner", "is_local_runner", "local_beam_args", "local_runner",
     "runs_in_this_process",
 ]
-
-MAX_LOCAL_WORKERS = 1024
-"""The most worker threads ``--local-workers`` gives a local run: above the core count of any one machine
-(the largest cloud VMs have under 1000 vCPUs), and each thread holds a clip's decode and frames in memory.
-A documented number, not this machine's cores: the launcher of a Dataflow job is not its worker."""
 
 _DIRECT_RUNNERS = frozenset({"direct", "directrunner", "switchingdirectrunner"})
 _DATAFLOW_RUNNERS = frozenset({"dataflow", "dataflowrunner", "testdataflowrunner"})

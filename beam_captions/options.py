@@ -20,9 +20,7 @@ from beam_captions.inference.variants import (
 )
 from beam_captions.prompts import CAPTION_PROMPTS, ENHANCE_PROMPTS
 from beam_captions.extensions import parse_extensions
-from beam_captions.local import MAX_LOCAL_WORKERS
-from beam_captions.media.decode import MAX_DECODE_THREADS
-from beam_captions.media.webp import MAX_ENCODER_THREADS
+from beam_captions.limits import MAX_DECODE_THREADS, MAX_ENCODER_THREADS, MAX_LOCAL_WORKERS
 
 __all__ = ["JobConfig", "build_parser", "parse_args", "ConfigError"]
 

@@ -7,9 +7,7 @@ import pytest
 
 from beam_captions.cli import _compact_arguments, main
 from beam_captions.inference.serving import MAX_IN_FLIGHT
-from beam_captions.local import MAX_LOCAL_WORKERS
-from beam_captions.media.decode import MAX_DECODE_THREADS
-from beam_captions.media.webp import MAX_ENCODER_THREADS
+from beam_captions.limits import MAX_DECODE_THREADS, MAX_ENCODER_THREADS, MAX_LOCAL_WORKERS
 from beam_captions.options import parse_args
 from beam_captions.transforms.previews import GeneratePreviews
 

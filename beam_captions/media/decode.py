@@ -27,6 +27,7 @@ import av
 import numpy as np
 from av.video.reformatter import VideoReformatter
 
+from beam_captions.limits import MAX_DECODE_THREADS
 from beam_captions.local import available_cores
 from beam_captions.media.windowing import (
     MIN_FRAMES,
@@ -62,10 +63,6 @@ cores divided among the clips it decodes at that moment, itself included, so a c
 and clips decoded side by side (a local run's worker threads) one thread each, the least CPU per window
 (frame threading adds 4-12 % CPU seconds, benchmarks P10). 1: always one, the choice where many
 processes decode clips at once, as on Dataflow workers (``--decode-threads 1``)."""
-MAX_DECODE_THREADS = 64
-"""The most decoder threads a clip gets, whatever is asked: FFmpeg starts every thread it is told to, and
-more than a few dozen never decode faster (frame threading waits on references)."""
-
 FRAME_SKIP_CODECS = frozenset({"h264", "hevc"})
 """Codecs (FFmpeg codec names) whose frames that nobody keeps and no frame refers to may go undecoded
 (``skip_frame`` "nonref"). Proven to give the frame count and kept frames of a full decode by the codec

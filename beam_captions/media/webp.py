@@ -8,13 +8,9 @@ from fractions import Fraction
 import av
 import numpy as np
 
-__all__ = ["MAX_ENCODER_THREADS", "PreviewEncodeError", "encode_webp"]
+__all__ = ["PreviewEncodeError", "encode_webp"]
 
 _MAX_RATE_DENOMINATOR = 1001
-MAX_ENCODER_THREADS = 64
-"""The most encoder threads a preview may ask for (``--preview-num-cpus-per-worker``). FFmpeg 8.1's libwebp
-wrapper encodes on one thread whatever it is told (500 asked start none), but an encoder that honours the
-count starts every thread asked, and a preview is a few small frames (a minute at 1 fps is 60)."""
 
 
 class PreviewEncodeError(Exception):

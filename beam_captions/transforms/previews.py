@@ -7,7 +7,8 @@ from typing import Iterator, Optional, Union
 import apache_beam as beam
 import numpy as np
 
-from beam_captions.media.webp import MAX_ENCODER_THREADS, encode_webp
+from beam_captions.limits import MAX_ENCODER_THREADS
+from beam_captions.media.webp import encode_webp
 from beam_captions.metrics import count
 from beam_captions.records import Failure, WindowRecord, failure_from_exception
 

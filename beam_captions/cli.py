@@ -101,7 +101,7 @@ def _compact_arguments(argv: Sequence[str]):
     a bad one is one line and exit 2."""
     import argparse
 
-    from beam_captions.local import MAX_LOCAL_WORKERS
+    from beam_captions.limits import MAX_LOCAL_WORKERS
 
     parser = argparse.ArgumentParser(
         prog="beam-captions compact",
@@ -149,6 +149,7 @@ def _compact_delta(args, target_bytes: Optional[int]) -> dict[str, int]:
     from beam_captions.io.files import read_json_or_none
     from beam_captions.io.lease import describe_holder, holder_is_live, lease_path
     from beam_captions.io.paths import absolute_location
+    from beam_captions.summary import first_line, plural
 
     output = absolute_location(args.output)
     hours = DEFAULT_RETENTION_HOURS if args.retention_hours is None else args.retention_hours
@@ -167,13 +168,13 @@ def _compact_delta(args, target_bytes: Optional[int]) -> dict[str, int]:
         print(f"\nbeam-captions compact: stopped; each Delta commit is whole or absent; running `beam-captions "
               f"compact {shlex.quote(args.output)}` again completes the rest", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
-    print(f"beam-captions compact finished in {time.monotonic() - started:.1f} s (Delta table)\n"
-          f"  staged           {counts.get('delta_clips_committed', 0)} clips committed (left by a run that "
-          f"stopped before its commit)\n"
+    print(f"{first_line('beam-captions compact', time.monotonic() - started)} (Delta table)\n"
+          f"  staged           {plural(counts.get('delta_clips_committed', 0), 'clip')} committed (left by a run "
+          f"that stopped before its commit)\n"
           f"  files            {counts['files_before']} before, {counts['files_after']} after "
           f"({counts['files_merged']} merged into {counts['files_written']}; {counts['files_vacuumed']} vacuumed, "
           f"retention {hours:g} h)\n"
-          f"  rows             {counts['rows']} of {counts['clips_in_table']} clips\n"
+          f"  rows             {counts['rows']} of {plural(counts['clips_in_table'], 'clip')}\n"
           f"  table            {table_uri(output)} (version {counts['table_version']})", flush=True)
     return counts
 
@@ -186,6 +187,7 @@ def _run_compaction(args, beam_args: list[str], target_bytes: Optional[int], sto
     from beam_captions.io.compaction import DEFAULT_TARGET_BYTES, MANIFEST, reset_progress
     from beam_captions.local import local_beam_args, local_runner, runs_in_this_process
     from beam_captions.metrics import counters
+    from beam_captions.summary import first_line, plural
     from beam_captions.transforms.compact import CompactCaptions
     from beam_captions.io.paths import is_local, local_path
 
@@ -224,16 +226,31 @@ def _run_compaction(args, beam_args: list[str], target_bytes: Optional[int], sto
         if stop.signum is not None:  # a runner that reports the stop (a cancelled job) as an error
             stop.stop()
         raise
-    if stop.signum is not None:  # the run ended (no merge starts after a stop) before the stop line
+    if not stop.ended():  # a signal came before the run ended (no merge starts after it): the stop line
         stop.stop()
     counts = counters(result)
-    print(f"beam-captions compact finished in {time.monotonic() - started:.1f} s\n"
-          f"  files            {counts.get('files_before', 0)} before, {counts.get('files_after', 0)} after "
+    print(f"{first_line('beam-captions compact', time.monotonic() - started)}\n"
+          + _leftovers_line(counts)
+          + f"  files            {counts.get('files_before', 0)} before, {counts.get('files_after', 0)} after "
           f"({counts.get('files_merged', 0)} merged into {counts.get('files_written', 0)})\n"
-          f"  rows             {counts.get('rows', 0)} of {counts.get('clips_in_table', 0)} clips"
-          f" ({counts.get('rows_stale_dropped', 0)} stale rows dropped)\n"
+          f"  rows             {counts.get('rows', 0)} of {plural(counts.get('clips_in_table', 0), 'clip')}"
+          f" ({plural(counts.get('rows_stale_dropped', 0), 'stale row')} dropped)\n"
           f"  manifest         {FileSystems.join(output, 'captions', MANIFEST)}", flush=True)
     return counts
+
+
+def _leftovers_line(counts: dict[str, int]) -> str:
+    """What a compaction killed part way had left, removed before this one planned: the small files its
+    journals still named, its staged copies no journal names; empty when there were none."""
+    from beam_captions.summary import plural
+
+    journals, removed = counts.get("compactions_finished", 0), counts.get("leftover_files_removed", 0)
+    strays = counts.get("staged_files_removed", 0)
+    if not (journals or removed or strays):
+        return ""
+    return (f"  leftovers        {plural(removed + strays, 'file')} removed: {removed} already merged "
+            f"({plural(journals, 'killed compaction')} finished), "
+            f"{plural(strays, 'staged copy', 'staged copies')} no journal names\n")
 
 
 def _target_bytes(text: str) -> Optional[int]:
@@ -268,8 +285,10 @@ class _StopCompaction:
         self.in_process = True  # whether the merges run in this process (the DirectRunner's threads)
         self.result = None  # the runner's job, once started (cancelled on a stop)
         self.signum: Optional[int] = None
+        self.finished = False  # the job ended before any signal: the summary comes, exit 0 (``ended``)
         self._signals = StopSignals(self._on_signal)  # acted on in its watcher thread: the main thread may wait
         self._once = threading.Lock()
+        self._state = threading.Lock()  # a first signal and the job's end: whichever comes first decides
 
     def __enter__(self) -> "_StopCompaction":
         self._signals.__enter__()
@@ -281,11 +300,24 @@ class _StopCompaction:
     def _again(self) -> str:
         return f"running `beam-captions compact {shlex.quote(self.output)}` again completes the rest"
 
+    def ended(self) -> bool:
+        """The job has ended: True if no signal came before (a signal from now on lets the summary come,
+        which then says ``finished``, exit 0), False if one did (the stop line comes, exit 130 / 143)."""
+        with self._state:
+            if self.signum is None:
+                self.finished = True
+            return self.finished
+
     def _on_signal(self, signum: int, count: int) -> None:
         if count > 1:  # the second one: at once
             print(f"\nbeam-captions compact: stopped at once; {self._again()}", file=sys.stderr, flush=True)
             os._exit(128 + (self.signum or signum))
-        self.signum = signum
+        with self._state:
+            if self.finished:  # the work is done: the summary is being written, let it come
+                logging.getLogger("beam_captions").info("signal %s after the compaction had ended: its summary "
+                                                        "comes", signum)
+                return
+            self.signum = signum
         compaction = sys.modules.get("beam_captions.io.compaction")
         if hasattr(compaction, "request_stop"):  # at once: no merge starts from here on
             compaction.request_stop()
@@ -388,7 +420,8 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
         if config.captions_table == "delta" and not submitted_only:
             _commit_staged_leftovers(config.output)
 
-        def finish(result) -> dict[str, int]:
+        def finish(result, error: Optional[str] = None) -> dict[str, int]:
+            """The summary (its first line: finished, stopped, or broke with ``error``) and the gallery."""
             stopped = stop.signum is not None
             restore_terminal()  # the summary reaches the terminal, even if an engine is starting right now
             if release_models or stopped:
@@ -396,7 +429,7 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
             counts = counters(result) if result is not None else progress.snapshot()
             gallery = write_gallery(config.output) if config.gallery else "not written (--no-gallery)"
             print(format_summary(counts, config.output, time.monotonic() - started, captions=config.generate_captions,
-                                 stopped=stopped))
+                                 stopped=stopped, error=None if stopped else error))
             print(f"  gallery          {gallery}", flush=True)
             if logs is not None:
                 print(f"  log              {logs.copy_to or logs.path}", flush=True)
@@ -434,13 +467,14 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
                   "no run happened here, so there is no summary or gallery")
             return {}
         stop.leave_to_watchdog()
-        try:
-            counts = finish(result if stop.signum is None else None)
+        failed_starts = start_failures()[earlier_start_failures:]
+        try:  # an engine that could not start: the run broke (exit 1), though each of its windows is recorded
+            counts = finish(result if stop.signum is None else None,
+                            failed_starts[0].rstrip(".") if failed_starts else None)
         finally:
             stop.restore()
         if stop.signum is not None:
             raise SystemExit(128 + stop.signum)
-        failed_starts = start_failures()[earlier_start_failures:]
         if failed_starts:  # a local run: each window of the model was recorded as failed
             print(f"beam-captions: error: {failed_starts[0].rstrip('.')} (the clips it should have served are "
                   "recorded as failed; a re-run tries them again)", file=terminal(), flush=True)
@@ -564,16 +598,16 @@ class _StopOnSignal:
             os._exit(code)
 
 
-def _broke(error: BaseException, finish: Callable[[object], object], failed_starts: Sequence[str] = ()) -> None:
-    """The run itself broke (an output that cannot be written...): one line, the summary, exit 1; the
-    traceback is in the log file."""
+def _broke(error: BaseException, finish: Callable[..., object], failed_starts: Sequence[str] = ()) -> None:
+    """The run itself broke (an output that cannot be written...): one line, the summary (its first line
+    ``beam-captions broke after N s: <the reason>``), exit 1; the traceback is in the log file."""
     logging.getLogger("beam_captions").info("the run failed", exc_info=error)
     restore_terminal()
     # an engine that could not start: vLLM's own error says only "see root cause above"
     reason = failed_starts[-1] if failed_starts else _one_line_error(error)
     print(f"beam-captions: error: {reason}", file=terminal(), flush=True)
     try:
-        finish(None)
+        finish(None, reason)
     except Exception as again:  # noqa: BLE001 - the gallery cannot be written either
         print(f"beam-captions: error: {_one_line_error(again)}", file=terminal(), flush=True)
     raise SystemExit(1) from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-__all__ = ["format_summary", "output_folders"]
+__all__ = ["first_line", "format_summary", "output_folders", "plural"]
 
 OUTPUT_FOLDERS = ("captions", "previews", "metas", "failures")
 
@@ -29,9 +29,26 @@ def output_folders(output: str) -> list[str]:
     return found
 
 
+def plural(n: int, one: str, many: Optional[str] = None) -> str:
+    """``1 clip``, ``2 clips``, ``0 clips`` (``many``: an irregular plural)."""
+    return f"{n} {one if n == 1 else (many or one + 's')}"
+
+
+def first_line(command: str, seconds: float, stopped: bool = False, error: Optional[str] = None) -> str:
+    """How the command ended: ``finished in N s``, ``stopped after N s`` (a signal) or ``broke after N s:
+    <the error>`` (exit status 1)."""
+    if error is not None:
+        return f"{command} broke after {seconds:.1f} s: {error}"
+    return f"{command} {'stopped after' if stopped else 'finished in'} {seconds:.1f} s"
+
+
 def format_summary(counts: dict[str, int], output: str, seconds: float, captions: bool = True,
-                   folders: Optional[Sequence[str]] = None, stopped: bool = False) -> str:
+                   folders: Optional[Sequence[str]] = None, stopped: bool = False,
+                   error: Optional[str] = None) -> str:
     """Clips, windows, captions, previews and failures by stage, with the caption rate and output root.
+
+    The first line says how the run ended (``first_line``): finished, ``stopped`` by a signal, or broke
+    with ``error`` (it then exits 1).
 
     ``captions=False`` (a previews-only run) leaves out the caption lines. Warnings that repeat per clip
     are told once per kind (``warnings_<kind>`` counters). The output line names the ``folders`` the output
@@ -47,16 +64,17 @@ def format_summary(counts: dict[str, int], output: str, seconds: float, captions
     captions = counts.get("captions", 0)
     prompt_tokens = counts.get("caption_prompt_tokens", 0)
     redone = sum(counts.get(name, 0) for name in ("clips_retried", "clips_replaced", "clips_other_settings",
-                                                  "clips_extended"))
+                                                  "clips_extended", "clips_not_skipped"))
     lines = [
-        f"beam-captions {'stopped after' if stopped else 'finished in'} {seconds:.1f} s",
+        first_line("beam-captions", seconds, stopped, error),
         f"  clips found      {counts.get('clips_found', 0)}",
         f"  files ignored    {counts.get('files_ignored_not_video', 0)} (not video by name)",
         f"  clips skipped    {counts.get('clips_skipped', 0)} (finished by an earlier run)",
         *([f"  clips redone     {redone} (failed before {counts.get('clips_retried', 0)}, source replaced "
            f"{counts.get('clips_replaced', 0)}, made with other settings {counts.get('clips_other_settings', 0)}, "
-           f"outputs missing {counts.get('clips_extended', 0)})"] if redone else []),
-        *([f"  duplicates       {counts['duplicates_dropped']} late elements of written clips dropped"]
+           f"outputs missing {counts.get('clips_extended', 0)}, --no-skip-existing "
+           f"{counts.get('clips_not_skipped', 0)})"] if redone else []),
+        *([f"  duplicates       {plural(counts['duplicates_dropped'], 'late element')} of written clips dropped"]
           if counts.get("duplicates_dropped") else []),
         f"  clips failed     {counts.get('clips_failed', 0)}",
         f"  windows          {_windows_line(counts, with_captions)}",
@@ -72,8 +90,8 @@ def format_summary(counts: dict[str, int], output: str, seconds: float, captions
     lines += [
         f"  previews         {counts.get('previews', 0)}",
         f"  failures         {sum(failures.values())}" + (f" ({by_stage})" if by_stage else ""),
-        *([f"  delta table      {counts.get('delta_clips_committed', 0)} clips committed in "
-           f"{counts['delta_commits']} commit{'s' if counts['delta_commits'] != 1 else ''} "
+        *([f"  delta table      {plural(counts.get('delta_clips_committed', 0), 'clip')} committed in "
+           f"{plural(counts['delta_commits'], 'commit')} "
            f"({counts.get('delta_commit_retries', 0)} retried after a conflict)"]
           if counts.get("delta_commits") else []),
         f"  outputs          {output}" + _folders(output, folders),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import time
 
@@ -133,7 +134,7 @@ def test_stale_rows_are_dropped_and_an_unfinished_clip_is_left_for_its_run(tmp_p
 
 
 @pytest.mark.parametrize("killed_after", ["staged", "journal"])
-def test_a_compaction_killed_part_way_is_finished_by_the_next(tmp_path, killed_after):
+def test_a_compaction_killed_part_way_is_finished_by_the_next(tmp_path, killed_after, capsys):
     out = str(tmp_path / "out")
     for number in range(8):
         write_synthetic_clip(out, number)
@@ -146,7 +147,18 @@ def test_a_compaction_killed_part_way_is_finished_by_the_next(tmp_path, killed_a
     [group] = plan_groups(list_caption_files(out), 2**30)
     with pytest.raises(KeyboardInterrupt):
         merge_group(out, group, fail_after=kill)
+    capsys.readouterr()
     counts = compact([out])
+    lines = capsys.readouterr().out.splitlines()
+    # the summary counts what the killed compaction left: its 8 small files (already merged) or its staged copy
+    assert lines[1] == ("  leftovers        8 files removed: 8 already merged (1 killed compaction finished), "
+                        "0 staged copies no journal names" if killed_after == "journal" else
+                        "  leftovers        1 file removed: 0 already merged (0 killed compactions finished), "
+                        "1 staged copy no journal names"), lines
+    assert counts.get("leftover_files_removed", 0) == (8 if killed_after == "journal" else 0)
+    assert lines[2:4] == ["  files            1 before, 1 after (0 merged into 0)" if killed_after == "journal" else
+                          "  files            8 before, 1 after (8 merged into 1)",
+                          "  rows             24 of 8 clips (0 stale rows dropped)"]  # as the README shows
     assert table_rows(out) == before
     assert len(list_caption_files(out)) == 1 and not glob.glob(os.path.join(out, "_compact", "*"))
     assert not glob.glob(os.path.join(out, "captions", "_tmp-*"))
@@ -259,3 +271,41 @@ def test_compact_runs_on_the_portable_runner(thousand, tmp_path):
     assert counts["files_before"] == NUM_CLIPS and counts["files_after"] == len(list_caption_files(out)) <= 10
     assert table_rows(out) == before
     assert_each_clip_in_its_file(out)
+
+
+def test_the_compaction_summary_says_how_it_ended_and_its_counts_are_grammatical(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    write_synthetic_clip(out, 0, windows=1)
+    compact([out])
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"beam-captions compact finished in \d+\.\d s", lines[0]), lines
+    assert lines[1:3] == ["  files            1 before, 1 after (0 merged into 0)",  # no leftovers line: none
+                          "  rows             1 of 1 clip (0 stale rows dropped)"]
+    write_synthetic_clip(out, 1, windows=1)
+    compact([out])
+    assert capsys.readouterr().out.splitlines()[1:3] == ["  files            2 before, 1 after (2 merged into 1)",
+                                                         "  rows             2 of 2 clips (0 stale rows dropped)"]
+
+
+def test_compact_goes_ahead_on_an_output_a_live_run_holds_and_says_so_in_one_line(tmp_path, capsys):
+    """The README's choice: ``compact`` does not need the lease (a run's writes during it are kept)."""
+    from beam_captions.io.lease import Lease, describe_holder
+
+    out = str(tmp_path / "out")
+    for number in range(3):
+        write_synthetic_clip(out, number)
+    before = table_rows(out)
+    lease = Lease.take(out)
+    try:
+        holder = json.load(open(os.path.join(out, "_lease.json")))
+        counts = compact([out])
+        said = capsys.readouterr().out.splitlines()
+    finally:
+        lease.release()
+    def any_age(line: str) -> str:
+        return re.sub(r"refreshed \d+ s ago", "refreshed N s ago", line)
+
+    assert any_age(said[0]) == any_age(f"beam-captions compact: a run is writing to {out} ({describe_holder(holder)}); "
+                                       "what it writes meanwhile is kept"), said
+    assert said[1].startswith("beam-captions compact finished in ")
+    assert counts["files_merged"] == 3 and len(list_caption_files(out)) == 1 and table_rows(out) == before

@@ -286,3 +286,34 @@ def test_after_a_stop_journals_are_left_for_the_next_compaction(tmp_path, stoppi
     compaction.reset_progress()
     assert compact([out])["compactions_finished"] == 1
     assert table_rows(out) == before and not journals(out)
+
+
+# The real command; a Ctrl-C comes once the compaction has ended, while its summary is being written.
+SIGNAL_AT_THE_SUMMARY = """
+import os, signal, sys, time
+from beam_captions import metrics
+real = metrics.counters
+def counters(result):
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(2)  # the signal's watcher thread acts meanwhile
+    return real(result)
+metrics.counters = counters
+from beam_captions.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_after_the_compaction_ended_lets_its_summary_come_and_exit_0(tmp_path):
+    """As with a run: the work is done, so the summary says ``finished`` and the exit status is 0 (never a
+    full summary and 130, nor a stop line)."""
+    out = str(tmp_path / "out")
+    for number in range(4):
+        write_synthetic_clip(out, number)
+    before = table_rows(out)
+    done = subprocess.run([sys.executable, "-c", SIGNAL_AT_THE_SUMMARY, "compact", out], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.fullmatch(r"beam-captions compact finished in \d+\.\d s", done.stdout.splitlines()[0]), done.stdout
+    assert "  files            4 before, 1 after (4 merged into 1)" in done.stdout.splitlines()
+    assert "stopped" not in done.stdout + done.stderr and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert table_rows(out) == before and len(list_caption_files(out)) == 1

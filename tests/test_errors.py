@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import stat
 
@@ -65,6 +66,11 @@ def test_a_write_that_fails_mid_run_is_one_line_and_the_summary(tmp_path, clips,
     errors = [line for line in captured.err.splitlines() if line.startswith("beam-captions: error:")]
     assert len(errors) == 1 and "No space left on device" in errors[0], captured.err[-3000:]
     assert "clips found      1" in captured.out
+    # the summary's first line says the run broke, and why (never "finished")
+    first = captured.out.splitlines()[0]
+    assert re.fullmatch(r"beam-captions broke after \d+\.\d s: " + re.escape(errors[0][len("beam-captions: error: "):]),
+                        first), first
+    assert "finished in" not in captured.out
 
 
 @pytest.mark.parametrize("flag", ["--captioning-sampling-fps", "--preview-target-fps", "--watch-interval-seconds",

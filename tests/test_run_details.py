@@ -113,10 +113,42 @@ def test_redone_clips_say_other_settings_or_outputs_missing(tmp_path, capsys):
     run_job(previews_args(str(clips), out))
     counts = run_job(previews_args(str(clips), out, "--preview-target-height", "48"))  # another preview height
     assert counts["clips_other_settings"] == 2 and not counts.get("clips_extended")
-    assert "clips redone     2 (failed before 0, source replaced 0, made with other settings 2, outputs missing 0)" \
-        in capsys.readouterr().out
+    assert "clips redone     2 (failed before 0, source replaced 0, made with other settings 2, outputs missing 0, " \
+        "--no-skip-existing 0)" in capsys.readouterr().out
     text = format_summary({"clips_extended": 3}, out, 1.0)  # e.g. captions asked of a previews-only output
-    assert "clips redone     3 (failed before 0, source replaced 0, made with other settings 0, outputs missing 3)" in text
+    assert "clips redone     3 (failed before 0, source replaced 0, made with other settings 0, outputs missing 3, " \
+        "--no-skip-existing 0)" in text
+    # --no-skip-existing redoes the finished clips, and the summary says so; a clip an earlier run did not
+    # finish (here: its metas gone) is made, not redone
+    os.unlink(os.path.join(out, "metas", f"{clip_id_for(str(clips / 'b.mp4'))}.json"))
+    counts = run_job(previews_args(str(clips), out, "--preview-target-height", "48", "--no-skip-existing"))
+    assert counts["clips_not_skipped"] == 1 and not counts.get("clips_skipped") and not counts.get("clips_other_settings")
+    lines = capsys.readouterr().out.splitlines()
+    assert "  clips skipped    0 (finished by an earlier run)" in lines
+    assert "  clips redone     1 (failed before 0, source replaced 0, made with other settings 0, outputs missing 0, " \
+        "--no-skip-existing 1)" in lines
+
+
+def test_the_summary_s_first_line_says_how_the_run_ended(tmp_path):
+    from beam_captions.summary import format_summary
+
+    out = str(tmp_path / "out")
+    assert format_summary({}, out, 29.46).splitlines()[0] == "beam-captions finished in 29.5 s"
+    assert format_summary({}, out, 3.0, stopped=True).splitlines()[0] == "beam-captions stopped after 3.0 s"
+    assert format_summary({}, out, 1.04, error="/out/metas/x.json: No space left on device").splitlines()[0] == \
+        "beam-captions broke after 1.0 s: /out/metas/x.json: No space left on device"
+
+
+@pytest.mark.parametrize("n, clips, commits, elements", [(1, "1 clip", "1 commit", "1 late element"),
+                                                         (2, "2 clips", "2 commits", "2 late elements")])
+def test_the_summary_s_counts_are_grammatical(tmp_path, n, clips, commits, elements):
+    from beam_captions.summary import format_summary
+
+    lines = format_summary({"delta_clips_committed": n, "delta_commits": n, "duplicates_dropped": n,
+                            "warnings_preview_height": n}, str(tmp_path), 1.0).splitlines()
+    assert f"  delta table      {clips} committed in {commits} (0 retried after a conflict)" in lines
+    assert f"  duplicates       {elements} of written clips dropped" in lines
+    assert f"  warnings         {n} {'clip' if n == 1 else 'clips'} below the preview height" in lines
 
 
 def test_the_summary_names_only_the_output_folders_that_exist(tmp_path, capsys):

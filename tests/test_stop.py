@@ -323,6 +323,10 @@ def test_an_engine_that_cannot_start_is_one_line_and_every_clip_is_recorded_fail
     records = [json.load(open(path)) for path in glob.glob(os.path.join(out, "failures", "*.json"))]
     assert records and {(r["stage"], r["error_type"]) for r in records} == {("caption", "EngineStartError")}
     assert summary_count(first.stdout, "failures") == len(records)
+    # exit 1: the summary's first line says the run broke, with the engine's error (the one line's reason)
+    reason = re.sub(r" \(the clips it should have served .*$", "", errors[0][len("beam-captions: error: "):])
+    assert re.fullmatch(r"beam-captions broke after \d+\.\d s: " + re.escape(reason), first.stdout.splitlines()[0]), \
+        first.stdout
     assert "Traceback" in _log_text(out)  # the whole story is in the log file
 
     again = subprocess.run(command, capture_output=True, text=True, timeout=300)

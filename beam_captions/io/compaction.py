@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
-from beam_captions.io.conditional import delete_if_unchanged, file_token, write_if_unchanged
+from beam_captions.io.conditional import file_token, remove_if_unchanged, write_if_unchanged
 from beam_captions.io.files import (
     delete_quietly, json_bytes, matching, parallel_map, read_json, write_bytes, write_json,
 )
@@ -306,7 +306,7 @@ def _repoint(output: str, merged: str, clips: dict[str, Optional[str]]) -> None:
     parallel_map(point, sorted(clips))
 
 
-def _commit(output: str, journal: dict) -> None:
+def _commit(output: str, journal: dict) -> int:
     """Carry out a journal: the staged file into place, the members away, the clips' metas to it.
 
     Each member is deleted and each metas re-pointed only if it is still the version the journal read
@@ -314,7 +314,8 @@ def _commit(output: str, journal: dict) -> None:
     merged file are marked superseded before the merged file appears. The members go right after the
     rename (a reader of the folder sees their rows twice only between the two; ``read_captions`` never
     does); re-pointing the metas, the slow step, comes after: a crash before it is done leaves the
-    journal, and the next compaction finishes it (a member already gone is no error)."""
+    journal, and the next compaction finishes it (a member already gone is no error). Returns how many
+    members this call removed."""
     merged, staged = journal["merged"], journal["staged"]
     repoint, changed = _clip_states(output, journal) if merged is not None else ([], [])
     for clip_id in changed:
@@ -323,10 +324,14 @@ def _commit(output: str, journal: dict) -> None:
         FileSystems.rename([_absolute(output, staged)], [_absolute(output, merged)])
     if merged is not None and not _exists(output, merged):
         raise RuntimeError(f"compaction journal for {merged}: neither the merged file nor its staged copy exists")
-    kept_members = set()
+    kept_members, removed = set(), 0
     for member, token in sorted(journal["member_tokens"].items()):
-        if member != merged and not delete_if_unchanged(_absolute(output, member), token):
+        if member == merged:
+            continue
+        outcome = remove_if_unchanged(_absolute(output, member), token)  # None: already gone
+        if outcome is False:
             kept_members.add(member)  # written since it was read: its clips' rows there are the new ones
+        removed += bool(outcome)
     late = {c for m in kept_members for c in journal["member_clips"].get(m, ())}
     for clip_id in sorted(late & set(repoint)):
         mark_superseded(output, merged, clip_id)
@@ -335,6 +340,7 @@ def _commit(output: str, journal: dict) -> None:
         if member != merged and member not in kept_members and is_compacted(member):
             forget_superseded(output, member)
     FileSystems.delete([_journal_path(output, journal["name"])])
+    return removed
 
 
 def merge_group(output: str, group: Sequence[CaptionFile],
@@ -410,17 +416,20 @@ def pending_journals(output: str) -> list[dict]:
     return journals
 
 
-def finish_journals(output: str) -> int:
+def finish_journals(output: str, on_removed: Optional[Callable[[int], None]] = None) -> int:
     """Finish every compaction a kill left part way (its journal is still there); returns how many (a stop
-    leaves the rest for the next compaction)."""
+    leaves the rest for the next compaction). ``on_removed`` is told how many of its merged small files
+    each one removed (those the kill had not)."""
     finished = 0
     for journal in pending_journals(output):
         try:
             with _commit_slot():
-                _commit(output, journal)
+                removed = _commit(output, journal)
         except _Stopped:
             break
         finished += 1
+        if on_removed is not None:
+            on_removed(removed)
     return finished
 
 

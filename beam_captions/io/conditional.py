@@ -19,7 +19,7 @@ from typing import Optional
 from beam_captions.io.files import delete_quietly, write_bytes
 from beam_captions.io.paths import is_local, local_path
 
-__all__ = ["delete_if_unchanged", "file_token", "read_with_token", "write_if_unchanged"]
+__all__ = ["delete_if_unchanged", "file_token", "read_with_token", "remove_if_unchanged", "write_if_unchanged"]
 
 
 def _gcs_client():
@@ -120,12 +120,18 @@ def write_if_unchanged(path: str, data: bytes, token: Optional[str], mime_type: 
 def delete_if_unchanged(path: str, token: Optional[str]) -> bool:
     """Delete ``path`` if it is still the version ``token`` names; True when it is gone (also when it
     already was), False when another version is there and was kept."""
+    return remove_if_unchanged(path, token) is not False
+
+
+def remove_if_unchanged(path: str, token: Optional[str]) -> Optional[bool]:
+    """``delete_if_unchanged`` that tells what it did: True when this call deleted ``path``, None when it
+    was already gone, False when another version is there and was kept."""
     if token is None:
-        return file_token(path) is None
+        return None if file_token(path) is None else False
     if is_local(path):
         now = _local_token(path)
         if now is None:
-            return True
+            return None
         if now != token:
             return False
         delete_quietly([path])
@@ -136,7 +142,7 @@ def delete_if_unchanged(path: str, token: Optional[str]) -> bool:
         from google.api_core import exceptions
 
         if isinstance(error, exceptions.NotFound):
-            return file_token(path) is None
+            return None if file_token(path) is None else False
         if isinstance(error, exceptions.PreconditionFailed):
             return False
         raise

@@ -19,7 +19,7 @@ __all__ = ["CompactCaptions"]
 def _plan(output: str, target_bytes: int):
     """Finish compactions a kill left part way, then yield the groups of files to merge (none once a stop
     was asked for in this process)."""
-    count("compactions_finished", finish_journals(output))
+    count("compactions_finished", finish_journals(output, lambda removed: count("leftover_files_removed", removed)))
     if stop_requested():
         return
     count("staged_files_removed", remove_stray_files(output))

@@ -186,20 +186,21 @@ class _SkipFinished(beam.DoFn):
     def process(self, clip: ClipRef):
         if clip.version is None:
             clip = dataclasses.replace(clip, version=source_version(clip.source))
-        if self.skip_existing:
-            meta = read_meta(self.output, clip.clip_id)
-            if finished_for(meta, self.asked, clip.version, self.retry_failed):
+        meta = read_meta(self.output, clip.clip_id)  # also without skip_existing: the summary says why it is redone
+        if finished_for(meta, self.asked, clip.version, self.retry_failed):
+            if self.skip_existing:
                 count("clips_skipped")
                 return
-            if meta is not None:
-                if clip.version is not None and meta.get("source_version") not in (None, version_meta(clip.version)):
-                    count("clips_replaced")
-                elif meta.get("status") == "failed":
-                    count("clips_retried")
-                elif all(name in (meta.get("outputs") or {}) for name in self.asked):
-                    count("clips_other_settings")  # each asked output is there, one made differently
-                else:
-                    count("clips_extended")  # an asked output is missing
+            count("clips_not_skipped")  # finished, redone because --no-skip-existing asks
+        elif meta is not None:
+            if clip.version is not None and meta.get("source_version") not in (None, version_meta(clip.version)):
+                count("clips_replaced")
+            elif meta.get("status") == "failed":
+                count("clips_retried")
+            elif all(name in (meta.get("outputs") or {}) for name in self.asked):
+                count("clips_other_settings")  # each asked output is there, one made differently
+            else:
+                count("clips_extended")  # an asked output is missing
         yield clip
 
 

@@ -230,11 +230,6 @@ class _Plan:
     preview_indices: list[list[int]] | None
     times: Sequence[float] | None = None  # each frame's presentation time, and the end of the last
 
-    def after(self, count: int) -> "_Plan":
-        """The plan without its first ``count`` windows."""
-        previews = None if self.preview_indices is None else self.preview_indices[count:]
-        return _Plan(self.fps, self.windows[count:], self.model_indices[count:], previews, self.times)
-
 
 def preview_size(width: int, height: int, target_height: int) -> Size:
     """Preview size at ``target_height``; the width keeps the aspect ratio, rounded to even."""
@@ -424,16 +419,13 @@ def _targets(plan: _Plan, with_model: bool) -> dict[int, list[tuple[int, str, in
 
 
 class _WindowBuffers:
-    """Output arrays of the windows being filled; a window is allocated at its first frame. The windows
-    before ``first`` were given by an earlier pass: they get no frames and are never yielded again."""
+    """Output arrays of the windows being filled; a window is allocated at its first frame."""
 
-    def __init__(self, plan: _Plan, model_size: ModelSize | None, preview: Size | None, ready_at: list[int],
-                 first: int = 0):
+    def __init__(self, plan: _Plan, model_size: ModelSize | None, preview: Size | None, ready_at: list[int]):
         self.plan, self.model_size, self.preview = plan, model_size, preview
         self.open: dict[int, DecodedWindow] = {}
         self.filled: dict[int, int] = {}  # frames put in each open window
         self.ready_at = ready_at
-        self.first = first
 
     def _new(self, i: int) -> DecodedWindow:
         plan, model, preview = self.plan, self.model_size, self.preview
@@ -499,7 +491,7 @@ def _final_at(plan: _Plan, window_size: int, remainder_threshold: int) -> list[i
 @dataclass(frozen=True)
 class _Shortcuts:
     """How a pass may save CPU: decoder threads, and each packet's presentation index by its timestamp,
-    which lets the decoder skip the frames nobody keeps (``None``: decode every frame). ``PLAIN`` is the
+    which lets the decoder skip the frames nobody keeps (``None``: decode every frame). ``_PLAIN`` is the
     full one-thread decode every shortcut must equal."""
 
     threads: int = 1
@@ -510,7 +502,7 @@ class _Shortcuts:
         return self.threads > 1 or self.frame_at is not None
 
 
-PLAIN = _Shortcuts()
+_PLAIN = _Shortcuts()
 
 
 def _shortcuts_for(codec: str, threads: int, frame_at: dict[int, int] | None, skip: bool) -> _Shortcuts:
@@ -539,7 +531,7 @@ def _decode_pass(
     orientation: Orientation,
     notes: _Notes,
     given: list[FrameWindow],
-    shortcuts: _Shortcuts = PLAIN,
+    shortcuts: _Shortcuts = _PLAIN,
 ) -> Iterator[DecodedWindow]:
     """Decode the clip, keep the planned frames, yield each window once ``ready_at`` frames are decoded.
 
@@ -556,7 +548,7 @@ def _decode_pass(
     so every run gives the same windows.
     """
     first = len(given)
-    buffers = _WindowBuffers(plan, model_size, preview, ready_at, first)
+    buffers = _WindowBuffers(plan, model_size, preview, ready_at)
     pending = sorted(set(ready_at[first:]))
     targets = {index: [place for place in places if place[0] >= first]
                for index, places in _targets(plan, with_model=model_size is not None).items()}
@@ -584,9 +576,7 @@ def _decode_pass(
             count = index + 1
             if pending and count >= pending[0]:
                 pending = [n for n in pending if n > count]
-                for window in deadline.paused(buffers.ready(count)):
-                    given.append(window.window)
-                    yield window
+                yield from _hand_on(deadline.paused(buffers.ready(count)), given)
     result.trouble = frames.trouble if shortcuts.any else None
     result.total = frames.total(count)
     return result, buffers
@@ -878,9 +868,7 @@ def _iter_decode(
         if decoded == packet_count:
             if again_why:
                 notes.add("decoded_twice", again_why)
-            for window in buffers.rest():
-                given.append(window.window)
-                yield window
+            yield from _hand_on(buffers.rest(), given)
         else:
             notes.add("decoded_twice", f"decoded {decoded} frames but demuxed {packet_count} packets; "
                                        f"decoding again for the windows from #{len(given)}"
@@ -889,9 +877,7 @@ def _iter_decode(
             _require_prefix(source, given, tail.windows)
             again, buffers = yield from run(tail, ready_at=_complete_at(tail))
             _require_repeatable(source, decoded, again.total)
-            for window in buffers.rest():
-                given.append(window.window)
-                yield window
+            yield from _hand_on(buffers.rest(), given)
     _require_every_window(source, given, compute_windows(decoded, window_size, remainder_threshold, min_frames))
     lost = max(0, packet_count - decoded)
     ranges = _lost_ranges(found.pts, frame_at, lost)
@@ -901,6 +887,13 @@ def _iter_decode(
     duration_s = plan.times[-1] if plan.times is not None and decoded == packet_count else decoded / fps
     yield VideoInfo(width, height, fps, decoded, codec, duration_s, shown_width, shown_height, orientation.rotation,
                     tuple(notes.items()), lost, ranges)
+
+
+def _hand_on(windows: Iterable[DecodedWindow], given: list[FrameWindow]) -> Iterator[DecodedWindow]:
+    """Yield ``windows``, each recorded in ``given`` (what the clip's consumer has had)."""
+    for window in windows:
+        given.append(window.window)
+        yield window
 
 
 def _spans(windows: Iterable[FrameWindow]) -> list[tuple[int, int]]:

@@ -61,3 +61,18 @@ def test_the_kept_frames_are_those_of_a_full_decode(tmp_path, name, frames_decod
     if "B-frames" in name or name == "synthetic x264":
         assert sum(frames_decoded) - full_count < 0.8 * full_count, "the decoder skipped nothing"
 
+
+
+def test_a_window_missing_a_kept_frame_is_an_error_not_uninitialised_memory(tmp_path, monkeypatch):
+    """A pass that jumps over a frame a window keeps (here one such jump is injected) must not hand the
+    window on with an unfilled slot: its frame arrays start uninitialised."""
+    clip = str(make_clip(tmp_path / "x264.mp4", 150, 24.0, 96, 64))
+    index_of = decode._FrameIndex.index_of
+
+    def jumping(self, frame, count):
+        index = index_of(self, frame, count)
+        return index + 2 if index == 12 else index  # frame 13, sampled by window 0, is passed over
+
+    monkeypatch.setattr(decode._FrameIndex, "index_of", jumping)
+    with pytest.raises(decode.DecodeError, match="did not get all its frames"):
+        decode_windows(clip, skip_unkept_frames=False, decode_threads=1, **SETTINGS)

@@ -57,3 +57,15 @@ def test_generate_previews_refuses_more_encoder_threads_than_its_bound():
     with pytest.raises(ValueError, match=f"num_cpus_per_worker must be between 1 and {MAX_ENCODER_THREADS}, got 65"):
         GeneratePreviews(num_cpus_per_worker=MAX_ENCODER_THREADS + 1)
     assert GeneratePreviews(num_cpus_per_worker=MAX_ENCODER_THREADS).options["threads"] == MAX_ENCODER_THREADS
+
+
+def test_the_decoder_caps_the_threads_it_is_given_and_keeps_unproven_codecs_plain() -> None:
+    """The Python API passes ``decode_threads`` unchecked: the decoder itself never starts more than the bound,
+    gives one thread to a codec the matrix has not proven, and skips frames only on the proven codecs."""
+    from beam_captions.media.decode import _shortcuts_for
+
+    frame_at = {0: 0}
+    assert _shortcuts_for("h264", 100_000, frame_at, True).threads == MAX_DECODE_THREADS
+    assert _shortcuts_for("h264", 3, frame_at, True).frame_at is frame_at
+    assert _shortcuts_for("cinepak", 8, frame_at, True) == _shortcuts_for("cinepak", 1, None, False)
+    assert _shortcuts_for("mpeg4", 8, frame_at, True).frame_at is None

@@ -13,7 +13,8 @@ from beam_captions.transforms.prepare import PrepareWindows
 from beam_captions.transforms.previews import GeneratePreviews
 from beam_captions.transforms.notifications import ClipsFromNotifications
 from beam_captions.transforms.read import ReadClips, WatchClips
-from beam_captions.transforms.write import SkipFinishedClips, WriteOutputs
+from beam_captions.transforms.skip_finished import SkipFinishedClips
+from beam_captions.transforms.write import WriteOutputs
 
 __all__ = ["asked_outputs", "build_pipeline"]
 

@@ -29,7 +29,7 @@ from beam_captions.inference.serving import WindowServer
 from beam_captions.metrics import counters
 from beam_captions.records import ClipRef
 from beam_captions.transforms import CaptionWindows, PrepareWindows, WriteOutputs
-from beam_captions.transforms.write import SkipFinishedClips
+from beam_captions.transforms.skip_finished import SkipFinishedClips
 from common import Figure, captioner_dir
 
 FRAMES = 16

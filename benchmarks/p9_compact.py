@@ -32,7 +32,7 @@ WORDS = ("a person walks past a red car while the camera pans slowly to the left
 
 def make_output(out: str, clips: int, captions_table: str = "parquet") -> None:
     from beam_captions.records import ClipInfo, WindowRecord, clip_id_for
-    from beam_captions.transforms.write import write_clip
+    from beam_captions.io.clip_output import write_clip
 
     for number in range(clips):
         source = f"/videos/clip-{number:06d}.mp4"

@@ -21,7 +21,7 @@ from beam_captions.io.compaction import MANIFEST, list_caption_files, merge_grou
 from beam_captions.io.gallery import write_gallery
 from beam_captions.io.read_captions import read_captions
 from beam_captions.records import ClipInfo, Failure, WindowRecord, clip_id_for
-from beam_captions.transforms.write import write_clip
+from beam_captions.io.clip_output import write_clip
 
 NUM_CLIPS = 1000
 

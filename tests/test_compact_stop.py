@@ -175,7 +175,7 @@ def test_a_signal_another_thread_receives_stops_a_compaction_whose_main_thread_w
     """The DirectRunner's main thread waits on a stage's futures; a signal the kernel hands to a worker
     thread must stop the merges then, not when the stage is done (CI saw all nine merged files committed
     after a Ctrl-C)."""
-    done, took = run_with_the_main_thread_waiting("_StopCompaction", "'OUT'")
+    done, took = run_with_the_main_thread_waiting("StopCompaction", "'OUT'")
     assert done.returncode == 143 and took < 20, (done.returncode, done.stderr[-2000:])
     assert done.stdout.split() == ["READY"]
     assert done.stderr.strip().splitlines() == [

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from beam_captions.cli import _compact_arguments, main
+from beam_captions.cli import main
+from beam_captions.cli.compact_output import compact_arguments
 from beam_captions.inference.serving import MAX_IN_FLIGHT
 from beam_captions.limits import MAX_DECODE_THREADS, MAX_ENCODER_THREADS, MAX_LOCAL_WORKERS
 from beam_captions.options import parse_args
@@ -49,7 +50,7 @@ def test_compact_refuses_local_workers_out_of_bounds_in_one_line(workers, tmp_pa
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"beam-captions compact: error: --local-workers must be between 1 and {MAX_LOCAL_WORKERS}, "
                            f"got {workers}")
-    args, _, _ = _compact_arguments([str(tmp_path), "--local-workers", str(MAX_LOCAL_WORKERS)])
+    args, _, _ = compact_arguments([str(tmp_path), "--local-workers", str(MAX_LOCAL_WORKERS)])
     assert args.local_workers == MAX_LOCAL_WORKERS
 
 

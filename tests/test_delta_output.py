@@ -21,7 +21,7 @@ from beam_captions.io import delta
 from beam_captions.io.delta import commit_clips, commit_leftovers, staged_files
 from beam_captions.io.read_captions import read_captions
 from beam_captions.records import ClipInfo, WindowRecord, clip_id_for
-from beam_captions.transforms.write import write_clip
+from beam_captions.io.clip_output import write_clip
 
 
 def delta_args(clips: str, out: str) -> list[str]:

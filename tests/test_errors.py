@@ -53,7 +53,7 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_clip_is_decoded
 
 
 def test_a_write_that_fails_mid_run_is_one_line_and_the_summary(tmp_path, clips, capsys, monkeypatch):
-    import beam_captions.transforms.write as write
+    import beam_captions.io.clip_output as write
 
     def disk_full(path, document):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)

@@ -11,7 +11,7 @@ from gcs import gcs  # noqa: F401  (the module-scoped fixture)
 
 from beam_captions.cli import main, run_job
 from beam_captions.io import files
-from beam_captions.transforms.write import source_version
+from beam_captions.transforms.skip_finished import source_version
 
 
 def clip_meta(number: int) -> dict:

@@ -145,7 +145,7 @@ def info(source: str, windows: int, version):
 
 
 def test_a_previews_run_keeps_the_captions_of_the_same_version_and_never_mixes_in_another(tmp_path):
-    from beam_captions.transforms.write import write_clip
+    from beam_captions.io.clip_output import write_clip
 
     out, source = str(tmp_path), "/videos/a.mp4"
     captions, previews = {"captions": {"model": "m"}}, {"previews": {"height": 32}}
@@ -166,7 +166,7 @@ def test_a_previews_run_keeps_the_captions_of_the_same_version_and_never_mixes_i
 
 def test_an_incomplete_write_never_replaces_a_done_clip_of_the_same_version(tmp_path):
     from beam_captions.records import Failure
-    from beam_captions.transforms.write import write_clip
+    from beam_captions.io.clip_output import write_clip
 
     out, source, asked = str(tmp_path), "/videos/a.mp4", {"captions": {"model": "m"}}
     complete = [window_record(source, i, (10, 1.0), caption=f"c{i}") for i in range(2)] + [info(source, 2, (10, 1.0))]

@@ -21,8 +21,8 @@ from gcs import storage_emulator
 
 SCRIPT = """
 import time
-from beam_captions.cli import _StopOnSignal
-with _StopOnSignal(lambda: print("FINISHED", flush=True), grace_s=1.0):
+from beam_captions.cli.stops import StopOnSignal
+with StopOnSignal(lambda: print("FINISHED", flush=True), grace_s=1.0):
     ready = False
     while True:  # a runner that catches the interrupt inside a bundle and keeps going
         try:
@@ -47,8 +47,8 @@ def test_a_runner_that_swallows_the_interrupt_is_finished_by_the_watchdog():
 
 LATE_RUNNER = """
 import time
-from beam_captions.cli import _StopOnSignal
-stop = _StopOnSignal(lambda: (time.sleep(0.5), print("FINISHED", flush=True)), grace_s=1.0)
+from beam_captions.cli.stops import StopOnSignal
+stop = StopOnSignal(lambda: (time.sleep(0.5), print("FINISHED", flush=True)), grace_s=1.0)
 try:
     with stop:
         print("READY", flush=True)
@@ -76,7 +76,7 @@ def test_a_runner_that_lets_go_after_the_grace_period_gets_one_stop_line_and_one
 # when it next runs Python code. Here the main thread waits on a lock for ever and the signal goes to another.
 SIGNAL_TO_A_WORKER_THREAD = """
 import signal, sys, threading, time
-from beam_captions.cli import {stopper}
+from beam_captions.cli.stops import {stopper}
 from beam_captions.io import compaction  # a compaction's stop asks it to start no merge
 
 def worker():
@@ -101,16 +101,16 @@ def run_with_the_main_thread_waiting(stopper: str, arguments: str) -> tuple[subp
 
 
 def test_a_signal_another_thread_receives_stops_a_run_whose_main_thread_waits():
-    done, took = run_with_the_main_thread_waiting("_StopOnSignal", 'lambda: print("FINISHED", flush=True), grace_s=1.0')
+    done, took = run_with_the_main_thread_waiting("StopOnSignal", 'lambda: print("FINISHED", flush=True), grace_s=1.0')
     assert done.returncode == 143 and took < 20, (done.returncode, done.stderr[-2000:])
     assert done.stdout.split() == ["READY", "FINISHED"]
 
 
 SIGNAL_WHILE_THE_SUMMARY_IS_WRITTEN = """
 import os, signal, time
-from beam_captions.cli import _StopOnSignal
+from beam_captions.cli.stops import StopOnSignal
 
-stop = _StopOnSignal(lambda: print("WATCHDOG", flush=True), grace_s=0.5)
+stop = StopOnSignal(lambda: print("WATCHDOG", flush=True), grace_s=0.5)
 with stop:
     pass  # the run ends
 os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the engines shut down and the summary is written

@@ -173,7 +173,7 @@ def test_a_watched_file_replaced_while_the_job_runs_is_redone(tmp_path):
 
 
 def test_a_clip_delivered_twice_is_written_once(tmp_path):
-    from beam_captions.transforms.write import write_clip
+    from beam_captions.io.clip_output import write_clip
 
     elements = clip_elements("twice", 2, T0)
     write_clip(str(tmp_path), elements[0].clip_id, elements + elements)

@@ -20,7 +20,8 @@ from beam_captions.io.compaction import list_caption_files
 from beam_captions.io.partitions import TimePartitions, write_settings
 from beam_captions.io.read_captions import read_captions
 from beam_captions.records import ClipInfo, WindowRecord, clip_id_for
-from beam_captions.transforms.write import time_partition, write_clip
+from beam_captions.arrival import time_partition
+from beam_captions.io.clip_output import write_clip
 
 T0 = 1_795_000_020  # 2026-11-18T11:07:00Z, a minute boundary
 

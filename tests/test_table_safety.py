@@ -21,7 +21,7 @@ from beam_captions.io.compaction import list_caption_files, merge_group, plan_gr
 from beam_captions.io.conditional import file_token, write_if_unchanged
 from beam_captions.io.read_captions import read_captions
 from beam_captions.records import ClipInfo, WindowRecord, clip_id_for
-from beam_captions.transforms.write import write_clip
+from beam_captions.io.clip_output import write_clip
 
 
 def redo(out: str, number: int, windows: int = 2, text: str = "redone") -> str:

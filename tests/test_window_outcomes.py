@@ -20,7 +20,7 @@ from beam_captions.inference.enhance_handler import QwenTextEnhanceHandler
 from beam_captions.metrics import counters
 from beam_captions.records import ClipRef
 from beam_captions.transforms import CaptionWindows, EnhanceCaptions, PrepareWindows, WriteOutputs
-from beam_captions.transforms.write import SkipFinishedClips
+from beam_captions.transforms.skip_finished import SkipFinishedClips
 from conftest import VLLM_KWARGS
 
 WINDOW = 16
@@ -156,10 +156,10 @@ def test_an_element_without_a_source_version_is_never_taken_for_a_duplicate():
     """The in-bundle and keyed writes drop an element of a clip already written only when both versions are
     known and equal: a failure whose version is unknown is written, not dropped."""
     from beam_captions.records import Failure
-    from beam_captions.transforms.write import _same_delivery
+    from beam_captions.arrival import same_delivery
 
     unknown = Failure("mem://a.mp4", "a", "caption", "ValueError", "refused", 0)
-    assert not _same_delivery((None,), unknown)
-    assert not _same_delivery(((10, 1.0),), unknown)
-    assert _same_delivery(((10, 1.0),), unknown.replace(source_version=(10, 1.0)))
-    assert not _same_delivery(((10, 1.0),), unknown.replace(source_version=(11, 1.0)))
+    assert not same_delivery((None,), unknown)
+    assert not same_delivery(((10, 1.0),), unknown)
+    assert same_delivery(((10, 1.0),), unknown.replace(source_version=(10, 1.0)))
+    assert not same_delivery(((10, 1.0),), unknown.replace(source_version=(11, 1.0)))

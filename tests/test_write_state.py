@@ -19,7 +19,8 @@ from apache_beam.transforms.window import GlobalWindow, TimestampedValue
 
 from beam_captions.records import ClipInfo, Failure, WindowRecord, clip_id_for
 from beam_captions.transforms import write
-from beam_captions.transforms.write import WriteOutputs, _WriteCompleteInBundle, _WriteWhenComplete, clip_complete
+from beam_captions.transforms.write import WriteOutputs, _WriteCompleteInBundle, _WriteWhenComplete
+from beam_captions.arrival import clip_complete
 
 T0 = 1_795_000_020
 VERSION = (1000, float(T0))
@@ -152,7 +153,7 @@ def test_a_written_marker_drops_its_delivery_and_keeps_the_count_of_another_vers
     B's (a replaced file) are counted from themselves alone."""
     a = clip_elements("replaced", 2)
     b = clip_elements("replaced", 2, version=(2000, T0 + 60.0))
-    marker = write._Written(a[0].clip_id, VERSION)
+    marker = write.Written(a[0].clip_id, VERSION)
     for order in ([a[0], a[1], b[0], marker, b[2], b[1]], [a[0], a[1], marker, b[2], b[0], b[1]]):
         writes, bag, written_after = _drive(order, monkeypatch)
         assert len(writes) == 1 and written_after == 6

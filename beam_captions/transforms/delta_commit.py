@@ -1,6 +1,6 @@
 """CommitToDelta: the committer step of a ``--captions-table delta`` job (see ``io.delta``).
 
-Every clip the writers finished (their ``_Written`` markers, or plain clip ids) goes under one constant
+Every clip the writers finished (their ``Written`` markers, or plain clip ids) goes under one constant
 key to a committer that commits ``batch_size`` clips per Delta transaction. Streaming: Beam's
 ``GroupIntoBatches`` makes the batches, a batch is committed when it holds ``batch_size`` clips or when
 its first clip has waited ``max_buffering_duration_secs``. Batch: a ``GroupByKey`` gathers the clips and

@@ -81,7 +81,7 @@ def main(argv: Optional[Sequence[str]] = None):
     config, beam_args = parse_args(to_cli_args(sys.argv[1:] if argv is None else argv))
     _prepare_captions_table(config)
     if getattr(config, "streaming", False) and "--streaming" not in beam_args:
-        beam_args = [*beam_args, "--streaming"]  # as beam_captions.cli.run_job does
+        beam_args = [*beam_args, "--streaming"]  # as beam_captions.cli.run.run_job does
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
     build_pipeline(pipeline, config)
     return pipeline.run()

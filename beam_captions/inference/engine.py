@@ -252,9 +252,11 @@ class Engine:
         async def build() -> Any:  # built inside the loop, so its output handler runs there
             from vllm import AsyncEngineArgs, AsyncLLMEngine
 
+            from beam_captions.inference.orphans import tie_engine_processes
             from beam_captions.logs import route_transformers
 
             route_transformers()  # imported by vLLM just now: its warnings go to the log file
+            tie_engine_processes()  # its processes die with this thread's process, even SIGKILLed
             return AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**kwargs))
 
         from beam_captions.logs import engine_output_to_log

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from beam_captions.inference.checkpoint_family import caption_mismatch, enhance_mismatch, read_config
+from beam_captions.inference.engine import PERFORMANCE_MODES
 from beam_captions.inference.gpu_budget import MODEL_SPECS, check_share, gpu_total_gib, memory_shares
 from beam_captions.inference.model_source import ModelUnavailableError, check_model_source, pinned_revision
 from beam_captions.inference.serving import MAX_IN_FLIGHT
@@ -20,7 +21,7 @@ from beam_captions.inference.variants import (
 )
 from beam_captions.prompts import CAPTION_PROMPTS, ENHANCE_PROMPTS
 from beam_captions.extensions import parse_extensions
-from beam_captions.limits import MAX_DECODE_THREADS, MAX_ENCODER_THREADS, MAX_LOCAL_WORKERS
+from beam_captions.limits import MAX_DECODE_THREADS, MAX_ENCODER_THREADS, MAX_LOCAL_WORKERS, MAX_SECONDS
 
 __all__ = ["JobConfig", "build_parser", "parse_args", "ConfigError"]
 
@@ -29,6 +30,7 @@ ENGINE_DTYPES = ("auto", "float16", "bfloat16", "float32")
 FRAME_DTYPES = ("uint8", "float16", "bfloat16", "float32")
 WEBP_MAX_SIDE = 16383
 CAPTIONS_TABLES = ("parquet", "delta")  # beam_captions.io.delta.TABLE_FORMATS (that module imports Beam)
+DATAFLOW_LAYOUTS = ("fused", "right-fitted")  # where --accelerator puts decoding (pipeline.build_pipeline)
 
 
 class ConfigError(ValueError):
@@ -80,6 +82,7 @@ class JobConfig:
     captioning_retry_flagged: bool = False
     captioning_video_pruning_rate: float = 0.0  # vLLM's video_pruning_rate (EVS); the reference's 0
     captioning_window_relative_timestamps: bool = False  # Qwen3-VL frame times as the reference gives them
+    captioning_performance_mode: Optional[str] = None  # vLLM's performance_mode; None: throughput on a GPU
     vllm_kwargs: dict[str, Any] = field(default_factory=dict)
     captioning_gpu_memory_share: Optional[float] = None
     gpu_memory_gib: Optional[float] = None
@@ -94,6 +97,7 @@ class JobConfig:
     enhance_captions_gpu_memory_share: Optional[float] = None
     enhance_captions_vllm_kwargs: Optional[dict[str, Any]] = None
     accelerator: Optional[str] = None
+    dataflow_layout: str = "fused"  # decoding and previews on the GPU workers too (P15: the cheapest)
     share_model_across_processes: bool = False
     model_request_timeout_seconds: float = 1800.0
     preview_target_fps: float = 1.0
@@ -212,8 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--captioning-window-relative-timestamps", action="store_true",
                      help="Qwen3-VL: frame times from 0 at each window, at the sampling rate (the reference's) "
                           "instead of the clip's times")
+    cap.add_argument("--captioning-performance-mode", choices=PERFORMANCE_MODES,
+                     help="vLLM's performance_mode for the captioner (default: throughput on a GPU, larger CUDA "
+                          "graphs and twice the sequences per step; without a GPU, vLLM's own default, balanced)")
     cap.add_argument("--accelerator", help="resource hint for the GPU steps, e.g. "
                      "'type:nvidia-l4;count:1;install-nvidia-driver' (Dataflow right fitting)")
+    cap.add_argument("--dataflow-layout", choices=DATAFLOW_LAYOUTS, default="fused",
+                     help="with --accelerator, where decoding and previews run: 'fused' (default: on the GPU workers, "
+                          "so only clip references cross to them; give them the vCPUs of the README's CPU cores per "
+                          "GPU) or 'right-fitted' (on CPU workers; every window's model frames, about 34 MB, cross "
+                          "to the GPU workers through the shuffle)")
     cap.add_argument("--share-model-across-processes", action="store_true",
                      help="one vLLM engine per machine, shared by its SDK processes (Dataflow starts one per vCPU)")
     cap.add_argument("--model-request-timeout-seconds", type=float, default=1800.0,
@@ -278,17 +290,19 @@ def validate(config: JobConfig) -> None:
     _check(not config.streaming or len(config.input) <= 1, "--streaming watches one --input location")
     _check(not config.input_subscription or config.input_subscription.startswith("projects/"),
            "--input-subscription must look like projects/<project>/subscriptions/<name>")
-    for flag, value in (("--watch-interval-seconds", config.watch_interval_seconds),
-                        ("--window-seconds", config.window_seconds),
-                        ("--lateness-horizon-seconds", config.lateness_horizon_seconds),
-                        ("--clip-time-budget-seconds", config.clip_time_budget_seconds),
-                        ("--model-request-timeout-seconds", config.model_request_timeout_seconds),
-                        ("--captioning-sampling-fps", config.captioning_sampling_fps),
-                        ("--preview-target-fps", config.preview_target_fps),
-                        ("--captioning-gpu-memory-share", config.captioning_gpu_memory_share),
-                        ("--enhance-captions-gpu-memory-share", config.enhance_captions_gpu_memory_share),
-                        ("--gpu-memory-gib", config.gpu_memory_gib)):
+    durations = (("--watch-interval-seconds", config.watch_interval_seconds),
+                 ("--window-seconds", config.window_seconds),
+                 ("--lateness-horizon-seconds", config.lateness_horizon_seconds),
+                 ("--clip-time-budget-seconds", config.clip_time_budget_seconds),
+                 ("--model-request-timeout-seconds", config.model_request_timeout_seconds))
+    for flag, value in durations + (("--captioning-sampling-fps", config.captioning_sampling_fps),
+                                    ("--preview-target-fps", config.preview_target_fps),
+                                    ("--captioning-gpu-memory-share", config.captioning_gpu_memory_share),
+                                    ("--enhance-captions-gpu-memory-share", config.enhance_captions_gpu_memory_share),
+                                    ("--gpu-memory-gib", config.gpu_memory_gib)):
         _check(value is None or math.isfinite(value), f"{flag} must be a finite number, got {value}")
+    for flag, value in durations:  # a wait made from one must stay within what this platform can wait
+        _check(value <= MAX_SECONDS, f"{flag} must be at most {MAX_SECONDS} (about 3 years), got {value:g}")
     _check(config.watch_interval_seconds > 0, "--watch-interval-seconds must be positive")
     _check(config.window_seconds > 0, "--window-seconds must be positive")
     _check(config.lateness_horizon_seconds >= 0, "--lateness-horizon-seconds must be 0 or more")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import apache_beam as beam
 
 from beam_captions.inference.gpu_budget import memory_shares
@@ -16,7 +18,7 @@ from beam_captions.transforms.read import ReadClips, WatchClips
 from beam_captions.transforms.skip_finished import SkipFinishedClips
 from beam_captions.transforms.write import WriteOutputs
 
-__all__ = ["asked_outputs", "build_pipeline"]
+__all__ = ["asked_outputs", "build_pipeline", "decode_accelerator"]
 
 
 def asked_outputs(config: JobConfig) -> dict:
@@ -44,8 +46,23 @@ def asked_outputs(config: JobConfig) -> dict:
     return asked
 
 
-def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
-    """Add the whole caption job described by ``config`` to ``pipeline``."""
+def decode_accelerator(config: JobConfig) -> Optional[str]:
+    """The resource hint of decoding and previews: the model steps' under ``--dataflow-layout fused``, so that
+    they run on the GPU workers and only clip references cross to them (README, Dataflow: P15); none otherwise."""
+    models = config.generate_captions or config.enhance_captions
+    return config.accelerator if models and config.dataflow_layout == "fused" else None
+
+
+def _hinted(transform: beam.PTransform, accelerator: Optional[str]) -> beam.PTransform:
+    return transform.with_resource_hints(accelerator=accelerator) if accelerator else transform
+
+
+def build_pipeline(pipeline: beam.Pipeline, config: JobConfig, lease_token: Optional[str] = None,
+                   delta_commit_in_job: bool = True) -> None:
+    """Add the whole caption job described by ``config`` to ``pipeline``. ``lease_token``: the entry of the
+    output's lease that the launcher took for this job (a job that runs elsewhere): its workers keep it
+    fresh and a batch job gives it back after its last write (``transforms.hold_lease``).
+    ``delta_commit_in_job=False``: a Delta output's committer is not a step of the job (the launcher commits)."""
     preview = (
         PreviewSpec(target_fps=config.preview_target_fps, target_height=config.preview_target_height)
         if config.generate_previews
@@ -57,14 +74,19 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
         clips = pipeline | "ClipsFromNotifications" >> ClipsFromNotifications(config.input_subscription)
     elif config.streaming:
         clips = pipeline | "WatchClips" >> WatchClips(
-            config.input[0], config.watch_interval_seconds, config.input_extensions
+            config.input[0], config.watch_interval_seconds, config.input_extensions, exclude=output
         )
     else:
-        clips = pipeline | "ReadClips" >> ReadClips(config.input, config.input_extensions)
+        clips = pipeline | "ReadClips" >> ReadClips(config.input, config.input_extensions, exclude=output)
+    if lease_token:
+        from beam_captions.transforms.hold_lease import KeepLease
+
+        clips = clips | "HoldLease" >> KeepLease(output, lease_token)
+    on_gpu = decode_accelerator(config)
     elements = (
         clips
         | "SkipFinished" >> SkipFinishedClips(output, asked, config.skip_existing, config.retry_failed)
-        | "PrepareWindows" >> PrepareWindows(
+        | "PrepareWindows" >> _hinted(PrepareWindows(
             window_size=config.captioning_window_size,
             remainder_threshold=config.captioning_remainder_threshold,
             sampling_fps=config.captioning_sampling_fps,
@@ -75,14 +97,14 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             max_frame_pixels=config.max_frame_pixels,
             time_budget_s=config.clip_time_budget_seconds,
             decode_threads=config.decode_threads,
-        )
+        ), on_gpu)
     )
     if config.generate_previews:
-        elements = elements | "GeneratePreviews" >> GeneratePreviews(
+        elements = elements | "GeneratePreviews" >> _hinted(GeneratePreviews(
             quality=config.preview_quality,
             compression_level=config.preview_compression_level,
             num_cpus_per_worker=config.preview_num_cpus_per_worker,
-        )
+        ), on_gpu)
     # A local run has no bundle retries: an engine that cannot start is tried once, and each window it
     # would have served is recorded as failed (the next run retries those clips).
     local = is_local_runner(pipeline.options.get_all_options()["runner"])
@@ -106,6 +128,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             retry_flagged=config.captioning_retry_flagged,
             video_pruning_rate=config.captioning_video_pruning_rate,
             window_relative_timestamps=config.captioning_window_relative_timestamps,
+            performance_mode=config.captioning_performance_mode,
             dtype=config.captioning_dtype,
             frames_dtype=config.captioning_preprocess_dtype,
             trust_remote_code=config.trust_remote_code,
@@ -135,11 +158,16 @@ def build_pipeline(pipeline: beam.Pipeline, config: JobConfig) -> None:
             request_timeout_s=config.model_request_timeout_seconds,
             record_start_failures=local,
         )
-    elements | "WriteOutputs" >> WriteOutputs(
+    written = elements | "WriteOutputs" >> WriteOutputs(
         output,
         window_seconds=config.window_seconds if config.streaming else None,
         asked=asked,
         accelerator=config.accelerator if config.generate_captions or config.enhance_captions else None,
         lateness_horizon_s=config.lateness_horizon_seconds,
         captions_table=config.captions_table,
+        delta_commit=delta_commit_in_job,
     )
+    if lease_token and not (config.streaming or config.input_subscription):
+        from beam_captions.transforms.hold_lease import GiveBackLease
+
+        written | "GiveBackLease" >> GiveBackLease(output, lease_token)

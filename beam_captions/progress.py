@@ -36,14 +36,16 @@ def _reset() -> None:
 def progress_line(
     counts: dict[str, int], seconds: float, captions: bool = True, locations: Optional[int] = None
 ) -> str:
-    """One line: clips found and decoded, windows prepared (captioned, enhanced), previews, rate.
+    """One line: clips found and decoded, windows prepared (captioned, enhanced, and those whose caption or
+    enhancement failed: outcomes, not attempts), previews, rate.
 
     ``locations``: how many ``--input`` locations are being listed; until each has been listed the clip
     total is what was found so far (``12+``, "listing"). ``captions=False`` (a previews-only run) leaves
     out the caption counters.
     """
     found = counts.get("clips_found", 0)
-    listing = locations is not None and counts.get("listings_done", 0) < locations
+    listing = locations is not None and (counts.get("listings_done", 0) < locations  # shards: a gs:// listing spread out
+                                         or counts.get("listing_shards_done", 0) < counts.get("listing_shards", 0))
     total = f"{found}+" if listing else f"{found}"
     line = f"[{seconds:6.0f} s] clips {counts.get('clips_decoded', 0)}/{total} decoded"
     if listing:
@@ -52,9 +54,12 @@ def progress_line(
     if captions:
         captioned = counts.get("windows_captioned", 0)
         rate = captioned / seconds if seconds > 0 else 0.0
+        failed = [f"{counts[name]} {what} failed" for name, what in
+                  (("windows_caption_failed", "caption"), ("windows_enhance_failed", "enhancement")) if counts.get(name)]
         return (
             f"{line} | windows {counts.get('windows_prepared', 0)} prepared, {captioned} captioned,"
-            f" {counts.get('windows_enhanced', 0)} enhanced | previews {previews} | {rate:.2f} captions/s"
+            f" {counts.get('windows_enhanced', 0)} enhanced{''.join(', ' + text for text in failed)}"
+            f" | previews {previews} | {rate:.2f} captions/s"
         )
     rate = previews / seconds if seconds > 0 else 0.0
     return f"{line} | windows {counts.get('windows_prepared', 0)} | previews {previews} | {rate:.2f} previews/s"

@@ -1,8 +1,9 @@
 """Sanity flags for model captions: the failures a curator must be able to filter out.
 
 A caption is flagged ``empty`` (nothing but whitespace), ``repetition`` (a loop of one
-repeated unit covers most of it), ``truncated`` (generation stopped at the token limit)
-or ``refusal`` (the model declined instead of describing). Flags never drop a caption.
+repeated unit covers most of it), ``truncated`` (generation stopped at the token limit),
+``refusal`` (the model declined instead of describing) or ``reasoning_only`` (empty, while the
+model wrote reasoning: all its text was in a ``<think>`` block). Flags never drop a caption.
 
 Repetition measure: for every period ``p`` (1 to 25 words; separately 1 to 40 characters,
 for run-together text) every run where each unit equals the one ``p`` before it, plus its
@@ -18,7 +19,7 @@ from typing import Optional, Sequence
 
 __all__ = ["FLAGS", "CaptionCheck", "check_caption", "loop_coverage", "is_refusal", "better_caption"]
 
-FLAGS = ("empty", "repetition", "truncated", "refusal")
+FLAGS = ("empty", "repetition", "truncated", "refusal", "reasoning_only")
 MIN_COVERAGE = 0.5
 MIN_REPEATS = 3
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -77,12 +78,16 @@ class CaptionCheck:
         return not self.flags
 
 
-def check_caption(text: Optional[str], num_tokens: int = 0, finish_reason: Optional[str] = None) -> CaptionCheck:
-    """Flags of ``text``; ``finish_reason`` ``"length"`` (vLLM's) means it hit the token limit."""
+def check_caption(text: Optional[str], num_tokens: int = 0, finish_reason: Optional[str] = None,
+                  reasoning: bool = False) -> CaptionCheck:
+    """Flags of ``text``; ``finish_reason`` ``"length"`` (vLLM's) means it hit the token limit; ``reasoning``:
+    the model wrote reasoning besides ``text`` (with an empty ``text``: ``reasoning_only``)."""
     text = text or ""
     flags = []
     if not text.strip():
         flags.append("empty")
+        if reasoning:
+            flags.append("reasoning_only")
     elif loop_coverage(text) >= MIN_COVERAGE:
         flags.append("repetition")
     if finish_reason == "length":
@@ -92,7 +97,7 @@ def check_caption(text: Optional[str], num_tokens: int = 0, finish_reason: Optio
     return CaptionCheck(num_tokens, finish_reason, tuple(flags))
 
 
-_SEVERITY = {"empty": 8, "repetition": 4, "refusal": 2, "truncated": 1}
+_SEVERITY = {"empty": 8, "repetition": 4, "refusal": 2, "truncated": 1, "reasoning_only": 0}  # with empty, always
 
 
 def better_caption(first: CaptionCheck, second: CaptionCheck) -> bool:

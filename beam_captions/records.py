@@ -11,13 +11,17 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
 from beam_captions.quality import CaptionCheck
 
-__all__ = ["ClipRef", "ClipInfo", "WindowRecord", "Failure", "clip_id_for", "failure_from_exception"]
+__all__ = ["ClipRef", "ClipInfo", "SourceVersion", "WindowRecord", "Failure", "clip_id_for", "failure_from_exception"]
+
+# A source's version: ``(size in bytes, modified s since the epoch)`` on a local disk (and other filesystems);
+# ``(size, created, generation)`` on gs://, ``created`` being when that generation (those bytes) was written.
+SourceVersion = Union[tuple[int, float], tuple[int, float, int]]
 
 
 def clip_id_for(source: str) -> str:
@@ -32,7 +36,7 @@ class ClipRef:
     source: str
     clip_id: str
     found_at: Optional[float] = None  # event time (s since the epoch) a streaming source saw the clip
-    version: Optional[tuple[int, float]] = None  # (size in bytes, last modified s) of the source when listed
+    version: Optional[SourceVersion] = None  # of the source when listed
 
     @classmethod
     def from_source(cls, source: str, found_at: Optional[float] = None) -> "ClipRef":
@@ -54,7 +58,7 @@ class ClipInfo:
     num_windows: int
     warnings: tuple[str, ...] = ()
     found_at: Optional[float] = None
-    source_version: Optional[tuple[int, float]] = None  # the ``ClipRef.version`` that was decoded
+    source_version: Optional[SourceVersion] = None  # the ``ClipRef.version`` that was decoded
     display_width: Optional[int] = None  # as shown (sample aspect ratio and rotation applied)
     display_height: Optional[int] = None
     rotation: int = 0  # the display rotation applied, as a ``rotate`` tag gives it
@@ -91,7 +95,7 @@ class WindowRecord:
     enhance_model: Optional[str] = None
     prompt_variant: Optional[str] = None
     prompt: Optional[str] = field(default=None, repr=False)  # caption prompt chosen in preparation (PrepareWindows)
-    source_version: Optional[tuple[int, float]] = None  # the ``ClipRef.version`` that was decoded
+    source_version: Optional[SourceVersion] = None  # the ``ClipRef.version`` that was decoded
     failures: tuple["Failure", ...] = ()  # what went wrong for this window, stage by stage: its outcome travels whole
 
     @property
@@ -128,7 +132,7 @@ class Failure:
     window_index: Optional[int] = None
     windows_before: int = 0  # windows a clip had already given when its ``prepare`` step failed
     found_at: Optional[float] = None  # the clip's event time, on ``prepare`` failures (streaming)
-    source_version: Optional[tuple[int, float]] = None  # the source version it failed on
+    source_version: Optional[SourceVersion] = None  # the source version it failed on
 
     def replace(self, **changes) -> "Failure":
         return dataclasses.replace(self, **changes)
@@ -142,7 +146,7 @@ class Failure:
 
 def failure_from_exception(
     error: BaseException, *, source: str, clip_id: str, stage: str, window_index: Optional[int] = None,
-    source_version: Optional[tuple[int, float]] = None,
+    source_version: Optional[SourceVersion] = None,
 ) -> Failure:
     """A failure record for ``error``, with a one-line message."""
     message = " ".join(str(error).split()) or repr(error)

@@ -94,6 +94,8 @@ def format_summary(counts: dict[str, int], output: str, seconds: float, captions
            f"{plural(counts['delta_commits'], 'commit')} "
            f"({counts.get('delta_commit_retries', 0)} retried after a conflict)"]
           if counts.get("delta_commits") else []),
+        *([f"  delta staged     {plural(counts['delta_clips_staged'], 'clip')} staged and not committed: the next "
+           f"run commits them (or `beam-captions compact`)"] if counts.get("delta_clips_staged") else []),
         f"  outputs          {output}" + _folders(output, folders),
     ]
     if warned:

@@ -5,6 +5,14 @@ The real stages (SkipFinishedClips, PrepareWindows, CaptionWindows, WriteOutputs
 permanent error) and finds its engine dead for about 2 % (retried once after a restart, then captioned).
 Every clip must end with a metas file: ``done`` for the captioned ones, ``failed`` with a failure record
 for the refused ones, none lost, none doubled, and the summary counters must match what is on disk.
+
+P11r (``run_routing``; alone: ``python benchmarks/p11_accounting.py --routing-windows 10000``): every caption
+on its own window. A stand-in vLLM engine answers each request with the digest of the frames and prompt it
+received, behind the real handler, engine and serving code (tests/routing.py); ``windows`` windows of many
+clips go to one engine shared across processes (Beam's ``MultiProcessShared``) from threads of three SDK
+processes, while the engine dies every 97th request, one restart fails (its bundles are retried whole) and
+5 % of the windows are refused. Each window's outcome must be its own: the digest of its own frames and
+prompt, or its own refusal; none missing, none doubled.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -30,7 +39,7 @@ from beam_captions.metrics import counters
 from beam_captions.records import ClipRef
 from beam_captions.transforms import CaptionWindows, PrepareWindows, WriteOutputs
 from beam_captions.transforms.skip_finished import SkipFinishedClips
-from common import Figure, captioner_dir
+from common import REPO_DIR, RESULTS_DIR, Figure, captioner_dir, setup_env
 
 FRAMES = 16
 
@@ -155,3 +164,42 @@ def run(clips: int, model_dir: str | None = None) -> Figure:
         return figure
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run_routing(windows: int) -> Figure:
+    """P11r: windows whose outcome is their own / windows (see the module's docstring)."""
+    sys.path.insert(0, os.path.join(REPO_DIR, "tests"))
+    import routing
+
+    figure = Figure("P11r", f"windows whose caption is their own frames' digest / windows, {windows} windows "
+                    "with faults, 3 processes", "windows", (">=", 1.0))
+    faults = routing.Faults(die_every=97, failed_starts=(2,), refuse_percent=5)
+    report = routing.route(windows, max(1, windows // 20), faults, processes=2, threads=2, parent_threads=2)
+    problems = report.problems
+    not_own = len(problems["wrong"]) + len(problems["missing"]) + len(problems["doubled"])
+    figure.ours, figure.baseline = float(windows - not_own), float(windows)
+    figure.ratio = figure.ours / windows
+    captioned = sum(o.caption is not None for o in report.outcomes)
+    figure.details = {
+        "windows": windows, "clips": report.clips, "outcomes": len(report.outcomes), "captioned": captioned,
+        "refused": len(report.outcomes) - captioned - len(problems["lost"]),
+        "problems": {kind: len(keys) for kind, keys in problems.items()},  # lost: the engine died under both tries
+        "engine": report.counts, "bundle_retries": report.bundle_retries, "sdk_processes": report.processes,
+        "peak_in_flight": report.peak_in_flight, "wall_s": round(report.wall_s, 1),
+        "windows_per_s": round(windows / report.wall_s, 1),
+    }
+    return figure
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="P11r: every caption on its own window")
+    parser.add_argument("--routing-windows", type=int, default=10000)
+    args = parser.parse_args()
+    setup_env()
+    result = run_routing(args.routing_windows)
+    print(json.dumps(result.to_json(), indent=2))
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    with open(os.path.join(RESULTS_DIR, "p11_routing.json"), "w", encoding="utf-8") as handle:
+        json.dump(result.to_json(), handle, indent=2)

@@ -1,8 +1,9 @@
 """P12: peak memory of the engine process when SDK processes share one engine, with its bound per engine.
 
 With ``share_model_across_processes`` the SDK processes of a machine reach one ``WindowServer``
-through Beam's ``multi_process_shared`` proxy; every window sent to it is pickled into the process
-that hosts it (the "engine process") and held there while the model works on it. The bound on
+through Beam's ``multi_process_shared`` proxy; every window sent to it reaches the process that hosts
+it (the "engine process") and is held there while the model works on it: its frames lent through a
+shared-memory block (``serve_by_reference``, today's code) or, before, pickled through the proxy. The bound on
 windows in flight is per engine, so that process holds at most ``bound`` windows whatever the
 number of SDK processes; a bound per process let it hold ``processes x bound``.
 
@@ -12,7 +13,8 @@ the kernel's high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs``
 where the kernel lets it). Then 4 spawned SDK processes send windows from 8 threads each (make the
 window, ``reserve``, ``serve``), each window carrying 16 random 476x840 RGB model frames (~19 MB,
 16:9 model frames of a 1080p clip), made in the sender. The model step is a stand-in
-``inference_fn`` that holds each window 0.2 s and returns it without frames; no engine starts.
+``inference_fn`` that reads every page of the frames (as a model does), holds the window 0.2 s and returns it
+without frames; no engine starts.
 
 - ours: the bound per engine, 8 (``caption_batch_size=8``, today's code);
 - baseline: bound 32 = 4 processes x 8, what a per-process bound of 8 let into the engine process.
@@ -25,6 +27,12 @@ per-thread arenas afterwards and stay in RSS once freed, whatever the bound; wit
 every such buffer is its own mapping, given back on free, and RSS follows the windows actually held.
 The details carry ``max_held()`` of each run, windows/s (from the first sender's start to the last
 one's end) and RSS at the end of each run.
+
+P12s, the same runs at the bound per engine (8) and glibc's malloc as it comes: the frames lent through
+shared memory (ours, today's code) against pickled through the proxy (the senders'
+``BEAM_CAPTIONS_SHARED_FRAMES=0``, the path before), interleaved. The engine process's RSS counts the
+pages of the blocks it has read (``RssShmem``, shared with the senders, not its own); the details also
+carry the sampled peaks of its private memory (``RssAnon``) and of those pages.
 """
 
 from __future__ import annotations
@@ -40,6 +48,8 @@ from typing import Any, Optional
 
 from common import Figure, interleaved, median_ratio
 
+from beam_captions.inference.shared_frames import SWITCH
+
 MB = 2**20
 PROCESSES = 4
 THREADS = 8
@@ -49,7 +59,9 @@ BOUND = 8
 
 
 def _hold(engine, batch, request):
-    """The stand-in model step: hold the window (its frames in this process) 0.2 s, return it without frames."""
+    """The stand-in model step: read every page of the window's frames, hold it 0.2 s, return it without frames."""
+    for record in batch:
+        int(record.frames.reshape(-1)[::4096].max())  # a model reads its input: every page is in this process
     time.sleep(HOLD_S)
     return [record.replace(frames=None, caption="c") for record in batch]
 
@@ -74,14 +86,21 @@ def _not_first():
 
 
 def _status_kb(field: str) -> Optional[int]:
+    return _status_kbs(field).get(field)
+
+
+def _status_kbs(*fields: str) -> dict[str, int]:
+    """``fields`` of ``/proc/self/status`` in kB (those the kernel has)."""
+    found = {}
     try:
         with open("/proc/self/status", encoding="ascii") as handle:
             for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
+                name = line.split(":", 1)[0]
+                if name in fields:
+                    found[name] = int(line.split()[1])
     except OSError:
         pass
-    return None
+    return found
 
 
 def _rss() -> int:
@@ -114,16 +133,20 @@ def _host(tag: str, bound: int, conn) -> None:
     baseline = _rss()
     hwm_reset = _reset_peak()
     peak = [baseline]
+    split = {"RssAnon": 0, "RssShmem": 0}  # sampled peaks, kB: private memory, shared pages read
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
             peak[0] = max(peak[0], _rss())
+            for field, kb in _status_kbs(*split).items():
+                split[field] = max(split[field], kb)
             stop.wait(0.01)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     conn.send({"baseline": baseline})
+    split_baseline = _status_kbs(*split)
     conn.recv()  # the senders are done
     stop.set()
     sampler.join()
@@ -131,6 +154,7 @@ def _host(tag: str, bound: int, conn) -> None:
     conn.send({
         "baseline": baseline, "sampled_peak": peak[0], "hwm_peak": hwm, "end": _rss(),
         "max_held": server.max_held(), "held": server.held(),
+        "split_above_baseline_mb": {field: (kb - split_baseline.get(field, 0)) / 1024 for field, kb in split.items()},
     })
     conn.close()
 
@@ -141,6 +165,7 @@ def _sender(tag: str, index: int, windows_per_thread: int, barrier, results) -> 
     import numpy as np
     from apache_beam.utils import multi_process_shared  # noqa: F401 - imported before the clock starts
 
+    from beam_captions.inference.serving import serve_by_reference
     from beam_captions.records import WindowRecord
 
     served, wrong = [0] * THREADS, [0] * THREADS
@@ -159,8 +184,7 @@ def _sender(tag: str, index: int, windows_per_thread: int, barrier, results) -> 
                 end_s=number * 10.0 + 10.0, frame_indices=tuple(range(FRAMES)), frames=frames,
             )
             del frames
-            ticket = server.reserve()
-            outcome = server.serve(window, ticket)
+            outcome = serve_by_reference(server, window, server.reserve())  # lent, or pickled (``SWITCH``)
             del window
             if outcome.caption == "c" and outcome.frames is None:
                 served[thread] += 1
@@ -175,9 +199,26 @@ def _sender(tag: str, index: int, windows_per_thread: int, barrier, results) -> 
     results.put({"index": index, "served": sum(served), "wrong": sum(wrong), "start": start, "end": time.time()})
 
 
-def one_run(bound: int, windows_per_thread: int, host_env: Optional[dict[str, str]] = None) -> dict[str, Any]:
+def _start(processes: list, env: Optional[dict[str, str]]) -> None:
+    """Start ``processes`` with ``env`` added to their environment (a spawned child gets it as it is now)."""
+    saved = {name: os.environ.get(name) for name in env or {}}
+    os.environ.update(env or {})
+    try:
+        for process in processes:
+            process.start()
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def one_run(bound: int, windows_per_thread: int, host_env: Optional[dict[str, str]] = None,
+            sender_env: Optional[dict[str, str]] = None) -> dict[str, Any]:
     """A fresh engine process hosting the server at ``bound`` (``host_env`` added to its environment) and 4
-    fresh SDK processes sending to it; the engine process's memory figures and the windows/s."""
+    fresh SDK processes sending to it (``sender_env`` added to theirs); the engine process's memory figures
+    and the windows/s."""
     context = multiprocessing.get_context("spawn")
     tag = f"beam-captions-p12-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     parent_end, host_end = context.Pipe()
@@ -187,20 +228,10 @@ def one_run(bound: int, windows_per_thread: int, host_env: Optional[dict[str, st
         context.Process(target=_sender, args=(tag, i, windows_per_thread, barrier, results), name=f"p12-sdk-{i}")
         for i in range(PROCESSES)
     ]
-    saved = {name: os.environ.get(name) for name in host_env or {}}
-    os.environ.update(host_env or {})
-    try:
-        host.start()  # a spawned child gets the environment as it is now
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    _start([host], host_env)
     clock = time.perf_counter()
     try:
-        for sender in senders:
-            sender.start()
+        _start(senders, sender_env)
         if not parent_end.poll(180):
             raise RuntimeError("the engine process did not start its server within 180 s")
         parent_end.recv()
@@ -228,6 +259,7 @@ def one_run(bound: int, windows_per_thread: int, host_env: Optional[dict[str, st
     return {
         "bound": bound,
         "host_env": host_env or {},
+        "sender_env": sender_env or {},
         "windows": windows,
         "wrong_outcomes": sum(s["wrong"] for s in sent),
         "expected_windows": PROCESSES * THREADS * windows_per_thread,
@@ -236,6 +268,7 @@ def one_run(bound: int, windows_per_thread: int, host_env: Optional[dict[str, st
         "sampled_peak_above_baseline_mb": (host_figures["sampled_peak"] - host_figures["baseline"]) / MB,
         "baseline_rss_mb": host_figures["baseline"] / MB,
         "end_rss_above_baseline_mb": (host_figures["end"] - host_figures["baseline"]) / MB,
+        "sampled_peaks_above_baseline_mb": host_figures["split_above_baseline_mb"],
         "max_held": host_figures["max_held"],
         "held_at_end": host_figures["held"],
         "windows_per_s": windows / wall,
@@ -251,7 +284,33 @@ def one_run(bound: int, windows_per_thread: int, host_env: Optional[dict[str, st
 ALLOCATORS: dict[str, dict[str, str]] = {"default": {}, "fixed_mmap_threshold": {"MALLOC_MMAP_THRESHOLD_": "1048576"}}
 
 
-def run(windows_per_thread: int = 2, repeats: int = 1) -> Figure:
+def _measure(runs: list[dict[str, Any]], bound: int, windows_per_thread: int, host_env: dict[str, str],
+             sender_env: Optional[dict[str, str]] = None):
+    """A zero-argument run for ``interleaved``: its peak above baseline (MiB); each run's figures kept in ``runs``."""
+    def go() -> float:
+        result = one_run(bound, windows_per_thread, host_env, sender_env)
+        if result["windows"] != result["expected_windows"] or result["wrong_outcomes"]:
+            raise RuntimeError(f"bound {bound}, senders' {sender_env or {}}: {result['windows']} of "
+                               f"{result['expected_windows']} windows served "
+                               f"({result['wrong_outcomes']} wrong outcomes)")
+        runs.append(result)
+        return result["peak_above_baseline_mb"]
+
+    return go
+
+
+def _summary(ours: list[float], baseline: list[float], runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    return {
+        "ours_mb": statistics.median(ours), "baseline_mb": statistics.median(baseline),
+        "ratio": median_ratio(ours, baseline),
+        "max_held": {name: [r["max_held"] for r in rs] for name, rs in runs.items()},
+        "windows_per_s": {name: [round(r["windows_per_s"], 2) for r in rs] for name, rs in runs.items()},
+        "runs": runs,
+    }
+
+
+def run(windows_per_thread: int = 2, repeats: int = 1) -> list[Figure]:
+    """P12 (the bound per engine against a bound per process) and P12s (frames lent against pickled)."""
     figure = Figure(
         "P12",
         f"engine-process peak RSS above baseline, {PROCESSES} SDK processes x {THREADS} threads sharing it: "
@@ -265,29 +324,30 @@ def run(windows_per_thread: int = 2, repeats: int = 1) -> Figure:
     }
     for allocator, env in ALLOCATORS.items():
         runs: dict[str, list[dict[str, Any]]] = {"per_engine": [], "per_process_equivalent": []}
-
-        def measure(name: str, bound: int, env: dict[str, str] = env, runs: dict = runs):
-            def go() -> float:
-                result = one_run(bound, windows_per_thread, env)
-                if result["windows"] != result["expected_windows"] or result["wrong_outcomes"]:
-                    raise RuntimeError(f"{name}: {result['windows']} of {result['expected_windows']} windows "
-                                       f"served ({result['wrong_outcomes']} wrong outcomes)")
-                runs[name].append(result)
-                return result["peak_above_baseline_mb"]
-
-            return go
-
-        ours, baseline = interleaved(repeats, measure("per_engine", BOUND),
-                                     measure("per_process_equivalent", PROCESSES * BOUND))
-        details[allocator] = {
-            "host_env": env,
-            "ours_mb": statistics.median(ours), "baseline_mb": statistics.median(baseline),
-            "ratio": median_ratio(ours, baseline),
-            "max_held": {name: [r["max_held"] for r in rs] for name, rs in runs.items()},
-            "windows_per_s": {name: [round(r["windows_per_s"], 2) for r in rs] for name, rs in runs.items()},
-            "runs": runs,
-        }
+        ours, baseline = interleaved(
+            repeats, _measure(runs["per_engine"], BOUND, windows_per_thread, env),
+            _measure(runs["per_process_equivalent"], PROCESSES * BOUND, windows_per_thread, env))
+        details[allocator] = {"host_env": env, **_summary(ours, baseline, runs)}
     primary = details["default"]
     figure.ours, figure.baseline, figure.ratio = primary["ours_mb"], primary["baseline_mb"], primary["ratio"]
     figure.details = details
-    return figure
+
+    lent = Figure(
+        "P12s",
+        f"engine-process peak RSS above baseline, bound {BOUND}, {PROCESSES} x {THREADS} senders: frames lent "
+        "through shared memory / pickled through the proxy",
+        "MiB", ("", 0.0),
+    )
+    runs = {"shared_memory": [], "pickled": []}
+    ours, baseline = interleaved(repeats, _measure(runs["shared_memory"], BOUND, windows_per_thread, {}),
+                                 _measure(runs["pickled"], BOUND, windows_per_thread, {}, {SWITCH: "0"}))
+    summary = _summary(ours, baseline, runs)
+    lent.ours, lent.baseline, lent.ratio = summary["ours_mb"], summary["baseline_mb"], summary["ratio"]
+    rates = {name: statistics.median(r["windows_per_s"] for r in rs) for name, rs in runs.items()}
+    lent.details = {
+        **{k: v for k, v in details.items() if k not in ALLOCATORS}, **summary,
+        "windows_per_s_ratio": rates["shared_memory"] / rates["pickled"],
+        "sampled_peaks_above_baseline_mb": {
+            name: [r["sampled_peaks_above_baseline_mb"] for r in rs] for name, rs in runs.items()},
+    }
+    return [figure, lent]

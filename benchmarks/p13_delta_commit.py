@@ -4,8 +4,8 @@
 (``write_clip``) into a fresh output, as a caption job writes them:
 
 - ours, ``--captions-table delta``: ``write_clip`` stages each clip's rows (a Parquet file outside the
-  table) and writes its metas; then the committer's work (``io.delta.commit_clips``, what the
-  ``CommitToDelta`` step runs) in batches of ``io.delta.BATCH_CLIPS``: read the batch's metas and staged
+  table) and writes its metas; then the committer's work (``io.delta_committer.commit_clips``, what the
+  ``CommitToDelta`` step runs) in batches of ``io.delta_committer.BATCH_CLIPS``: read the batch's metas and staged
   files, one Delta transaction, delete the staged files;
 - baseline, the plain Parquet output: ``write_clip`` writes each clip's file and its metas (nothing to
   commit).
@@ -33,7 +33,7 @@ def _clip_ids(out: str) -> list[str]:
 
 def commit_in_batches(out: str) -> int:
     """The committer's work on every clip of ``out``, a batch at a time; returns the commits made."""
-    from beam_captions.io.delta import BATCH_CLIPS, commit_clips
+    from beam_captions.io.delta_committer import BATCH_CLIPS, commit_clips
 
     ids = _clip_ids(out)
     commits = 0
@@ -43,7 +43,7 @@ def commit_in_batches(out: str) -> int:
 
 
 def run(clips: int, repeats: int) -> Figure:
-    from beam_captions.io.delta import BATCH_CLIPS, commit_clips
+    from beam_captions.io.delta_committer import BATCH_CLIPS, commit_clips
 
     figure = Figure("P13", f"write {clips} clips' rows: Delta (stage + commit) / plain Parquet",
                     "s per 1,000 clips", ("<=", 2.0))

@@ -15,19 +15,28 @@ models stop at varied lengths; captions may run to the job's default 512 tokens)
 step set-up): a fixed cost that a short run shows and a job amortises over its windows.
 ``details["short_captions"]`` is the same pair with captions cut at ``SHORT_TOKENS`` tokens, over at least
 ``SHORT_WINDOWS`` windows: the engine then serves a window in about the time a GPU takes, so what the pipeline
-costs per window (its start set apart) shows on a CPU too.
+costs per window (its start set apart) shows on a CPU too. ``details["short_captions"]["shared_engine"]`` runs
+that short-caption pipeline again with the engine shared across processes (``share_across_processes``: Beam's
+proxy, its server in this process as in a machine's first SDK process), the frames lent through shared memory
+(today's code) against pickled through the proxy (``BEAM_CAPTIONS_SHARED_FRAMES=0``, the path before),
+interleaved, with the windows' model frames (the tiny model's bound: small) and with them upscaled ``UPSCALE``
+times (nearest: about the reference's 1008x560 model frames; vLLM's processor scales them down again). It
+runs last, as the shared handler sets this process's malloc threshold (``give_large_buffers_back``).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
-from typing import Any
+from typing import Any, Callable
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.ml.inference.base import RunInference
 
 from beam_captions.inference.caption_handler import VideoCaptionHandler, video_input
+from beam_captions.inference.shared_frames import SWITCH
 from beam_captions.records import WindowRecord
 from beam_captions.transforms.caption import CaptionWindows
 
@@ -39,6 +48,7 @@ MAX_TOKENS = 512  # the job's default --captioning-max-output-tokens
 SHORT_TOKENS = 4  # details["short_captions"]: an engine about as fast per window as a GPU's
 SHORT_WINDOWS = 512  # ... and as many windows as a GPU run's P4b, so that the pipeline's start is amortised
 WINDOW_SIZE = 48  # short windows: more distinct windows out of one clip
+UPSCALE = 5  # details["short_captions"]["shared_engine"]: frames also at about the reference's model-frame size
 
 
 # The pipeline runs in this process: windows enter it by index (``_window``) rather than inside ``Create``,
@@ -95,6 +105,45 @@ def _pair(records: list[WindowRecord], handler: VideoCaptionHandler, engine: Any
     return mine, theirs, lengths
 
 
+def _ms_per_window(rate: float, windows: int, start_s: float) -> float:
+    """What the pipeline takes per window (ms), its start set apart."""
+    return 1000 * (windows / rate - start_s) / windows
+
+
+def _shared_engine(records: list[WindowRecord], model_dir: str, vllm_kwargs: dict[str, Any], repeats: int,
+                   start_s: float) -> dict[str, Any]:
+    """The short-caption pipeline on an engine shared across processes: frames lent against pickled."""
+    handler = VideoCaptionHandler(model_dir, max_output_tokens=SHORT_TOKENS, caption_batch_size=len(records),
+                                  vllm_kwargs=vllm_kwargs, share_across_processes=True)
+
+    def frames(lent: bool) -> Callable[[], float]:
+        def go() -> float:
+            saved = os.environ.get(SWITCH)
+            os.environ[SWITCH] = "1" if lent else "0"
+            try:
+                return _pipeline_rate(records, CaptionWindows(handler=handler))[0]
+            finally:
+                if saved is None:
+                    del os.environ[SWITCH]
+                else:
+                    os.environ[SWITCH] = saved
+
+        return go
+
+    frames(True)()  # warm-up (the first time: the proxy's server starts in this process)
+    lent, pickled = interleaved(repeats, frames(True), frames(False))
+    ms = {name: [_ms_per_window(rate, len(records), start_s) for rate in rates]
+          for name, rates in (("shared_memory", lent), ("pickled", pickled))}
+    return {
+        "frames": list(records[0].frames.shape),
+        "bytes_of_frames_per_window": statistics.median(r.frames.nbytes for r in records),
+        "windows_per_s": {"shared_memory": lent, "pickled": pickled},
+        "pipeline_ms_per_window": {name: statistics.median(values) for name, values in ms.items()},
+        "ms_per_window_saved": statistics.median(p - m for m, p in zip(ms["shared_memory"], ms["pickled"])),
+        "cost_ratio": median_ratio(ms["shared_memory"], ms["pickled"]),
+    }
+
+
 def run(clip: str, windows: int, repeats: int, model_dir: str, vllm_kwargs: dict[str, Any]) -> Figure:
     figure = Figure(
         "P4b", "pipeline captions windows/s / vLLM all-at-once windows/s (continuous-batching ceiling)",
@@ -127,6 +176,8 @@ def run(clip: str, windows: int, repeats: int, model_dir: str, vllm_kwargs: dict
         return time.perf_counter() - begin
 
     start_s = statistics.median(start_only() for _ in range(3))
+    upscaled = [r.replace(frames=np.ascontiguousarray(r.frames.repeat(UPSCALE, axis=1).repeat(UPSCALE, axis=2)))
+                for r in prepared]
     previous = [old() for _ in range(max(1, repeats // 2))]
     figure.ours, figure.baseline = statistics.median(mine), statistics.median(theirs)
     figure.ratio = median_ratio(mine, theirs)
@@ -152,10 +203,14 @@ def run(clip: str, windows: int, repeats: int, model_dir: str, vllm_kwargs: dict
             "ceiling_windows_per_s": short_theirs,
             "ratio": median_ratio(short_mine, short_theirs),
             # the pipeline's own cost per window, its start set apart
-            "pipeline_ms_per_window_over_ceiling": 1000 * (
-                (len(short_records) / statistics.median(short_mine) - start_s) / len(short_records)
-                - 1 / statistics.median(short_theirs)
-            ),
+            "pipeline_ms_per_window_over_ceiling": _ms_per_window(
+                statistics.median(short_mine), len(short_records), start_s) - 1000 / statistics.median(short_theirs),
+            "shared_engine": {
+                "model_frames": _shared_engine(short_records, model_dir, vllm_kwargs, repeats, start_s),
+                "upscaled_frames": _shared_engine(
+                    [upscaled[i % len(upscaled)] for i in range(len(short_records))], model_dir, vllm_kwargs,
+                    repeats, start_s),
+            },
         },
     }
     return figure

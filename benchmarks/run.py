@@ -126,12 +126,13 @@ def _figure_runners(quick: bool) -> dict[str, Callable[[], Union[Figure, list[Fi
 
         return p13_delta_commit.run(1000, plan.repeats_cores)
 
-    def p11() -> Figure:
+    def p11() -> list[Figure]:
         import p11_accounting
 
-        return p11_accounting.run(200 if quick else 1000)
+        # P11 (every clip accounted for) and P11r (every caption on its own window)
+        return [p11_accounting.run(200 if quick else 1000), p11_accounting.run_routing(1000 if quick else 10000)]
 
-    def p12() -> Figure:
+    def p12() -> list[Figure]:  # P12 (the bound per engine) and P12s (frames lent through shared memory)
         import p12_shared_memory
 
         return p12_shared_memory.run(windows_per_thread=2 if quick else 6, repeats=1 if quick else 2)
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             made = Figure(name, "failed", "-", ("", 0.0))
             made.skipped = f"error: {type(error).__name__}: {error}"[:200]
-        made = made if isinstance(made, list) else [made]  # P10 and P9 give two rows
+        made = made if isinstance(made, list) else [made]  # P10, P9 and P11 give two rows
         wall = round(time.perf_counter() - t0, 1)
         for figure in made:
             figure.details["figure_wall_s"] = wall

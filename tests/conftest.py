@@ -23,6 +23,9 @@ import pytest  # noqa: E402
 
 from beam_captions.tiny_models import build_tiny_models  # noqa: E402
 from beam_captions.samples import copy_sample_clips  # noqa: E402
+from audit import audit_every_run  # noqa: E402
+
+audit_every_run()  # every run a test makes in this process is checked against its output (tests/audit.py)
 
 # vLLM logs from an atexit hook after pytest has closed its captured streams.
 logging.raiseExceptions = False

@@ -10,8 +10,9 @@ Dataflow runner reads that option, ``gcsio`` never does). Test modules use the `
     def test_x(gcs):
         gcs.upload_file("/tmp/a.mp4", "gs://in-bucket/raw/a.mp4")
 
-Generation preconditions (``ifGenerationMatch`` on uploads, reads and deletes) are honoured as GCS
-honours them: the emulator alone ignores them.
+Generation preconditions (``ifGenerationMatch`` on uploads, reads and deletes), listing pages of at most
+1,000 names with ``startOffset`` / ``endOffset``, and a patch of metadata moving ``updated`` are as GCS has
+them: the emulator alone ignores the first two and leaves ``updated`` on a patch.
 
 A child process gets the emulator's address through the environment and calls ``anonymous_beam()``.
 """
@@ -26,7 +27,7 @@ from typing import Any, Iterator, Optional
 
 import pytest
 
-__all__ = ["Emulator", "anonymous_beam", "gcs", "split_uri", "storage_emulator"]
+__all__ = ["REQUESTS", "Emulator", "anonymous_beam", "gcs", "split_uri", "storage_emulator"]
 
 
 def split_uri(uri: str) -> tuple[str, str]:
@@ -105,7 +106,9 @@ def _object_name(request) -> Optional[str]:
     if request.query.get("name"):
         return request.query["name"][0]
     data = request.data
-    return data.get("meta", {}).get("name") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    return data.get("meta", {}).get("name") or data.get("name")  # a multipart upload, or a resumable one's start
 
 
 def _honouring_preconditions(handler):
@@ -132,16 +135,106 @@ def _honouring_preconditions(handler):
     return checked
 
 
+def _listing_in_pages(request, response, storage, *args, **kwargs):
+    """``objects.list`` as GCS answers it: ``startOffset`` / ``endOffset`` honoured, and at most
+    ``maxResults`` (1,000 at most and by default) names a page, the rest behind a ``nextPageToken``. The
+    emulator alone ignores the offsets and gives every object in one answer."""
+    from http import HTTPStatus
+
+    from gcp_storage_emulator.exceptions import BadRequest, NotFound
+
+    def first(key: str) -> Optional[str]:
+        return request.query[key][0] if request.query.get(key) else None
+
+    try:
+        items, prefixes = storage.get_file_list(request.params["bucket_name"], first("prefix"), first("delimiter"),
+                                                first("matchGlob"))
+    except NotFound:
+        response.status = HTTPStatus.NOT_FOUND
+        return
+    except BadRequest:
+        response.status = HTTPStatus.BAD_REQUEST
+        return
+    lowest = max(filter(None, (first("startOffset"), first("pageToken"))), default=None)
+    end = first("endOffset")
+    items = [item for item in items
+             if (lowest is None or item["name"] >= lowest) and (end is None or item["name"] < end)]
+    size = min(int(first("maxResults") or 1000), 1000)
+    body = {"kind": "storage#objects", "prefixes": [] if first("pageToken") else prefixes, "items": items[:size]}
+    if len(items) > size:
+        body["nextPageToken"] = items[size]["name"]
+    response.json(body)
+
+
+def _patch_updates_the_time(handler):
+    """``handler`` (``objects.patch``) that also sets the object's ``updated``, as GCS does on any change
+    of metadata (its generation stays: the bytes are the same). The emulator alone leaves ``updated``."""
+    from datetime import datetime, timezone
+
+    from gcp_storage_emulator.exceptions import NotFound
+
+    def patched(request, response, storage, *args, **kwargs):
+        handler(request, response, storage, *args, **kwargs)
+        bucket, name = request.params["bucket_name"], request.params["object_id"]
+        try:
+            obj = storage.get_file_obj(bucket, name)
+        except NotFound:
+            return
+        obj["updated"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        storage.patch_object(bucket, name, obj)
+        response.json(obj)
+
+    return patched
+
+
+REQUESTS: list[tuple[str, str]] = []  # (kind, object name or list prefix) of every request served, in order
+_KINDS = {"ls": "list", "get": "get", "download": "download", "insert": "upload", "xml_upload": "upload",
+          "upload_partial": "upload", "delete": "delete", "patch": "patch"}
+
+
+def _kind(handler) -> str:
+    """``list``, ``get`` (an object's metadata), ``download``, ``upload``, ``delete``, ``patch``; else the
+    handler's module and name (``buckets.get``)."""
+    if handler.__module__.endswith(".objects") and handler.__name__ in _KINDS:
+        return _KINDS[handler.__name__]
+    return f"{handler.__module__.rsplit('.', 1)[-1]}.{handler.__name__}"
+
+
+def _recorded(handler, kind: str):
+    """``handler`` that first notes the request in ``REQUESTS``."""
+
+    def recording(request, response, storage, *args, **kwargs):
+        name = request.query["prefix"][0] if kind == "list" and request.query.get("prefix") else _object_name(request)
+        if not name and request.query.get("upload_id"):  # a resumable upload's data: the object it started
+            try:
+                name = storage.get_resumable_file_obj(request.query["upload_id"][0]).get("name")
+            except Exception:  # noqa: BLE001 - an unknown upload: the handler answers it
+                name = None
+        REQUESTS.append((kind, name or ""))
+        return handler(request, response, storage, *args, **kwargs)
+
+    return recording
+
+
 def _install_preconditions() -> None:
+    """Generation preconditions, listing pages and offsets, and ``updated`` on a patch, as GCS has them."""
     from gcp_storage_emulator import server
     from gcp_storage_emulator.handlers import objects
 
     if getattr(server, "_preconditions_installed", False):
         return
     guarded = {objects.insert, objects.delete, objects.get, objects.download}
-    server.HANDLERS = tuple(
-        (regex, {method: _honouring_preconditions(h) if h in guarded else h for method, h in handlers.items()})
-        for regex, handlers in server.HANDLERS)
+
+    def as_gcs(handler):
+        if handler is objects.ls:
+            return _listing_in_pages
+        if handler is objects.patch:
+            return _patch_updates_the_time(handler)
+        return _honouring_preconditions(handler) if handler in guarded else handler
+
+    server.HANDLERS = tuple((regex, {method: _recorded(as_gcs(h), _kind(h))
+                                     for method, h in handlers.items()})
+                            for regex, handlers in server.HANDLERS)
     server._preconditions_installed = True
 
 

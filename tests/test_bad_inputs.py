@@ -6,7 +6,6 @@ import glob
 import json
 import os
 import shutil
-import subprocess
 import sys
 from fractions import Fraction
 
@@ -14,6 +13,7 @@ import av
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from audit import run_command
 from clips import make_audio_file, make_clip, make_png, synthetic_frame
 
 from beam_captions.media.windowing import compute_windows
@@ -86,7 +86,7 @@ def run(tmp_path_factory, corpus):
     command = [sys.executable, "-m", "beam_captions", "--input", corpus, "--input", os.path.join(corpus, "good bikes.mp4"),
                "--output", out, "--generate-previews", "--captioning-window-size", str(WS),
                "--captioning-remainder-threshold", str(THR), "--preview-target-height", "32"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = run_command(command, timeout=300)  # its summary audited against the output
     return out, result
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import threading
 
@@ -18,7 +19,8 @@ from test_compact import previews_args
 
 from beam_captions.cli import compact, run_job
 from beam_captions.io import delta
-from beam_captions.io.delta import commit_clips, commit_leftovers, staged_files
+from beam_captions.io.delta import staged_files
+from beam_captions.io.delta_committer import commit_clips, commit_leftovers
 from beam_captions.io.read_captions import read_captions
 from beam_captions.records import ClipInfo, WindowRecord, clip_id_for
 from beam_captions.io.clip_output import write_clip
@@ -29,8 +31,11 @@ def delta_args(clips: str, out: str) -> list[str]:
 
 
 def polars_rows(out: str) -> list[dict]:
-    """The table as Polars reads it (``pl.read_delta``), sorted; asserts each (clip_id, window_index) once."""
-    rows = pl.read_delta(os.path.join(out, "captions")).sort(["clip_id", "window_index"]).to_dicts()
+    """The table as Polars reads it (``pl.read_delta``), sorted, without ``write_seq`` (which every row has);
+    asserts each (clip_id, window_index) once."""
+    table = pl.read_delta(os.path.join(out, "captions")).sort(["clip_id", "window_index"])
+    assert table["write_seq"].null_count() == 0
+    rows = table.drop("write_seq").to_dicts()
     keys = [(r["clip_id"], r["window_index"]) for r in rows]
     assert len(keys) == len(set(keys)), "a window is in the table twice"
     return rows
@@ -99,7 +104,7 @@ def test_a_run_makes_a_delta_table_polars_reads_with_every_window_once(first_run
     assert all(m["captions_table"] == "delta" and m["captions_file"] is None for m in metas(out).values())
     assert staged_files(out) == [], "every staged file is committed and deleted"
     commits = [h for h in history(out) if h["operation"] != "CREATE TABLE"]
-    assert len(commits) == 1 and commits[0]["operationParameters"]["mode"] == "Append"  # one batch, no table scan
+    assert commits and all(c["operationParameters"]["mode"] == "Append" for c in commits)  # new clips: no table scan
     through_api = read_captions(out).sort_by([("clip_id", "ascending"), ("window_index", "ascending")]).to_pylist()
     assert through_api == rows
     assert not glob.glob(os.path.join(out, "captions", "*", "*.parquet")), "a Delta output has no partitions"
@@ -183,7 +188,9 @@ def test_staged_rows_a_killed_job_left_are_committed_by_the_next_run(clip_folder
     assert len(staged_files(out)) == 4  # the first write of clip 0 is superseded: no metas names it
     counts = run_job(delta_args(str(clip_folder), out), release_models=False)
     assert counts["clips"] == 4 and counts.get("delta_clips_committed") == 4  # this run's own clips
-    assert "delta table      4 clips committed in 1 commit (0 retried after a conflict)" in capsys.readouterr().out
+    told = capsys.readouterr()
+    assert f"beam-captions: committed 3 clips an earlier run left staged in {out}" in told.err
+    assert re.search(r"delta table      4 clips committed in \d+ commits? \(0 retried after a conflict\)", told.out)
     rows = polars_rows(out)
     staged_rows = [r for r in rows if r["clip_id"] in ids]
     assert sorted((r["clip_id"], r["caption"]) for r in staged_rows) == sorted(
@@ -191,32 +198,24 @@ def test_staged_rows_a_killed_job_left_are_committed_by_the_next_run(clip_folder
                                     for i in range(3)])
     assert len(rows) == len(staged_rows) + 10
     assert [s[1] for s in staged_files(out)] == [redone], "only the superseded write is left (a young file)"
-    commit_leftovers(out, now=os.path.getmtime(glob.glob(os.path.join(out, "_delta_staging", "*.parquet"))[0]) + 7 * 3600)
+    commit_leftovers(out, now=os.path.getmtime(glob.glob(os.path.join(out, "_delta_staging", "*.arrow"))[0]) + 7 * 3600)
     assert staged_files(out) == [], "an unnamed staged file is deleted once it is old"
 
 
 def test_a_commit_killed_before_its_clean_up_is_done_again_without_duplicates(tmp_path):
     out = str(tmp_path / "out")
     ids = [stage_synthetic_clip(out, number) for number in range(4)]
-    saved = {p: open(p, "rb").read() for p in glob.glob(os.path.join(out, "_delta_staging", "*.parquet"))}
-    journals = []
-
-    def remember_journal(attempt):  # the journal as the commit leaves it, before its clean-up
-        journals.extend((p, open(p, "rb").read()) for p in glob.glob(os.path.join(out, "_delta_staging", "_commits", "*")))
-
-    commit_clips(out, ids, before_commit=remember_journal)
-    for path, data in [*saved.items(), *journals]:  # killed after the commit, before the deletions
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+    saved = {p: open(p, "rb").read() for p in glob.glob(os.path.join(out, "_delta_staging", "*.arrow"))}
+    commit_clips(out, ids)
+    for path, data in saved.items():  # killed after the commit, before the deletions
         open(path, "wb").write(data)
-    assert len(journals) == 1
-    again = commit_clips(out, ids)  # a retried bundle: the journal says the commit may have gone through
-    assert again["delta_commits_replacing"] == 1
+    first, second = commit_clips(out, ids[:2]), commit_clips(out, ids[2:])  # retried, its batch cut in two
+    assert first["delta_commits_replacing"] == second["delta_commits_replacing"] == 1  # the index finds them
     assert len(polars_rows(out)) == 12
     for path, data in saved.items():  # and once more, found by the next run's start
         open(path, "wb").write(data)
     assert commit_leftovers(out)["delta_clips_committed"] == 4
     assert len(polars_rows(out)) == 12 and staged_files(out) == []
-    assert not glob.glob(os.path.join(out, "_delta_staging", "_commits", "*"))
 
 
 def test_two_committers_at_once_both_land_after_a_retry(tmp_path):
@@ -246,11 +245,7 @@ def test_two_committers_at_once_both_land_after_a_retry(tmp_path):
 def test_concurrent_committers_in_threads_lose_no_batch(tmp_path):
     out = str(tmp_path / "out")
     batches = [[stage_synthetic_clip(out, 10 * t + n) for n in range(3)] for t in range(4)]
-    for batch in batches:  # every clip written before: each batch replaces (reads the table, can conflict)
-        for clip_id in batch:
-            meta = json.load(open(os.path.join(out, "metas", f"{clip_id}.json")))
-            assert meta["captions_replaces"] is False
-    commit_clips(out, [c for batch in batches for c in batch])
+    commit_clips(out, [c for batch in batches for c in batch])  # then each batch replaces (can conflict)
     for t, batch in enumerate(batches):
         for n in range(3):
             stage_synthetic_clip(out, 10 * t + n, windows=1, tag="redo")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import glob
 import json
 import os
-import subprocess
 import sys
 import threading
 
 import pytest
+from audit import run_command
 from clips import make_clip
 
 from beam_captions import progress
@@ -166,7 +166,7 @@ def test_a_run_finds_camera_formats_and_names_what_it_ignored(folder, tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, "-m", "beam_captions", "--input", str(folder / "day 2"), "--input", str(folder / "recording"),
                "--output", str(out), "--generate-previews", "--preview-target-height", "16"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = run_command(command, timeout=300)  # its summary audited against the output
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"clips found      {len(CAMERA_FORMATS) + 1}" in result.stdout
     assert "files ignored    1 (not video by name)" in result.stdout  # notes.txt

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from audit import run_command
 from clips import make_clip
 
 from beam_captions.logs import setup_logging, warn
@@ -116,8 +117,8 @@ def test_a_previews_run_on_small_clips_warns_once_in_the_summary(tmp_path):
     clips.mkdir()
     for i in range(3):
         make_clip(clips / f"c{i}.mp4", 8, 25.0, 32, 32)
-    result = subprocess.run([sys.executable, "-m", "beam_captions", "--input", str(clips), "--output",
-                             str(tmp_path / "out"), "--generate-previews"], capture_output=True, text=True, timeout=300)
+    result = run_command([sys.executable, "-m", "beam_captions", "--input", str(clips), "--output",
+                          str(tmp_path / "out"), "--generate-previews"], timeout=300)  # its summary audited
     assert result.returncode == 0, result.stderr[-3000:]
     assert "warnings         3 clips below the preview height" in result.stdout
     assert [line for line in result.stderr.splitlines() if line.strip() and not PROGRESS.match(line)] == []
@@ -129,7 +130,7 @@ def test_a_captions_run_prints_no_library_log_without_verbose(tmp_path, captione
     command = [sys.executable, "-m", "beam_captions", "--input", real_clips_dir, "--output", str(out),
                "--generate-captions", "--model-dir", captioner_dir, "--vllm-kwargs", json.dumps(VLLM_KWARGS),
                "--captioning-sampling-fps", "1", "--captioning-max-output-tokens", "8", "--generate-previews"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = run_command(command, timeout=600)  # its summary audited against the output
     assert result.returncode == 0, result.stderr[-3000:]
     summary = summary_lines(result.stdout)
     assert result.stdout.splitlines() == summary, result.stdout  # nothing but the summary on stdout

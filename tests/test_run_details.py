@@ -224,7 +224,8 @@ def test_force_runs_anyway_and_says_so(tmp_path, one_clip, other_process, capsys
     counts = run_job(previews_args(one_clip, out, "--force"))
     assert counts["previews"] == 1
     assert "--force" in capsys.readouterr().err
-    assert not os.path.exists(os.path.join(out, "_lease.json"))  # this run's, given back at the end
+    lease = json.load(open(os.path.join(out, "_lease.json")))  # the other run still holds it: never removed
+    assert lease["token"] == "theirs" and "others" not in lease
 
 
 @pytest.mark.parametrize("holder", ["dead PID here", "old on another host", "torn"])

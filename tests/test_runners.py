@@ -1,8 +1,8 @@
 """The job beyond the in-memory DirectRunner: Dataflow (offline), its Flex Template files, and Flink's path.
 
 * Dataflow: the job graph is built for the DataflowRunner without submitting it (``--dry_run``, or the Flex
-  Template launcher's ``--template_location``) against an in-process GCS emulator, and only the RunInference
-  steps may carry the accelerator resource hint.
+  Template launcher's ``--template_location``) against an in-process GCS emulator: the accelerator resource
+  hint is on the model steps, the writes right after them and, under ``--dataflow-layout fused``, decoding.
 * Flex Template: ``metadata.json`` is generated from the CLI, gcloud accepts it, template parameters become
   the same job config, ``launch.sh`` quotes what it hands gcloud.
 * Flink: Beam's Python job service with an EXTERNAL worker pool (started by ``templates/flink/start_worker_pool.sh``)
@@ -116,13 +116,19 @@ def writes_as_captioned(name: str) -> bool:
     return name.split("/")[:2] in (["WriteOutputs", "WritePreviews"], ["WriteOutputs", "WriteCompleteInBundle"])
 
 
-def assert_gpu_only_on_inference(proto, accelerator: str, streaming: bool = False) -> None:
+def decodes(name: str) -> bool:
+    return name.split("/")[0] in ("PrepareWindows", "GeneratePreviews")
+
+
+def assert_gpu_steps(proto, accelerator: str, streaming: bool = False, layout: str = "fused") -> None:
     """GPUs on the model steps and on the writes that make each clip durable as it is captioned (same
-    hints, so Dataflow fuses them into the GPU stage); listing, decoding, previews and the keyed write on CPU."""
+    hints, so Dataflow fuses them into the GPU stage), and in the fused layout (the default) on decoding
+    and previews too; listing and the keyed write on CPU."""
     leaves = leaf_environments(proto)
     gpu = {name for name, env in leaves.items() if ACCELERATOR_URN in env.resource_hints}
     inference = {name for name in leaves if is_inference(name)}
-    assert gpu == inference | {name for name in leaves if writes_as_captioned(name)}
+    fused = layout == "fused"
+    assert gpu == inference | {name for name in leaves if writes_as_captioned(name) or (fused and decodes(name))}
     assert any(n.startswith("CaptionWindows/") for n in gpu)
     assert any(n.startswith("WriteOutputs/WriteCompleteInBundle") for n in gpu)
     assert len({leaves[name].SerializeToString() for name in gpu}) == 1, "GPU steps in different environments"
@@ -130,20 +136,24 @@ def assert_gpu_only_on_inference(proto, accelerator: str, streaming: bool = Fals
         assert leaves[name].resource_hints[ACCELERATOR_URN] == accelerator.encode()
     cpu = set(leaves) - gpu
     read_step = ("WatchClips/", "ClipsFromNotifications/") if streaming else ("ReadClips/",)
-    for step in (read_step, "PrepareWindows/", "GeneratePreviews/", "WriteOutputs/WriteWhenComplete"):
-        assert any(n.startswith(step) for n in cpu), f"no {step} step in the graph"
+    for step in (read_step, "WriteOutputs/WriteWhenComplete"):
+        assert any(n.startswith(step) for n in cpu), f"no {step} step on CPU workers"
+    for step in ("PrepareWindows/", "GeneratePreviews/"):
+        assert any(n.startswith(step) for n in (gpu if fused else cpu)), f"no {step} step where the layout puts it"
     for env in leaves.values():  # every step runs the custom image, GPU or not
         assert env.urn == "beam:env:docker:v1"
         assert beam_runner_api_pb2.DockerPayload.FromString(env.payload).container_image == IMAGE
 
 
-@pytest.mark.parametrize("mode", ["batch", "streaming"])
-def test_dataflow_graph_gives_the_accelerator_to_the_model_steps_and_the_writes_after_them(bucket, tiny_models, mode):
+@pytest.mark.parametrize("mode, layout", [("batch", "fused"), ("streaming", "fused"), ("batch", "right-fitted")])
+def test_dataflow_graph_gives_the_accelerator_to_the_model_steps_and_the_writes_after_them(
+    bucket, tiny_models, mode, layout
+):
     proto, options = dry_run_graph(
-        full_job_args(bucket, tiny_models) + dataflow_args(bucket, dry_run=True)
+        full_job_args(bucket, tiny_models) + ["--dataflow-layout", layout] + dataflow_args(bucket, dry_run=True)
         + (["--streaming", "--streaming"] if mode == "streaming" else [])  # the CLI's flag, then Beam's
     )
-    assert_gpu_only_on_inference(proto, ACCELERATOR, streaming=mode == "streaming")
+    assert_gpu_steps(proto, ACCELERATOR, streaming=mode == "streaming", layout=layout)
     assert any(n.startswith("EnhanceCaptions/") for n in leaf_environments(proto) if is_inference(n))
     cloud = options.get_all_options()
     # Right fitting asks for GPUs per step; the job-wide worker_accelerator option must stay unset.
@@ -184,7 +194,7 @@ def test_flex_template_launch_writes_a_job_with_gpus_on_the_inference_steps(buck
     # The pipeline itself was staged to (emulated) Cloud Storage, as Dataflow will read it.
     with FileSystems.open(options["pipelineUrl"]) as handle:
         proto = beam_runner_api_pb2.Pipeline.FromString(handle.read())
-    assert_gpu_only_on_inference(proto, ACCELERATOR)
+    assert_gpu_steps(proto, ACCELERATOR)  # the template's default layout: fused
     assert set(images) == {t.environment_id for t in proto.components.transforms.values() if t.environment_id}
 
 
@@ -363,7 +373,7 @@ def test_launch_sh_hands_gcloud_every_value_intact(tmp_path):
         "input": "gs://my-bucket/raw clips/", "output": "gs://my-bucket/out", "generate_captions": "true",
         "model_dir": "/models/other", "accelerator": ACCELERATOR, "sdk_container_image": image,
         "sdk_location": "container", "vllm_kwargs": kwargs, "captioning_prompt_text": prompt,
-        "share_model_across_processes": "true",
+        "share_model_across_processes": "true", "decode_threads": "1",
     }
     assert "--additional-experiments" not in flags
     # every parameter is a template parameter or a Beam option the launcher understands

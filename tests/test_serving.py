@@ -186,6 +186,7 @@ def _engine_that_cannot_start(monkeypatch, seconds: float = 0.3) -> list:
         raise OSError("no GPU memory left for the weights")
 
     monkeypatch.setattr(Engine, "_start", failing_start)
+    monkeypatch.setattr(Engine, "START_BACKOFF_S", 0.0)  # the runner's retry tries again at once (backoff: test_engine_restarts)
     return attempts
 
 

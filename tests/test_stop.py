@@ -14,6 +14,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+from audit import audit, run_command, snapshot
 from clips import make_clip
 
 from conftest import VLLM_KWARGS
@@ -202,6 +203,7 @@ def test_a_real_run_stops_within_seconds_with_its_summary_and_exit_code(tmp_path
     command = [sys.executable, "-m", "beam_captions", "--input", many_clips, "--output", out, "--generate-previews",
                "--preview-target-height", "64", "--preview-target-fps", "8", "--captioning-window-size", "16",
                "--captioning-remainder-threshold", "8", "--local-workers", "1"]
+    before = snapshot(out)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not glob.glob(os.path.join(out, "metas", "*.json")) and time.monotonic() < deadline:
@@ -217,6 +219,7 @@ def test_a_real_run_stops_within_seconds_with_its_summary_and_exit_code(tmp_path
     assert "stopped" in stderr
     finished = len(glob.glob(os.path.join(out, "metas", "*.json")))
     assert 0 < finished < 40
+    audit(out, stdout, before=before)
 
 
 def windows_line(stdout: str) -> tuple[int, dict[str, int]]:
@@ -271,6 +274,7 @@ def test_a_captions_run_stopped_at_any_moment_tells_the_terminal_and_adds_up(tmp
     os.makedirs(clips)
     for name in sorted(os.listdir(many_clips))[:12]:
         shutil.copy(os.path.join(many_clips, name), clips)
+    before = snapshot(out)
     process = subprocess.Popen(captions_command(clips, out, captioner_dir, 200), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
@@ -298,6 +302,7 @@ def test_a_captions_run_stopped_at_any_moment_tells_the_terminal_and_adds_up(tmp
     assert on_disk <= parts["captioned"] <= on_disk + 4  # a clip being written as the stop came may count
     if moment == "generation":
         assert on_disk > 0
+    audit(out, stdout, before=before)
 
 
 def test_an_engine_that_cannot_start_is_one_line_and_every_clip_is_recorded_failed(tmp_path, many_clips,
@@ -313,7 +318,7 @@ def test_an_engine_that_cannot_start_is_one_line_and_every_clip_is_recorded_fail
         shutil.copy(os.path.join(many_clips, name), clips)
     out = str(tmp_path / "out")
     command = captions_command(clips, out, broken, 8)
-    first = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    first = run_command(command, timeout=300)  # its summary audited: every clip failed, none captioned
     assert first.returncode == 1, first.stderr[-3000:]
     errors = [line for line in first.stderr.splitlines() if line.startswith("beam-captions: error:")]
     assert len(errors) == 1 and "could not start" in errors[0] and "see root cause" not in errors[0].lower()
@@ -329,5 +334,5 @@ def test_an_engine_that_cannot_start_is_one_line_and_every_clip_is_recorded_fail
         first.stdout
     assert "Traceback" in _log_text(out)  # the whole story is in the log file
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    again = run_command(command, timeout=300)
     assert again.returncode == 1 and re.search(r"failed before 3\b", again.stdout), again.stdout

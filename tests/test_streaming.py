@@ -18,6 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.transforms.window import TimestampedValue
+from audit import audit
 from clips import make_clip
 
 from beam_captions.records import ClipInfo, WindowRecord, clip_id_for
@@ -103,6 +104,7 @@ def test_a_live_streaming_job_captions_clips_dropped_into_its_folder(tmp_path, c
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=60)
     assert "beam-captions: stopped" in output
+    audit(str(out), output)  # the stopped run's summary adds up and its table is its metas' windows
     metas = [json.load(open(p)) for p in glob.glob(str(out / "metas" / "*.json"))]
     assert sorted(os.path.basename(m["source"]) for m in metas) == sorted(names)
     rows = pq.read_table(str(out / "captions")).to_pylist()
@@ -163,6 +165,7 @@ def test_a_watched_file_replaced_while_the_job_runs_is_redone(tmp_path):
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=60)
     assert meta["status"] == "done" and len(meta["windows"]) == 3, meta
+    audit(str(out), output)
     rows = pq.read_table(str(out / "captions")).to_pylist()
     assert sorted(r["window_index"] for r in rows) == [0, 1, 2], output[-3000:]  # the first version's row is gone
     [log] = glob.glob(str(out / "logs" / "*.log"))

@@ -3,13 +3,14 @@ optimize its Delta table."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import sys
 import time
 from typing import Optional, Sequence
 
-from beam_captions.cli.errors import refuse, submitted_only
+from beam_captions.cli.errors import one_line_error, refuse, submitted_only
 from beam_captions.cli.stops import StopCompaction
 
 
@@ -19,7 +20,11 @@ def compact(argv: Sequence[str]) -> dict[str, int]:
 
     Ctrl-C / SIGTERM stop it cleanly (``StopCompaction``): one line, exit 130 / 143; a second run completes it.
     Bad arguments are one line and exit 2, before any work."""
+    from beam_captions.cli.refusals import refuse_missing_output, refuse_unwritable_output
+
     args, beam_args, target_bytes = compact_arguments(argv)
+    refuse_missing_output("compact", args.output)
+    refuse_unwritable_output(args.output, "compact", create=False)
     if _is_delta_output(args.output):
         return _compact_delta(args, target_bytes)
     with StopCompaction(args.output) as stop:
@@ -31,7 +36,7 @@ def compact_arguments(argv: Sequence[str]):
     a bad one is one line and exit 2."""
     import argparse
 
-    from beam_captions.limits import MAX_LOCAL_WORKERS
+    from beam_captions.limits import MAX_LOCAL_WORKERS, MAX_SECONDS
 
     parser = argparse.ArgumentParser(
         prog="beam-captions compact",
@@ -59,6 +64,9 @@ def compact_arguments(argv: Sequence[str]):
         _compact_usage_error(f"--local-workers must be between 1 and {MAX_LOCAL_WORKERS}, got {args.local_workers}")
     if args.retention_hours is not None and not (args.retention_hours >= 0 and args.retention_hours < float("inf")):
         _compact_usage_error(f"--retention-hours must be a finite number of hours, 0 or more, not {args.retention_hours}")
+    if args.retention_hours is not None and args.retention_hours > MAX_SECONDS / 3600:  # deltalake panics past it
+        _compact_usage_error(f"--retention-hours must be at most {MAX_SECONDS // 3600} (about 3 years), "
+                             f"got {args.retention_hours:g}")
     return args, beam_args, target_bytes
 
 
@@ -114,7 +122,7 @@ def _run_compaction(args, beam_args: list[str], target_bytes: Optional[int], sto
     from apache_beam.io.filesystems import FileSystems
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from beam_captions.io.compaction import DEFAULT_TARGET_BYTES, MANIFEST, reset_progress
+    from beam_captions.io.compaction import DEFAULT_TARGET_BYTES, MANIFEST, reset_progress, unreadable_files
     from beam_captions.local import local_beam_args, local_runner, runs_in_this_process
     from beam_captions.metrics import counters
     from beam_captions.summary import first_line, plural
@@ -159,14 +167,33 @@ def _run_compaction(args, beam_args: list[str], target_bytes: Optional[int], sto
     if not stop.ended():  # a signal came before the run ended (no merge starts after it): the stop line
         stop.stop()
     counts = counters(result)
-    print(f"{first_line('beam-captions compact', time.monotonic() - started)}\n"
+    broke = _unreadable_line(counts, unreadable_files())
+    if broke:  # one line, then the summary (its first line says so), exit 1
+        print(f"beam-captions: error: compact {args.output}: {broke}", file=sys.stderr, flush=True)
+    print(f"{first_line('beam-captions compact', time.monotonic() - started, error=broke)}\n"
           + _leftovers_line(counts)
           + f"  files            {counts.get('files_before', 0)} before, {counts.get('files_after', 0)} after "
-          f"({counts.get('files_merged', 0)} merged into {counts.get('files_written', 0)})\n"
-          f"  rows             {counts.get('rows', 0)} of {plural(counts.get('clips_in_table', 0), 'clip')}"
-          f" ({plural(counts.get('rows_stale_dropped', 0), 'stale row')} dropped)\n"
-          f"  manifest         {FileSystems.join(output, 'captions', MANIFEST)}", flush=True)
+          f"({counts.get('files_merged', 0)} merged into {counts.get('files_written', 0)})"
+          + ("" if broke else  # the rows are not all known, and no manifest is written
+             f"\n  rows             {counts.get('rows', 0)} of {plural(counts.get('clips_in_table', 0), 'clip')}"
+             f" ({plural(counts.get('rows_stale_dropped', 0), 'stale row')} dropped)\n"
+             f"  manifest         {FileSystems.join(output, 'captions', MANIFEST)}"), flush=True)
+    if broke:
+        raise SystemExit(1)
     return counts
+
+
+def _unreadable_line(counts: dict[str, int], unreadable: list[str]) -> Optional[str]:
+    """Why a compaction that met files it could not read broke (they are left as they are, the rest merged;
+    no manifest): the first one's ``cannot read FILE: reason`` where the job ran in this process."""
+    from beam_captions.summary import plural
+
+    if not (counts.get("files_unreadable") or unreadable):
+        return None
+    if not unreadable:  # a runner elsewhere: its log names them
+        return f"{plural(counts['files_unreadable'], 'file')} could not be read (the job's log names them)"
+    more = f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""
+    return f"{unreadable[0]}{more} (left as it is; the other files are merged, no manifest is written)"
 
 
 def _leftovers_line(counts: dict[str, int]) -> str:
@@ -203,5 +230,13 @@ def _compact_usage_error(message: str) -> None:
 
 
 def command(argv: Sequence[str]) -> int:
-    compact(argv)
+    """``compact``'s exit status: 0 done, 2 refused before any work, 1 broke (one line, naming the file it could
+    not read where that was why), 130 / 143 stopped."""
+    try:
+        compact(argv)
+    except Exception as error:  # noqa: BLE001 - a damaged output (a Delta data file gone): one line
+        logging.getLogger("beam_captions").info("the compaction failed", exc_info=True)
+        print(f"beam-captions: error: compact {compact_arguments(argv)[0].output}: {one_line_error(error)}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     return 0

@@ -15,11 +15,16 @@ def refuse(message: str) -> None:
 
 
 def one_line_error(error: BaseException) -> str:
-    """The reason a run broke, in one line: the operating system's own words when an OSError is behind it."""
+    """The reason a run broke, in one line: the file of an output that could not be read, or the operating
+    system's own words, when one is behind it."""
+    from beam_captions.io.files import UnreadableFile
+
     seen = set()
     cause: Optional[BaseException] = error
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
+        if isinstance(cause, UnreadableFile):
+            return str(cause)
         if isinstance(cause, OSError) and cause.strerror:
             return f"{cause.filename}: {cause.strerror}" if cause.filename else cause.strerror
         cause = cause.__cause__ or cause.__context__

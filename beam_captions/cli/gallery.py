@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-import os
+import logging
+import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
-from beam_captions.cli.errors import refuse
+from beam_captions.cli.errors import one_line_error, refuse
 
 
 def command(argv: Sequence[str]) -> int:
+    """Exit 2 before any work for a path that is not a run's output or cannot be written (it makes nothing
+    there); what it cannot read (metas, failure records, the captions table) is listed under Failures and
+    named in one warning line (exit 0); an error while writing the pages is one line and exit 1."""
     import argparse
 
-    from beam_captions.io.gallery import is_run_output, write_gallery
-    from beam_captions.io.paths import is_local, local_path
+    from beam_captions.cli.refusals import refuse_missing_output, refuse_unwritable_output
+    from beam_captions.io.gallery import build_gallery, is_run_output
 
     parser = argparse.ArgumentParser(
         prog="beam-captions gallery",
@@ -25,12 +29,26 @@ def command(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if args.clips_per_page < 1:
         parser.exit(2, f"{parser.prog}: error: --clips-per-page must be at least 1\n")
-    # Nothing is written unless OUTPUT is the output of a run (a misspelt path must not become a new folder).
-    if is_local(args.output) and not os.path.isdir(local_path(args.output)):
-        refuse(f"gallery {args.output}: " + ("not a folder" if os.path.lexists(local_path(args.output))
-                                              else "no such folder"))
+    refuse_missing_output("gallery", args.output)  # nothing is written unless OUTPUT is the output of a run
     if not is_run_output(args.output):
         refuse(f"gallery {args.output}: not the output of a run (no metas/ or failures/ under it)")
+    refuse_unwritable_output(args.output, "gallery", create=False)
     started = time.monotonic()
-    print(f"{write_gallery(args.output, args.clips_per_page)}  ({time.monotonic() - started:.1f} s)")
+    try:
+        index, unread = build_gallery(args.output, args.clips_per_page)
+    except Exception as error:  # noqa: BLE001 - e.g. a page that cannot be written: one line, the log has the rest
+        logging.getLogger("beam_captions").info("gallery of %s failed", args.output, exc_info=True)
+        print(f"beam-captions: error: gallery {args.output}: {one_line_error(error)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    print(f"{index}  ({time.monotonic() - started:.1f} s)")
+    if unread:
+        print(f"beam-captions: warning: gallery {args.output}: {_unread_line(unread)} (listed under Failures)",
+              file=sys.stderr, flush=True)
     return 0
+
+
+def _unread_line(unread: Sequence[dict[str, Any]]) -> str:
+    """``could not read FILE: reason``, and how many more files there are like it."""
+    first = unread[0]
+    more = f" and {len(unread) - 1} more" if len(unread) > 1 else ""
+    return f"could not read {first['source']}: {first['message']}{more}"

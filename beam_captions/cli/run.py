@@ -50,11 +50,15 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
     built_only = submitted_only(options)
     logs = lease = None
     stop: Optional[StopOnSignal] = None
+    delta = None  # a Delta output's committer while this process waits for the job (io.delta_committer.CommitLoop)
     if not built_only:
         refuse_missing_inputs(config)
         refuse_unwritable_output(config.output)
         refuse_other_table_format(config.output, config.captions_table)
-        lease = take_lease(config.output, config.force)
+        from beam_captions.local import is_local_runner
+
+        # a job that runs elsewhere (not the DirectRunner) holds the lease itself: it may outlive this process
+        lease = take_lease(config.output, config.force, job=not is_local_runner(options.get_all_options()["runner"]))
         try:
             logs = setup_logging(config.output, config.log_file, config.verbose)
         except OSError as error:
@@ -71,9 +75,10 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
         if runner is None:
             logging.getLogger("beam_captions").info("runner: %s (--runner)", options.get_all_options()["runner"])
         pipeline = beam.Pipeline(runner=runner, options=options)
-        build_pipeline(pipeline, config)
+        build_pipeline(pipeline, config, lease.token if lease is not None and lease.runs_in == "job" else None,
+                       delta_commit_in_job=built_only)  # a job nobody waits for commits in a step of its own
         if config.captions_table == "delta" and not built_only:
-            _commit_staged_leftovers(config.output)
+            delta = _start_delta_committer(config.output)
 
         def finish(result, error: Optional[str] = None) -> dict[str, int]:
             """The summary (its first line: finished, stopped, or broke with ``error``) and the gallery."""
@@ -82,6 +87,8 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
             if release_models or stopped:
                 release_engines(wait=not stopped)  # a stop does not wait for an engine in the middle of its start
             counts = counters(result) if result is not None else progress.snapshot()
+            if delta is not None:  # what it committed; a run that did not end: the clips left staged
+                counts = {**counts, **delta.counts()}
             gallery = write_gallery(config.output) if config.gallery else "not written (--no-gallery)"
             print(format_summary(counts, config.output, time.monotonic() - started, captions=config.generate_captions,
                                  stopped=stopped, error=None if stopped else error))
@@ -98,6 +105,8 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
             with reporter, stop:
                 result = pipeline.run()
                 result.wait_until_finish()
+                if delta is not None:
+                    delta.finish()  # the last pass: what the job staged since the previous one
         except (KeyboardInterrupt, Exception) as error:  # noqa: BLE001
             if not isinstance(error, KeyboardInterrupt) and stop.signum is None:
                 stop.restore()
@@ -115,6 +124,8 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
                     result.cancel()
                 except Exception:  # noqa: BLE001 - a runner that cannot cancel: the summary still comes
                     logging.getLogger("beam_captions").info("cancel failed", exc_info=True)
+            elif result is not None and lease is not None:  # the job keeps running: it keeps the lease too
+                lease.leave_to_job()
         if built_only:
             if release_models:
                 release_engines()
@@ -136,6 +147,8 @@ def run_job(argv: Sequence[str], release_models: bool = True) -> dict[str, int]:
             raise SystemExit(1)
         return counts
     finally:
+        if delta is not None:
+            delta.close()
         if lease is not None:
             lease.release()
         if logs is not None:
@@ -157,18 +170,22 @@ def _broke(error: BaseException, finish: Callable[..., object], failed_starts: S
     raise SystemExit(1) from None
 
 
-def _commit_staged_leftovers(output: str) -> None:
-    """A Delta output: make the table if need be, and commit the rows an earlier job staged but did not
-    commit (killed first), before this run's committer starts. One line and exit 1 if that fails."""
-    from beam_captions.io.delta import prepare_output
+def _start_delta_committer(output: str):
+    """A Delta output: the committer of this run (``CommitLoop``), started: it makes the table if need be,
+    commits what an earlier run left staged (and says so), then commits while the job runs. One line and
+    exit 1 if its first pass fails."""
+    from beam_captions.io.delta_committer import CommitLoop
+    from beam_captions.summary import plural
 
+    delta = CommitLoop(output)
     try:
-        done = prepare_output(output)
+        done = delta.start()
     except Exception as error:  # noqa: BLE001
         logging.getLogger("beam_captions").info("committing staged rows failed", exc_info=True)
         print(f"beam-captions: error: committing the rows an earlier run left staged in {output}: "
               f"{one_line_error(error)}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     if done.get("delta_clips_committed"):
-        logging.getLogger("beam_captions").info(
-            "committed %d clips an earlier run left staged", done["delta_clips_committed"])
+        print(f"beam-captions: committed {plural(done['delta_clips_committed'], 'clip')} an earlier run left staged "
+              f"in {output}", file=terminal(), flush=True)
+    return delta

@@ -71,9 +71,11 @@ class Generated:
 
 
 RETRY_FLAGS = frozenset({"empty", "repetition", "truncated"})
+REASONING_RETRY = frozenset({"reasoning_only"})  # retried for a reasoning family whatever ``retry_flagged`` says
 
 
 _THINK_BLOCK = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
+_THINK_TAGS = re.compile(r"</?think>")
 
 
 def strip_reasoning(text: str) -> str:
@@ -180,14 +182,16 @@ def generate_checked(engine: Engine, inputs: list[dict], params: Any) -> list[Ge
     for output in engine.generate(inputs, params):
         completion = output.outputs[0]
         text = strip_reasoning(completion.text).strip()
-        check = check_caption(text, len(completion.token_ids), completion.finish_reason)
+        reasoning = not text and bool(_THINK_TAGS.sub("", completion.text).strip())  # all its text was reasoning
+        check = check_caption(text, len(completion.token_ids), completion.finish_reason, reasoning)
         results.append(Generated(text, check, len(output.prompt_token_ids)))
     return results
 
 
-def _retry_flagged(engine: Engine, inputs: list[dict], first: list[Generated], request: CaptionRequest) -> list[bool]:
-    """Generate again for captions flagged empty, looping or cut; keep the better one (in place)."""
-    chosen = [i for i, g in enumerate(first) if RETRY_FLAGS & set(g.check.flags)]
+def _retry_flagged(engine: Engine, inputs: list[dict], first: list[Generated], request: CaptionRequest,
+                   flags: frozenset[str]) -> list[bool]:
+    """Generate again for captions with one of ``flags``; keep the better one (in place)."""
+    chosen = [i for i, g in enumerate(first) if flags & set(g.check.flags)]
     if not chosen:
         return [False] * len(first)
     second = generate_checked(engine, [inputs[i] for i in chosen], request.sampling_params(retry=True))
@@ -211,7 +215,8 @@ def caption_batch(engine: Engine, batch: Sequence[WindowRecord], request: Captio
     inputs = [video_input(engine, r, prompt, request.family, request.frames_dtype, request.window_relative_timestamps)
               for r, (prompt, _) in zip(batch, stage1_prompts)]
     stage1 = generate_checked(engine, inputs, request.sampling_params())
-    retried = _retry_flagged(engine, inputs, stage1, request) if request.retry_flagged else [False] * len(batch)
+    retry_on = RETRY_FLAGS if request.retry_flagged else REASONING_RETRY if request.family.reasoning else frozenset()
+    retried = _retry_flagged(engine, inputs, stage1, request, retry_on)
     stage2: list[Optional[Generated]] = [None] * len(batch)
     if request.generate_stage2:
         wanted = [i for i, g in enumerate(stage1) if g.text]
@@ -260,6 +265,8 @@ class VideoCaptionHandler(VLLMWindowHandler):
     dropped before the language model), passed for every family: the default 0 is the reference's, also
     for the Nemotron checkpoints whose config asks for 0.7. ``window_relative_timestamps`` gives Qwen3-VL
     the reference's frame times (from 0 at each window) instead of the clip's (``video_metadata``).
+    ``performance_mode`` is vLLM's (``balanced``, ``interactivity``, ``throughput``); by default
+    ``throughput`` on a GPU and vLLM's own default (``balanced``) without one.
     """
 
     stage = "caption"
@@ -286,6 +293,7 @@ class VideoCaptionHandler(VLLMWindowHandler):
         gpu_memory_utilization: float = 0.85,
         video_pruning_rate: float = 0.0,
         window_relative_timestamps: bool = False,
+        performance_mode: Optional[str] = None,
         vllm_kwargs: Optional[dict] = None,
         trust_remote_code: bool = False,
         share_across_processes: bool = False,
@@ -314,6 +322,7 @@ class VideoCaptionHandler(VLLMWindowHandler):
             hub_model_id=model.hub_id,
             mm_processor_kwargs=family.mm_processor_kwargs,
             mamba=family.mamba,
+            performance_mode=performance_mode,
             extra={"video_pruning_rate": float(video_pruning_rate), **(vllm_kwargs or {})},
         )
         request = CaptionRequest(
@@ -335,6 +344,13 @@ class VideoCaptionHandler(VLLMWindowHandler):
             share_across_processes=share_across_processes, request_timeout_s=request_timeout_s,
         )
 
+    @property
+    def generate_calls(self) -> int:
+        """Stage 1, then a retry of a flagged caption (asked, or a reasoning family's answer that was all
+        reasoning) and stage 2 where asked (``caption_batch``)."""
+        request = self.request
+        return 1 + int(request.retry_flagged or request.family.reasoning) + int(request.generate_stage2)
+
     def wants(self, element: object) -> bool:
         return isinstance(element, WindowRecord) and element.frames is not None
 
@@ -342,7 +358,12 @@ class VideoCaptionHandler(VLLMWindowHandler):
         return record.replace(frames=None, caption_model=self.model_name)
 
     def check(self, record: WindowRecord) -> Optional[Exception]:
-        return None if record.caption else ValueError("the model returned an empty caption")
+        if record.caption:
+            return None
+        if record.caption_check and "reasoning_only" in record.caption_check.flags:
+            tries = "twice (retried once)" if record.caption_retried else "once"
+            return ValueError(f"the model wrote reasoning and no caption, {tries}")
+        return ValueError("the model returned an empty caption")
 
     def get_num_bytes(self, batch: Sequence[WindowRecord]) -> int:
         return sum(r.frames.nbytes for r in batch if isinstance(r, WindowRecord) and r.frames is not None)

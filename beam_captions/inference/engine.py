@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import threading
+import time
 import uuid
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -16,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 __all__ = [
-    "EngineClosed", "EngineDied", "EngineSettings", "EngineStartError", "Engine", "llm_kwargs", "load_engine",
-    "release_engines", "start_failures",
+    "EngineClosed", "EngineDied", "EngineSettings", "EngineStartError", "Engine", "PERFORMANCE_MODES", "llm_kwargs",
+    "load_engine", "release_engines", "start_failures",
 ]
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 def is_engine_dead(error: BaseException) -> bool:
     """vLLM's ``EngineDeadError``: the engine process is gone and must be started again."""
     return type(error).__name__ == "EngineDeadError"
+
+
+PERFORMANCE_MODES = ("balanced", "interactivity", "throughput")  # vLLM's performance_mode (0.32 and 0.33)
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,13 @@ class EngineSettings:
     mm_processor_kwargs: tuple[tuple[str, Any], ...] = (("cap_pixels_per_frame", True),)
     # A Mamba hybrid (Nemotron): vLLM's CPU Mamba prefill fails with prefix caching on, so without a GPU it is off.
     mamba: bool = False
+    # vLLM's performance_mode (PERFORMANCE_MODES); None: "throughput" on a GPU, vLLM's own default without one.
+    performance_mode: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.performance_mode is not None and self.performance_mode not in PERFORMANCE_MODES:
+            raise ValueError(f"performance_mode must be one of {', '.join(PERFORMANCE_MODES)}, "
+                             f"got {self.performance_mode!r}")
 
 
 class EngineStartError(RuntimeError):
@@ -112,6 +123,9 @@ def llm_kwargs(settings: EngineSettings) -> dict[str, Any]:
         kwargs["quantization"] = "fp8"
     if settings.mamba and not gpu_available():
         kwargs["enable_prefix_caching"] = False  # IndexError in vLLM's CPU Mamba prefill kernel otherwise
+    mode = settings.performance_mode or ("throughput" if gpu_available() else None)
+    if mode:  # throughput: more sequences per step (and larger CUDA graphs); a caption job is a batch job
+        kwargs["performance_mode"] = mode
     kwargs.update(settings.extra)
     if settings.multimodal and kwargs.get("video_pruning_rate"):
         from beam_captions.inference.pruning import pruning_runs_here, warn_pruning_gap
@@ -177,10 +191,17 @@ class Engine:
 
     Lifecycle: one start per generation, however many threads wait on it. A failed start is
     remembered: every caller that was waiting on it, and every later one until ``allow_start``
-    (a new bundle), gets the same ``EngineStartError`` at once instead of loading again. A request
-    is sent under the lock, so it never races a restart; a request that sees the engine die, hang
-    past ``request_timeout_s`` or be replaced raises ``EngineDied`` (a retry, not a failure).
+    (a new bundle), gets the same ``EngineStartError`` at once instead of loading again; a restart
+    is tried once per generation that died, however many windows saw it die. A start tried again
+    after failed ones waits first (``START_BACKOFF_S``, doubling, at most ``START_BACKOFF_MAX_S``).
+    A request is sent under the lock, so it never races a restart; a request that sees the engine
+    die, hang past ``request_timeout_s`` or be replaced raises ``EngineDied`` (a retry, not a failure).
     """
+
+    START_BACKOFF_S = 10.0
+    """The wait before the first start tried again after a failed one; it doubles with each failure in a row."""
+    START_BACKOFF_MAX_S = 300.0
+    """The longest wait before a start tried again (a window's time limit allows for it)."""
 
     def __init__(self, settings: EngineSettings, request_timeout_s: Optional[float] = None):
         self.settings = settings
@@ -189,7 +210,11 @@ class Engine:
         self.generation = 0  # bumped at every start, so a restart can tell whether the engine it saw die is gone
         self.start_attempts = 0  # starts tried, failed ones included
         self._start_failure: Optional[EngineStartError] = None
+        self._failed_starts = 0  # failed starts in a row, and when the last one failed: the backoff
+        self._failed_at = 0.0
+        self._restarted_from: Optional[int] = None  # the generation whose death a restart was tried for
         self._closed = False
+        self._closing = threading.Event()  # set by close: a backoff wait ends at once
         self._llm: Any = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
@@ -214,6 +239,7 @@ class Engine:
             return
         if self._start_failure is not None:
             raise self._start_failure
+        self._back_off()
         self.start_attempts += 1
         log_offset = _log_size()
         try:
@@ -221,13 +247,29 @@ class Engine:
         except BaseException as error:  # noqa: BLE001 - remembered, then raised to every waiter
             if self._closed:  # stopped while starting (Ctrl-C reaches the engine's processes too)
                 raise EngineClosed(f"the {self.name} engine was shut down") from error
+            self._failed_starts, self._failed_at = self._failed_starts + 1, time.monotonic()
             cause = _root_cause(error, log_offset)
             self._start_failure = EngineStartError(f"the {self.name} engine could not start: {cause}")
             _START_FAILURES.append(str(self._start_failure))
             log.info("the %s engine could not start", self.name, exc_info=error)  # the trace: log file only
             raise self._start_failure from error
+        self._failed_starts = 0
         if self._closed:  # shut down while it started: stop it again
             self._stop()
+            raise EngineClosed(f"the {self.name} engine was shut down")
+
+    def _back_off(self) -> None:
+        """Wait before a start tried again after failed ones (under the lock: the waiters wait on it anyway);
+        ``close`` ends the wait."""
+        if not self._failed_starts:
+            return
+        delay = min(self.START_BACKOFF_S * 2 ** min(self._failed_starts - 1, 30), self.START_BACKOFF_MAX_S)
+        remaining = self._failed_at + delay - time.monotonic()
+        if remaining > 0:
+            log.info("the %s engine failed to start %d time(s) in a row: waiting %.0f s before trying again",
+                     self.name, self._failed_starts, remaining)
+            self._closing.wait(remaining)
+        if self._closed:
             raise EngineClosed(f"the {self.name} engine was shut down")
 
     def _engine_kwargs(self) -> dict[str, Any]:
@@ -264,8 +306,9 @@ class Engine:
         try:
             with engine_output_to_log():  # its processes print to the log file, not the terminal
                 llm = asyncio.run_coroutine_threadsafe(build(), loop).result()
-            # Registered after vLLM's own exit hooks, so it runs before them: the engines stop in order.
-            atexit.register(self.shutdown)
+            # Registered after vLLM's own exit hooks, so it runs before them: the engines stop in order. A close,
+            # not a shutdown: a thread waiting to start it again (a backoff, under the start lock) stops waiting.
+            atexit.register(self.close)
         except BaseException:
             _stop_loop(loop, thread)
             raise
@@ -312,11 +355,14 @@ class Engine:
     def restart(self, generation: Optional[int] = None) -> "Engine":
         """Start a new engine after this one died.
 
-        ``generation`` is the one the caller saw die: when several threads see the same death,
-        the first restarts the engine and the others find it already replaced.
+        ``generation`` is the one the caller saw die (None: the current one): when several threads see
+        the same death, the first restarts the engine and the others find it already replaced, or get
+        the failure of its restart (tried once per generation, however many windows saw the death).
         """
         with self._start_lock:
-            if generation is None or generation == self.generation:
+            seen = self.generation if generation is None else generation
+            if seen == self.generation and self._restarted_from != seen:
+                self._restarted_from = seen
                 self._stop()
                 self._start_failure = None
             self._start_if_needed()
@@ -330,6 +376,7 @@ class Engine:
         """Shut the engine down for good: no request starts it again. Without ``wait``, an engine that is
         starting right now is left to stop itself when its start returns (a stopping run does not wait)."""
         self._closed = True
+        self._closing.set()
         if self._start_lock.acquire(timeout=-1 if wait else 0.5):
             try:
                 self._stop()

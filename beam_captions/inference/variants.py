@@ -46,7 +46,8 @@ class CaptionFamily:
     ``<t seconds>`` text before each frame), so the metadata can carry the clip's true times.
     ``trained_pruning_rate``: the video token pruning rate (vLLM's ``video_pruning_rate``, EVS) the
     family's checkpoints were trained with (their config's default); the pipeline's default is the
-    reference's 0 whatever the family.
+    reference's 0 whatever the family. ``reasoning``: a reasoning model whose chat turns reasoning off, which
+    still answers at times with reasoning alone (Nemotron 3 Nano Omni): such a caption is retried once.
     """
 
     name: str
@@ -60,6 +61,7 @@ class CaptionFamily:
     max_model_len: int = 32768
     timestamps: bool = False
     trained_pruning_rate: float = 0.0
+    reasoning: bool = False
 
     def messages(self, prompt: str) -> list[dict]:
         """The chat of one captioning request: one video, then ``prompt``."""
@@ -73,11 +75,11 @@ QWEN3 = CaptionFamily(
 )
 NEMOTRON_VL = CaptionFamily(
     "nemotron-vl", "nemotron", system_prompt="/no_think", mamba=True, trust_remote_code=True,
-    trained_pruning_rate=0.7,
+    trained_pruning_rate=0.7, reasoning=True,
 )
 NEMOTRON_OMNI = CaptionFamily(
     "nemotron-omni", "nemotron", template_kwargs=(("enable_thinking", False),), mamba=True,
-    trust_remote_code=True, max_model_len=131072, trained_pruning_rate=0.7,
+    trust_remote_code=True, max_model_len=131072, trained_pruning_rate=0.7, reasoning=True,
 )
 CAPTION_FAMILIES = {f.name: f for f in (QWEN25, QWEN3, NEMOTRON_VL, NEMOTRON_OMNI)}
 

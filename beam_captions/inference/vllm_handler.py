@@ -13,15 +13,20 @@ from beam_captions.inference.engine import (
     Engine, EngineDied, EngineSettings, EngineStartError, engine_key, is_engine_dead, load_engine,
 )
 from beam_captions.inference.serving import WindowServer, give_large_buffers_back, serve_async, serve_pool
+from beam_captions.limits import MAX_SECONDS
 from beam_captions.metrics import count
 from beam_captions.records import WindowRecord, failure_from_exception
 
-__all__ = ["DEFAULT_REQUEST_TIMEOUT_S", "VLLMWindowHandler"]
+__all__ = ["ATTEMPTS", "DEFAULT_REQUEST_TIMEOUT_S", "ENGINE_STARTS_S", "VLLMWindowHandler"]
 
 log = logging.getLogger(__name__)
 
 InferenceFn = Callable[[Engine, Sequence[WindowRecord], Any], list[WindowRecord]]
 DEFAULT_REQUEST_TIMEOUT_S = 1800.0
+ATTEMPTS = 2  # a window whose engine died, hung or was replaced under it is tried once more
+ENGINE_STARTS_S = 900.0
+"""What a window may wait on engine starts besides its requests: the engine's load and one restart (a real
+vLLM start takes 10 to 120 s, and the first one may fetch the weights), then ``Engine.START_BACKOFF_MAX_S``."""
 
 
 class VLLMWindowHandler(ModelHandler[WindowRecord, WindowRecord, WindowServer]):
@@ -53,6 +58,8 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, WindowRecord, WindowServer]):
         share_across_processes: bool = False,
         request_timeout_s: Optional[float] = DEFAULT_REQUEST_TIMEOUT_S,
     ):
+        if request_timeout_s is not None and not 0 < request_timeout_s <= MAX_SECONDS:  # NaN included
+            raise ValueError(f"request_timeout_s must be positive and at most {MAX_SECONDS} s, got {request_timeout_s}")
         # Beam's switch for one model per machine shared by its processes, behind a proxy.
         super().__init__(large_model=share_across_processes)
         self.settings = settings
@@ -76,8 +83,21 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, WindowRecord, WindowServer]):
         engine = load_engine(self.settings, self.request_timeout_s)
         if self.share_model_across_processes():  # this process receives every process's windows
             give_large_buffers_back()
-        lease = None if self.request_timeout_s is None else 4 * self.request_timeout_s
-        return WindowServer(self, engine, self.batch_size, lease_s=lease)
+        return WindowServer(self, engine, self.batch_size, lease_s=self.window_time_limit_s())
+
+    @property
+    def generate_calls(self) -> int:
+        """The most generate calls one attempt at a window makes (each waits up to the request timeout)."""
+        return 1
+
+    def window_time_limit_s(self) -> Optional[float]:
+        """The longest a window may legitimately take to serve (None: no request timeout, no limit): every
+        generate call of every attempt at the request timeout, and the engine starts it may wait on. Its place
+        on the engine and its bundle's wait last this long."""
+        if self.request_timeout_s is None:
+            return None
+        return (ATTEMPTS * self.generate_calls * self.request_timeout_s + ENGINE_STARTS_S
+                + Engine.START_BACKOFF_MAX_S)
 
     def server_key(self) -> str:
         """Names this handler's server: one per process (or machine, when shared) for a stage, engine and bound."""
@@ -102,13 +122,13 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, WindowRecord, WindowServer]):
 
     def infer_window(self, engine: Engine, window: WindowRecord) -> WindowRecord:
         """The outcome of ``window``: filled in, or with a ``Failure`` on it. Raises only ``EngineStartError``."""
-        for attempt in (1, 2):
+        for attempt in range(1, ATTEMPTS + 1):
             try:
                 (result,) = self._inference_fn(engine, [window], self.request)
             except EngineStartError:
                 raise
             except Exception as error:  # noqa: BLE001 - a model error fails this window alone
-                if attempt == 1 and (isinstance(error, EngineDied) or is_engine_dead(error)):
+                if attempt < ATTEMPTS and (isinstance(error, EngineDied) or is_engine_dead(error)):
                     log.warning("%s; starting it again and retrying window %d of %s",
                                 error, window.window_index, window.source)
                     count("engine_restarts")  # this process's progress (Beam counts only a bundle's own thread)
@@ -147,8 +167,15 @@ class VLLMWindowHandler(ModelHandler[WindowRecord, WindowRecord, WindowServer]):
             if not self.wants(element):
                 yield element
                 continue
-            count(self.done_counter)  # counted here: Beam's counters do not cross the proxy
-            yield next(outcomes)
+            outcome = next(outcomes)
+            self.count_outcome(element, outcome)  # counted here: Beam's counters do not cross the proxy
+            yield outcome
+
+    def count_outcome(self, window: WindowRecord, outcome: WindowRecord) -> None:
+        """Counts a served window for the progress line by its outcome, not the attempt: ``done_counter`` when
+        this stage gave it its output, ``windows_<stage>_failed`` when the stage failed for it."""
+        failed = len(outcome.failures) > len(window.failures)
+        count(f"windows_{self.stage}_failed" if failed else self.done_counter)
 
     def batch_elements_kwargs(self) -> dict:
         """For use with ``RunInference``: full batches (Beam's adaptive batching would start at one window

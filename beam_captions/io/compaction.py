@@ -36,8 +36,9 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 
 from beam_captions.io.conditional import file_token, remove_if_unchanged, write_if_unchanged
+from beam_captions.io.done_index import mark_meta
 from beam_captions.io.files import (
-    delete_quietly, json_bytes, matching, parallel_map, read_json, write_bytes, write_json,
+    UnreadableFile, delete_quietly, json_bytes, matching, parallel_map, read_json, write_bytes, write_json,
 )
 from beam_captions.io.metas import read_meta_with_token
 from beam_captions.io.parquet import CAPTION_SCHEMA
@@ -152,8 +153,16 @@ def _merged_relpath(group: Sequence[CaptionFile]) -> str:
 
 
 def _read_table(path: str, columns: Optional[list[str]] = None) -> pa.Table:
+    """The rows of the Parquet file at ``path``; one that is not a caption Parquet file (damaged, truncated,
+    foreign) raises ``UnreadableFile`` naming it."""
     with FileSystems.open(path) as handle:
-        return pq.read_table(pa.BufferReader(handle.read()), schema=CAPTION_SCHEMA, columns=columns)
+        data = handle.read()
+    try:
+        return pq.read_table(pa.BufferReader(data), schema=CAPTION_SCHEMA, columns=columns)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as error:
+        reason = next((line.strip().rstrip(".") for line in str(error).splitlines() if line.strip()),
+                      type(error).__name__)
+        raise UnreadableFile(path, reason) from error
 
 
 def read_file(output: str, relpath: str, columns: Optional[Sequence[str]] = None) -> pa.Table:
@@ -210,6 +219,7 @@ class _Progress:
         self.committing = 0
         self.committed = 0  # merged files committed (journals carried out by merge_group)
         self.planned: Optional[int] = None  # groups the plan made
+        self.unreadable: dict[str, str] = {}  # the files the steps could not read (``note_unreadable``)
 
 
 _PROGRESS = _Progress()
@@ -245,6 +255,18 @@ def progress() -> dict[str, Any]:
 def note_planned(groups: int) -> None:
     with _PROGRESS.changed:
         _PROGRESS.planned = groups
+
+
+def note_unreadable(error: UnreadableFile) -> None:
+    """A step of this process's compaction could not read a file (left as it is): its launcher names it."""
+    with _PROGRESS.changed:
+        _PROGRESS.unreadable.setdefault(error.path, str(error))
+
+
+def unreadable_files() -> list[str]:
+    """``cannot read PATH: reason`` of each file this process's compaction could not read, by path."""
+    with _PROGRESS.changed:
+        return [_PROGRESS.unreadable[path] for path in sorted(_PROGRESS.unreadable)]
 
 
 def reset_progress() -> None:
@@ -300,8 +322,12 @@ def _repoint(output: str, merged: str, clips: dict[str, Optional[str]]) -> None:
         if meta is None or token != clips[clip_id]:
             mark_superseded(output, merged, clip_id)
             return
-        if not write_if_unchanged(meta_path(output, clip_id), json_bytes({**meta, "captions_file": merged}), token):
+        pointed = {**meta, "captions_file": merged}
+        data = json_bytes(pointed)
+        if not write_if_unchanged(meta_path(output, clip_id), data, token):
             mark_superseded(output, merged, clip_id)
+        else:
+            mark_meta(output, pointed, data, replaces=True)  # its marker names the metas' new size
 
     parallel_map(point, sorted(clips))
 
@@ -322,6 +348,9 @@ def _commit(output: str, journal: dict) -> int:
         mark_superseded(output, merged, clip_id)
     if merged is not None and _exists(output, staged):  # the rename replaces a file of that name
         FileSystems.rename([_absolute(output, staged)], [_absolute(output, merged)])
+        from beam_captions.io.merged_rows import forget_listing  # (it imports this module)
+
+        forget_listing(output)  # a writer of this process looks for a lost metas' rows in it too
     if merged is not None and not _exists(output, merged):
         raise RuntimeError(f"compaction journal for {merged}: neither the merged file nor its staged copy exists")
     kept_members, removed = set(), 0

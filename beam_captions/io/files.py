@@ -14,11 +14,20 @@ from apache_beam.io.filesystems import FileSystems
 from beam_captions.io.paths import is_local, local_path
 
 __all__ = [
-    "delete_quietly", "json_bytes", "matching", "parallel_map", "parse_json_object", "read_json", "read_json_or_none",
+    "UnreadableFile", "delete_quietly", "json_bytes", "matching", "parallel_map", "parse_json_object", "read_json", "read_json_or_none",
     "write_bytes", "write_json",
 ]
 
 _T = TypeVar("_T")
+
+
+class UnreadableFile(ValueError):
+    """A file of an output that is there but cannot be read as what it should be (a damaged or foreign
+    Parquet file): ``cannot read PATH: reason``, with ``path`` and ``reason``."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"cannot read {path}: {reason}")
+        self.path, self.reason = path, reason
 IO_THREADS = 16  # small reads and writes on an object store wait on the network, not the CPU
 
 

@@ -22,10 +22,11 @@ from urllib.parse import quote
 from apache_beam.io.filesystems import FileSystems
 
 from beam_captions.io.files import parallel_map, read_json, write_bytes
-from beam_captions.io.paths import failures_dir, is_local, local_path, metas_dir
+from beam_captions.io.paths import captions_dir, failures_dir, is_local, local_path, metas_dir
 
 __all__ = [
-    "CAPTION_FIELDS", "page_name", "preview_href", "load_clips", "load_failures", "render_pages", "write_gallery",
+    "CAPTION_FIELDS", "build_gallery", "page_name", "preview_href", "load_clips", "load_failures", "render_pages",
+    "write_gallery",
 ]
 
 _LOG = logging.getLogger(__name__)
@@ -121,8 +122,8 @@ def _read_all(paths: Sequence[str]) -> list[tuple[str, Any]]:
     def read(path: str) -> Any:
         try:
             return read_json(path)
-        except Exception as exc:  # one unreadable file must not hide the rest of the run
-            _LOG.warning("gallery: cannot read %s: %s", path, exc)
+        except Exception as exc:  # one unreadable file must not hide the rest of the run: listed under Failures
+            _LOG.info("gallery: cannot read %s: %s", path, exc)
             return exc
 
     return list(zip(paths, parallel_map(read, paths)))
@@ -377,11 +378,23 @@ def _remove_stale_pages(output: str, keep: Iterable[str]) -> None:
         FileSystems.delete(stale)
 
 
-def _table_rows(output: str) -> int:
-    """Rows of the captions table through ``read_captions`` (each window once)."""
-    from beam_captions.io.read_captions import read_captions
+def _table_rows(output: str) -> tuple[Optional[int], list[dict[str, Any]]]:
+    """Rows of the captions table through ``read_captions`` (each window once; none before any clip), or
+    ``None`` and a failure record for what could not be read (a damaged captions file, a data file of a
+    Delta table gone), which the gallery lists under Failures instead of stopping."""
+    from beam_captions.io.files import UnreadableFile
+    from beam_captions.io.read_captions import has_output, read_captions
 
-    return read_captions(output, ["clip_id", "window_index"]).num_rows
+    try:
+        return (read_captions(output, ["clip_id", "window_index"]).num_rows if has_output(output) else 0), []
+    except (UnreadableFile, OSError) as exc:
+        _LOG.info("gallery: cannot read the captions table of %s", output, exc_info=True)
+        if isinstance(exc, UnreadableFile):
+            return None, [{**_unreadable(exc.path, exc), "message": exc.reason}]
+        if exc.filename and exc.strerror:  # a data file of a Delta table gone
+            return None, [{**_unreadable(str(exc.filename), exc), "message": exc.strerror}]
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), repr(exc))
+        return None, [{**_unreadable(captions_dir(output), exc), "message": first}]
 
 
 def is_run_output(output: str) -> bool:
@@ -398,10 +411,17 @@ def is_run_output(output: str) -> bool:
 
 def write_gallery(output: str, clips_per_page: int = 50) -> str:
     """Write the gallery pages under ``output`` and return the URI of ``OUT/index.html``."""
+    return build_gallery(output, clips_per_page)[0]
+
+
+def build_gallery(output: str, clips_per_page: int = 50) -> tuple[str, list[dict[str, Any]]]:
+    """``write_gallery``, and the failure records (stage ``gallery``) of what it could not read and lists
+    under Failures: metas, failure records, the captions table."""
     clips, problems = load_clips(output)
-    failures = sorted(load_failures(output) + problems, key=_failure_key)
-    pages = render_pages(clips, failures, clips_per_page, _table_rows(output))
+    rows, unread_table = _table_rows(output)
+    failures = sorted(load_failures(output) + problems + unread_table, key=_failure_key)
+    pages = render_pages(clips, failures, clips_per_page, rows)
     for name, text in pages.items():
         write_bytes(FileSystems.join(output, name), text.encode("utf-8"), "text/html; charset=utf-8")
     _remove_stale_pages(output, pages)
-    return FileSystems.join(output, page_name(1))
+    return FileSystems.join(output, page_name(1)), [f for f in failures if f.get("stage") == "gallery"]

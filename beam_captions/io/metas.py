@@ -8,10 +8,11 @@ from beam_captions.io.conditional import read_with_token
 from beam_captions.io.files import parse_json_object, read_json_or_none
 from beam_captions.io.parquet import CAPTION_KINDS, check_columns
 from beam_captions.io.paths import meta_path
-from beam_captions.records import ClipInfo, Failure, WindowRecord
+from beam_captions.records import ClipInfo, Failure, SourceVersion, WindowRecord
 
 __all__ = [
     "META_VERSION", "CAPTION_GROUP", "PREVIEW_GROUP", "clip_meta", "window_meta", "failure_meta", "version_meta",
+    "same_version",
     "finished_for", "merge_windows", "read_meta", "read_meta_with_token",
 ]
 
@@ -28,24 +29,55 @@ PREVIEW_GROUP: tuple[str, ...] = ("preview",)
 CAPTION_OUTPUTS = ("captions", "stage2", "enhancement")  # the ``outputs`` keys of the caption group
 
 
-def version_meta(version: Optional[tuple[int, float]]) -> Optional[dict[str, Any]]:
-    """The source's version as recorded in metas: its size and last-modified time (s since the epoch)."""
+def version_meta(version: Optional[SourceVersion]) -> Optional[dict[str, Any]]:
+    """The source's version as recorded in metas: its size and last-modified time (s since the epoch);
+    on gs:// also its generation, ``modified`` then being when that generation was written."""
     if version is None:
         return None
-    size, modified = version
-    return {"size": int(size), "modified": float(modified)}
+    size, modified, *generation = version
+    recorded = {"size": int(size), "modified": float(modified)}
+    if generation:
+        recorded["generation"] = int(generation[0])
+    return recorded
 
 
-def finished_for(meta: Any, asked: dict[str, Any], version: Optional[tuple[int, float]], retry_failed: bool) -> bool:
+# An older release recorded a gs:// object's ``updated`` time (Beam's conversion, to the microsecond): the
+# object's bytes are those it saw when their generation was written no later than that.
+_UPDATED_SLACK_S = 1e-3
+
+
+def same_version(recorded: Any, version: Optional[SourceVersion]) -> bool:
+    """Whether the ``source_version`` a metas records is ``version`` (a listed one). ``version`` unknown
+    (``None``) matches anything; nothing recorded matches no known version.
+
+    gs:// (``version`` has a generation): the same size and generation. A metas of an older release,
+    which recorded ``(size, updated)`` and no generation, matches when the size is the same and the
+    object's generation was written no later than that ``updated``: the same bytes, whatever metadata
+    changed since; a new upload is a new generation, written after it. Elsewhere: size and modification
+    time, exactly.
+    """
+    if version is None:
+        return True
+    if not isinstance(recorded, dict) or recorded.get("size") != int(version[0]):
+        return False
+    if len(version) > 2 and "generation" in recorded:
+        return recorded["generation"] == int(version[2])
+    if len(version) > 2:
+        modified = recorded.get("modified")
+        return isinstance(modified, (int, float)) and float(version[1]) <= modified + _UPDATED_SLACK_S
+    return recorded.get("modified") == float(version[1]) and "generation" not in recorded
+
+
+def finished_for(meta: Any, asked: dict[str, Any], version: Optional[SourceVersion], retry_failed: bool) -> bool:
     """Whether the clip of ``meta`` needs nothing from a run that makes ``asked`` (its ``outputs``).
 
-    It does when: the metas is from before statuses (version 1), the source changed (size or mtime),
+    It does when: the metas is from before statuses (version 1), the source changed (``same_version``),
     it lacks an asked output or has one made differently (model, prompt, settings), or it failed and
     ``retry_failed``. A failed clip kept by ``--no-retry-failed`` counts as finished whatever it has.
     """
     if not isinstance(meta, dict) or meta.get("status") not in ("done", "failed"):
         return False
-    if version is not None and meta.get("source_version") != version_meta(version):
+    if not same_version(meta.get("source_version"), version):
         return False
     if meta["status"] == "failed":
         return not retry_failed
@@ -124,7 +156,7 @@ def clip_meta(
     windows: Iterable[dict[str, Any]],
     failures: Iterable[Failure],
     *,
-    source_version: Optional[tuple[int, float]] = None,
+    source_version: Optional[SourceVersion] = None,
     outputs: Optional[dict[str, Any]] = None,
     captions_file: Optional[str] = None,
 ) -> dict[str, Any]:

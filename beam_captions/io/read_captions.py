@@ -15,18 +15,21 @@ finished after the last commit) appear with the next commit.
 
 from __future__ import annotations
 
+import os
 import posixpath
 from typing import Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from apache_beam.io.filesystems import FileSystems
 
 from beam_captions.io.compaction import CaptionFile, is_compacted, list_caption_files, pending_journals, read_file
 from beam_captions.io.files import parallel_map
 from beam_captions.io.metas import read_meta
+from beam_captions.io.paths import captions_dir
 from beam_captions.io.superseded import merged_name, superseded_clips
 
-__all__ = ["read_captions"]
+__all__ = ["has_output", "read_captions"]
 
 
 def _partition_columns(item: CaptionFile) -> dict[str, str]:
@@ -39,12 +42,30 @@ def _partition_columns(item: CaptionFile) -> dict[str, str]:
     return columns
 
 
+def has_output(output: str) -> bool:
+    """Whether ``output`` holds an output: a ``captions/``, ``metas/`` or ``failures/`` folder (on an object
+    store: an object under one). A listing error is raised, never taken for "no output"."""
+    from beam_captions.io.paths import failures_dir, is_local, local_path, metas_dir
+
+    if not output or not str(output).strip():
+        return False
+    folders = (captions_dir(output), metas_dir(output), failures_dir(output))
+    if is_local(output):
+        return any(os.path.isdir(local_path(folder)) for folder in folders)
+    return any(result.metadata_list for folder in folders
+               for result in FileSystems.match([FileSystems.join(folder, "**")], limits=[1]))
+
+
 def read_captions(output: str, columns: Optional[Sequence[str]] = None) -> pa.Table:
     """Every window of ``OUT/captions`` once, from the file its clip's metas names, with the partition
     columns a dataset read adds (``window`` on streaming outputs). ``columns``: the ones to return
-    (``clip_id`` is read regardless, to pick the rows)."""
+    (``clip_id`` is read regardless, to pick the rows). A path with no output there (``""``, a folder
+    without ``captions/``, ``metas/`` or ``failures/``) raises ``FileNotFoundError`` naming it."""
     from beam_captions.io.delta import has_delta_log, read_table
 
+    if not has_output(output):  # never an empty table for a path that is not an output ("", a system folder)
+        raise FileNotFoundError(f"read_captions: no beam-captions output at {output!r} (no captions/, metas/ or "
+                                "failures/ folder there)")
     if has_delta_log(output):
         return read_table(output, columns)
     files = list_caption_files(output)

@@ -21,7 +21,6 @@ from apache_beam.utils.windowed_value import WindowedValue
 from beam_captions.inference.engine import EngineClosed
 from beam_captions.inference.serving import serve_async, serve_pool
 from beam_captions.inference.vllm_handler import VLLMWindowHandler
-from beam_captions.metrics import count
 
 __all__ = ["InferWindows", "ModelStep", "ServeWindows"]
 
@@ -41,8 +40,8 @@ class ServeWindows(beam.DoFn):
     still queued are cancelled), and the runner's retry of the bundle tries one more start; with
     ``record_start_failures`` (a local run, which has no retries) the start is tried once per run and
     every window gets the start's failure instead, so its clip is recorded as failed. A bundle whose
-    windows are not all back after ``bundle_timeout_s`` fails (each request is already bounded by the
-    handler's request timeout).
+    windows are not all back after ``bundle_timeout_s`` fails (the handler's longest legitimate window:
+    every window pending at the bundle's end is being served by then).
     """
 
     def __init__(self, handler: VLLMWindowHandler, record_start_failures: bool = False):
@@ -55,8 +54,7 @@ class ServeWindows(beam.DoFn):
 
     @property
     def bundle_timeout_s(self) -> Optional[float]:
-        timeout = self.handler.request_timeout_s
-        return None if timeout is None else 3 * timeout + 900  # two tries, a restart, and a load
+        return self.handler.window_time_limit_s()
 
     def setup(self) -> None:
         handler = self.handler
@@ -109,7 +107,7 @@ class ServeWindows(beam.DoFn):
             else:  # fail the bundle, drop the queue
                 self._abandon()
                 raise error
-            count(self.handler.done_counter)
+            self.handler.count_outcome(element, outcome)
             yield windowed.with_value(outcome)
 
     def _abandon(self) -> None:

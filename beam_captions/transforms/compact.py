@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import logging
+from typing import Any, Callable, Optional, TypeVar
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 
 from beam_captions.io.compaction import (
-    DEFAULT_TARGET_BYTES, CaptionFile, build_manifest, finish_journals, list_caption_files, merge_group, note_planned,
-    plan_groups, remove_stray_files, size_ratio, stop_requested, superseded_files,
+    DEFAULT_TARGET_BYTES, MANIFEST, CaptionFile, build_manifest, finish_journals, list_caption_files, merge_group, note_planned,
+    note_unreadable, plan_groups, remove_stray_files, size_ratio, stop_requested, superseded_files,
 )
+from beam_captions.io.files import UnreadableFile, delete_quietly
 from beam_captions.io.partitions import read_settings
+from beam_captions.io.paths import captions_dir
 from beam_captions.metrics import count
 
 __all__ = ["CompactCaptions"]
+
+_LOG = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+
+def _unless_unreadable(step: Callable[[], _T], instead: _T) -> _T:
+    """``step()``, or ``instead`` when a file of the output cannot be read (damaged): the file is left as it is,
+    counted (``files_unreadable``) and noted for the launcher (``io.compaction.note_unreadable``), and the
+    compaction goes on with the rest (its launcher then exits 1, naming the file)."""
+    try:
+        return step()
+    except UnreadableFile as error:
+        _LOG.info("compaction: %s; left as it is", error)
+        count("files_unreadable")
+        note_unreadable(error)
+        return instead
 
 
 def _plan(output: str, target_bytes: int):
@@ -29,14 +49,15 @@ def _plan(output: str, target_bytes: int):
     if streaming is not None:  # a streaming output: partitions the job may still write are left alone
         files = [f for f in files if streaming.is_closed(f.partition)]
     small = [f for f in files if f.size < target_bytes // 2]
-    groups = plan_groups(files, target_bytes, size_ratio(output, small), superseded_files(output, files))
+    ratio = _unless_unreadable(lambda: size_ratio(output, small), 1.0)
+    groups = plan_groups(files, target_bytes, ratio, superseded_files(output, files))
     note_planned(len(groups))
     if not stop_requested():
         yield from groups
 
 
 def _merge(group: list[CaptionFile], output: str) -> dict[str, int]:
-    done = merge_group(output, group)
+    done = _unless_unreadable(lambda: merge_group(output, group), {"groups_unreadable": 1})
     for name, value in done.items():
         count(name, value)
     return done
@@ -45,7 +66,11 @@ def _merge(group: list[CaptionFile], output: str) -> dict[str, int]:
 def _manifest(_totals: Any, output: str, target_bytes: int) -> dict[str, Any]:
     if stop_requested():  # stopped part way: the next compaction writes it
         return {}
-    manifest = build_manifest(output, target_bytes)
+    manifest = _unless_unreadable(lambda: build_manifest(output, target_bytes), None)
+    if manifest is None:  # a file of the table cannot be read: no manifest, as it would not list every row
+        delete_quietly([FileSystems.join(captions_dir(output), MANIFEST)])
+        count("files_after", len(list_caption_files(output)))
+        return {}
     count("files_after", len(manifest["files"]))
     count("rows", manifest["rows"])
     count("clips_in_table", manifest["clips"])

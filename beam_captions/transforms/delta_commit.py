@@ -1,13 +1,15 @@
-"""CommitToDelta: the committer step of a ``--captions-table delta`` job (see ``io.delta``).
+"""CommitToDelta: the committer step of a ``--captions-table delta`` pipeline that nobody waits for (a
+template's job, a pipeline of your own). A job that ``beam-captions`` launches and waits for has no such
+step: the launcher commits while it runs (``io.delta_committer.CommitLoop``).
 
 Every clip the writers finished (their ``Written`` markers, or plain clip ids) goes under one constant
-key to a committer that commits ``batch_size`` clips per Delta transaction. Streaming: Beam's
-``GroupIntoBatches`` makes the batches, a batch is committed when it holds ``batch_size`` clips or when
-its first clip has waited ``max_buffering_duration_secs``. Batch: a ``GroupByKey`` gathers the clips and
-the committer cuts them into batches (``GroupIntoBatches`` would bring nothing there, since a batch
-runner starts the committer's stage once the writes are done, and its processing-time timer moves
-Beam's local runner to its slower bundle-based executor). One key means one committer at a time per
-job, so a clip's commits happen in the order its writes did.
+key to a committer (``io.delta_committer.Committer``) that commits ``batch_size`` clips per Delta
+transaction. Streaming: Beam's ``GroupIntoBatches`` makes the batches, a batch is committed when it holds
+``batch_size`` clips or when its first clip has waited ``max_buffering_duration_secs`` (a processing-time
+timer, which Beam's local runner runs only on its bundle-based executor, where the streaming read cannot
+run). Batch: a ``GroupByKey`` gathers the clips and the committer cuts them into batches; a batch runner
+starts that stage once the writes are done, so the table gets the job's rows at its end. One key means
+one committer at a time per job.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from apache_beam import typehints
 from apache_beam.options.pipeline_options import StandardOptions
 from apache_beam.transforms.window import GlobalWindows
 
-from beam_captions.io.delta import BATCH_CLIPS, commit_clips
+from beam_captions.io.delta_committer import BATCH_CLIPS, Committer
 from beam_captions.metrics import count
 
 __all__ = ["CommitToDelta", "COMMIT_KEY"]
@@ -45,14 +47,18 @@ def _batches(keyed: tuple[str, Iterable[str]], size: int) -> Iterator[tuple[str,
 
 
 class _Commit(beam.DoFn):
-    """Commits one batch of clips (``io.delta.commit_clips``), counts and outputs what it did."""
+    """Commits one batch of clips (``Committer.commit``), counts and outputs what it did."""
 
     def __init__(self, output: str):
         self.output = output
+        self.committer: Optional[Committer] = None
+
+    def setup(self):
+        self.committer = Committer(self.output)
 
     def process(self, batch):
         _key, clip_ids = batch
-        done = commit_clips(self.output, list(clip_ids))
+        done = self.committer.commit(list(clip_ids))
         for name, value in done.items():
             count(name, value)
         yield done

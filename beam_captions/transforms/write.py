@@ -213,14 +213,16 @@ class WriteOutputs(beam.PTransform):
 
     ``captions_table="delta"``: ``OUT/captions`` is a Delta table (``io.delta``). The writers stage each
     clip's rows and write its metas as above; every clip they wrote (``Written``) goes to one committer
-    step (``CommitToDelta``), which commits them in batches, one Delta transaction each.
+    step (``CommitToDelta``), which commits them in batches, one Delta transaction each. ``delta_commit=False``
+    leaves that step out: a committer outside the pipeline commits (the launcher's ``CommitLoop``).
     """
 
     def __init__(self, output: str, window_seconds: Optional[float] = None, asked: Optional[dict[str, Any]] = None,
                  accelerator: Optional[str] = None, lateness_horizon_s: Optional[float] = None,
-                 captions_table: str = PARQUET):
+                 captions_table: str = PARQUET, delta_commit: bool = True):
         super().__init__()
         self.output = output
+        self.delta_commit = delta_commit
         self.partitions = TimePartitions(window_seconds, lateness_horizon_s) if window_seconds else None
         self.asked = dict(asked or {})
         self.accelerator = accelerator
@@ -243,7 +245,7 @@ class WriteOutputs(beam.PTransform):
             | "Gather" >> beam.Reshuffle()
             | "WriteWhenComplete" >> beam.ParDo(_WriteWhenComplete(self.output, self.partitions, self.asked, table))
         )
-        if table != DELTA:
+        if table != DELTA or not self.delta_commit:
             return keyed
         from beam_captions.transforms.delta_commit import CommitToDelta
 

@@ -11,6 +11,12 @@ image already holds this Beam SDK, so nothing is staged) unless given, validates
 It does not wait for the job to finish: the launcher's work ends once the job is handed to Dataflow
 (with ``--template_location`` set, Beam writes the job file there instead of submitting it itself), so
 the summary and the gallery that ``beam-captions`` prints and writes after a local run are not made here.
+
+One writer per output: before submitting, it takes the output's lease for the job (``OUT/_lease.json``,
+``runs_in: job``; on gs:// with a generation precondition) and is refused, like ``beam-captions``, when a
+live run holds it (``--force`` joins it). The job's workers keep the lease fresh and its last step gives it
+back (``transforms.hold_lease``); a job that dies leaves a lease that goes stale 30 minutes after its last
+refresh (``io.lease.JOB_STALE_S``). A failed submission gives it back at once.
 """
 
 from __future__ import annotations
@@ -79,12 +85,31 @@ def main(argv: Optional[Sequence[str]] = None):
     from beam_captions.pipeline import build_pipeline
 
     config, beam_args = parse_args(to_cli_args(sys.argv[1:] if argv is None else argv))
-    _prepare_captions_table(config)
-    if getattr(config, "streaming", False) and "--streaming" not in beam_args:
-        beam_args = [*beam_args, "--streaming"]  # as beam_captions.cli.run.run_job does
-    pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
-    build_pipeline(pipeline, config)
-    return pipeline.run()
+    lease = _take_lease(config)
+    try:
+        _prepare_captions_table(config)
+        if getattr(config, "streaming", False) and "--streaming" not in beam_args:
+            beam_args = [*beam_args, "--streaming"]  # as beam_captions.cli.run.run_job does
+        pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
+        build_pipeline(pipeline, config, lease.token)
+        result = pipeline.run()
+    except BaseException:
+        lease.release()  # nothing was submitted: the output is free again
+        raise
+    lease.leave_to_job()
+    return result
+
+
+def _take_lease(config):
+    """The output's lease, taken for the job (its workers refresh it, its last step gives it back); one line
+    and exit 2 where a live run holds it, as ``beam-captions`` is refused."""
+    from beam_captions.io.lease import JOB, Lease, LeaseHeld
+
+    try:
+        return Lease.take(config.output, config.force, runs_in=JOB, refresh=False)
+    except LeaseHeld as held:
+        raise SystemExit(f"beam-captions: error: --output {held}: wait for it to end, or give force=true to run "
+                         "anyway") from None
 
 
 if __name__ == "__main__":

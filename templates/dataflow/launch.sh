@@ -19,7 +19,9 @@
 #              once, or /models/captioner when baked into the image with CAPTION_MODEL)
 #   CAPTION_MODEL, ENHANCE_MODEL: (none)   Hugging Face ids to bake into the image under /models
 #   ACCELERATOR: type:nvidia-l4;count:1;machine_type:g2-standard-8;install-nvidia-driver:5xx
-#                the resource hint of the GPU steps (right fitting: only those steps get GPU workers)
+#                the resource hint of the GPU steps (right fitting: only those steps get GPU workers); with
+#                the default dataflow_layout=fused they decode too: size machine_type by the README's
+#                CPU cores per GPU (g2-standard-8 keeps up with about 10,000 1080p windows per GPU-hour)
 #   CPU_MACHINE_TYPE: n2-standard-8 (workers of every other step)   MAX_WORKERS: 20
 #   LAUNCHER_MACHINE_TYPE: n2-standard-4 (the launcher pulls this large image)
 #   JOB_NAME: beam-captions-<UTC time>   SERVICE_ACCOUNT: (project default)
@@ -111,6 +113,8 @@ run_job() {
     "sdk_location=container"
     # One vLLM engine per GPU worker: Dataflow starts one SDK process per vCPU; they share one engine.
     "share_model_across_processes=true"
+    # One decoder thread per clip: every SDK process decodes, each seeing all of the worker's cores.
+    "decode_threads=1"
   )
   local streaming=no
   local extra i replaced

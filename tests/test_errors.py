@@ -55,10 +55,10 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_clip_is_decoded
 def test_a_write_that_fails_mid_run_is_one_line_and_the_summary(tmp_path, clips, capsys, monkeypatch):
     import beam_captions.io.clip_output as write
 
-    def disk_full(path, document):
+    def disk_full(path, *args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
-    monkeypatch.setattr(write, "write_json", disk_full)
+    monkeypatch.setattr(write, "write_bytes", disk_full)  # rows and the metas
     with pytest.raises(SystemExit) as stopped:
         run_job(["--input", str(clips), "--output", str(tmp_path / "out"), "--local-workers", "1", "--generate-previews"])
     assert stopped.value.code == 1

@@ -42,6 +42,10 @@ def snapshot(out: str) -> dict[str, object]:
         name = os.path.relpath(path, out)
         if name.startswith("logs"):  # the run's log, not an output
             continue
+        if name.startswith("done" + os.sep):  # a marker names its metas' size, which holds the root: compare the rest
+            clip_id, size, rest = os.path.basename(name).split(".", 2)
+            files[f"done/{clip_id}.SIZE.{rest}"] = size.isdigit()
+            continue
         if name.endswith(".parquet"):
             files[name] = [{k: (v.replace(out, "OUT") if isinstance(v, str) else v) for k, v in row.items()}
                            for row in pq.read_table(path).to_pylist()]

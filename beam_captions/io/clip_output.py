@@ -131,8 +131,6 @@ def write_clip(
                    if posixpath.basename(m.path.replace(os.sep, "/")) not in keep)
     captions_file = staged = None
     if windows:
-        for record in windows:
-            _count_row(record)
         rows = []
         for record, merged in zip(windows, window_metas):
             row = caption_row(record)
@@ -143,6 +141,8 @@ def write_clip(
         else:
             write_bytes(caption_table_path(output, clip_id, partition), parquet_bytes(rows))
             captions_file = _captions_file(clip_id, partition)
+        for record in windows:  # counted once written: the summary counts outcomes, not attempts
+            _count_row(record)
     elif captions_table == DELTA:  # its commit removes whatever rows of the clip the table holds
         staged = stage_rows(output, clip_id, [])
     meta = clip_meta(clip_id, elements[0].source, infos[0] if infos else None, window_metas, failures,

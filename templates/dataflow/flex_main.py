@@ -65,13 +65,15 @@ def to_cli_args(argv: Sequence[str], parser: Optional[argparse.ArgumentParser] =
 def _prepare_captions_table(config) -> None:
     """As ``beam-captions`` does before its pipeline: refuse an output that holds the other table format;
     on a Delta output, make the table and commit the rows an earlier job left staged."""
-    from beam_captions.io.delta import DELTA, other_format_error, prepare_output
+    from beam_captions.io.delta import DELTA, ensure_table, other_format_error
+    from beam_captions.io.delta_committer import commit_leftovers
 
     error = other_format_error(config.output, config.captions_table)
     if error:
         raise SystemExit(f"beam-captions: error: {error}")
     if config.captions_table == DELTA:
-        done = prepare_output(config.output)
+        ensure_table(config.output)
+        done = commit_leftovers(config.output)
         logging.getLogger("beam_captions").info("committed %d clips an earlier job left staged",
                                                 done.get("delta_clips_committed", 0))
 

@@ -170,6 +170,8 @@ def test_portable_runner_killed_part_way_keeps_finished_clips_and_a_rerun_comple
     finished, times = check_after_kill(out, reference)
     print(f"PortableRunner: {len(finished)} of {NUM_CLIPS} clips done when killed: {sorted(killed.values())}")
 
+    # A job run elsewhere holds the output until its lease times out (nothing here can tell it died): --force.
     with portable_services(tmp_path / "rerun") as services:
-        counts = run_job(job_args(clips_dir, out, captioner_dir) + services.runner_args(), release_models=False)
+        counts = run_job(job_args(clips_dir, out, captioner_dir) + services.runner_args() + ["--force"],
+                         release_models=False)
     check_rerun(out, counts, finished, times, reference)

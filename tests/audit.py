@@ -337,8 +337,10 @@ def _audited(run_job):
             if runs:
                 audit(output, runs[-1][1], runs[-1][0], before)
             raise
-        if runs:
-            audit(output, runs[-1][1], runs[-1][0], before, progress.snapshot())
+        if runs:  # the live progress counters are this process's: only a run whose workers are its threads
+            in_process = not any(a.startswith("--runner") and "direct" not in a.lower() or "multi_processing" in a
+                                 for a in argv)
+            audit(output, runs[-1][1], runs[-1][0], before, progress.snapshot() if in_process else None)
         return result
 
     return run

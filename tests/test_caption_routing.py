@@ -7,6 +7,7 @@ P11 (benchmarks/p11_accounting.py) runs the same at 10,000 windows."""
 
 from __future__ import annotations
 
+import gc
 import glob
 import json
 import os
@@ -24,6 +25,8 @@ from beam_captions.inference.caption_handler import VideoCaptionHandler
 from beam_captions.inference.engine import load_engine, release_engines
 from beam_captions.records import ClipRef, WindowRecord
 from beam_captions.transforms import CaptionWindows, PrepareWindows, WriteOutputs
+from beam_captions.transforms import _inference
+from beam_captions.transforms._inference import ServeWindows, machine_server
 from routing import Faults, StandInVLLM, answer, check, crossed_keys, expected_digest, keys_of, refused, route
 
 
@@ -59,6 +62,46 @@ def test_the_check_names_a_missing_a_doubled_and_a_wrong_window():
     problems = check(broken, keys, 0)
     assert problems["doubled"] == [keys[0]] and problems["missing"] == [keys[1], keys[5]]
     assert problems["wrong"] == [keys[2]]
+
+
+def _shared_handler(tmp_path) -> VideoCaptionHandler:
+    model_dir = str(tmp_path / "stand-in")  # a tag of its own: this process hosts the machine's server
+    return VideoCaptionHandler(model_dir, vllm_kwargs={"model": model_dir}, share_across_processes=True)
+
+
+def test_a_process_keeps_one_proxy_of_the_machine_s_server_and_never_releases_it(tmp_path, monkeypatch):
+    """A dropped proxy's finalizer connects to the server; run by the garbage collector on the hosting process's
+    accepting thread it waits for itself, and the machine's engine is unreachable (the routing test above hung so).
+    Every ``ServeWindows`` of a process shares one proxy, and a failed bundle's instance releases nothing."""
+    from multiprocessing import managers
+
+    released = []
+    original = managers.BaseProxy._decref
+    monkeypatch.setattr(managers.BaseProxy, "_decref",
+                        staticmethod(lambda *args: released.append(args[0]) or original(*args)))
+    handler = _shared_handler(tmp_path)
+    first, failed = ServeWindows(handler), ServeWindows(handler)
+    first.setup()
+    failed.setup()
+    assert failed._server is first._server
+    failed.cycle = failed  # as a failed bundle's instance: garbage the collector frees
+    del failed
+    gc.collect()
+    assert released == [] and first._server.held() == 0
+
+
+def test_a_kept_proxy_whose_server_is_gone_is_replaced(tmp_path, monkeypatch):
+    handler = _shared_handler(tmp_path)
+    live = machine_server(handler)
+
+    class Gone:
+        def held(self):
+            raise ConnectionRefusedError("the hosting process died")
+
+    tag = next(tag for tag, server in _inference._machine_servers.items() if server is live)
+    monkeypatch.setitem(_inference._machine_servers, tag, Gone())
+    again = machine_server(handler)
+    assert not isinstance(again, Gone) and again.held() == 0 and machine_server(handler) is again
 
 
 # The written output: real clips through PrepareWindows, the caption step and WriteOutputs on the DirectRunner.

@@ -11,6 +11,7 @@ pushes back on the decode upstream.
 from __future__ import annotations
 
 import hashlib
+import threading
 from concurrent.futures import ALL_COMPLETED, FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, Iterator, Optional
 
@@ -28,6 +29,35 @@ __all__ = ["InferWindows", "ModelStep", "ServeWindows"]
 def _digest(key: str) -> str:
     """A short, file-name-safe name for ``key`` (Beam's cross-process lock is a file named after the tag)."""
     return hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+_machine_servers: dict[str, Any] = {}
+_machine_servers_lock = threading.Lock()
+
+
+def machine_server(handler: VLLMWindowHandler) -> Any:
+    """This process's proxy of the machine's one server for ``handler`` (Beam's ``multi_process_shared``),
+    acquired once and kept for the life of the process.
+
+    A proxy that becomes garbage is released by a finalizer that connects to the server. In the process that
+    hosts the server, the garbage collector may run that finalizer on the server's own accepting thread, which
+    then waits for itself: no process of the machine can reach the engine again. A ``ServeWindows`` of a
+    failed bundle is such garbage (its exception's traceback holds it in a cycle); tests/test_caption_routing.py
+    hung that way twice in 15 runs before proxies were kept. A kept proxy whose server is gone (its process
+    died) is replaced: Beam then starts the server again, here.
+    """
+    tag = f"beam-captions-{_digest(handler.server_key())}"
+    with _machine_servers_lock:
+        server = _machine_servers.get(tag)
+        if server is not None:
+            try:
+                server.held()
+                return server
+            except (OSError, EOFError):  # the server's process is gone (a finalizer for it is harmless)
+                pass
+        server = multi_process_shared.MultiProcessShared(handler.load_model, tag=tag, always_proxy=True).acquire()
+        _machine_servers[tag] = server
+        return server
 
 
 class ServeWindows(beam.DoFn):
@@ -59,8 +89,7 @@ class ServeWindows(beam.DoFn):
     def setup(self) -> None:
         handler = self.handler
         if handler.share_model_across_processes():
-            tag = f"beam-captions-{_digest(handler.server_key())}"
-            self._server = multi_process_shared.MultiProcessShared(handler.load_model, tag=tag, always_proxy=True).acquire()
+            self._server = machine_server(handler)
         else:
             self._server = self._shared_handle.acquire(handler.load_model, tag=handler.server_key())
         self._pool = serve_pool(handler.server_key(), handler.batch_size)

@@ -160,7 +160,8 @@ for command in COMMANDS:
         except SystemExit as exited:
             code = exited.code
     outcomes[command] = {"code": code, "told": told(stderr.getvalue())}
-print(json.dumps(outcomes))
+print(json.dumps(outcomes), flush=True)
+os._exit(0)  # pyarrow's threads may abort the interpreter's own exit ("terminate called"): the outcomes are out
 """
 
 

@@ -12,6 +12,12 @@ def test_progress_line_reports_counts_and_rate():
     assert "previews 7" in line and "0.50 captions/s" in line
 
 
+def test_progress_line_counts_outcomes_not_attempts():
+    """Windows whose caption failed (an engine that could not start) are not counted as captioned."""
+    line = progress_line({"clips_found": 3, "clips_decoded": 3, "windows_prepared": 6, "windows_caption_failed": 6}, 3.0)
+    assert "6 prepared, 0 captioned, 0 enhanced, 6 caption failed" in line
+
+
 def test_reporter_writes_plain_lines_when_not_a_terminal():
     stream = io.StringIO()
     with ProgressReporter(stream=stream, interval=0.01):

@@ -189,6 +189,16 @@ def captioner_dir() -> str:
 # --------------------------------------------------------------------------------------- measuring
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def self_cpu() -> float:
     """CPU seconds (user + sys, all threads) this process has used."""
     usage = resource.getrusage(resource.RUSAGE_SELF)

@@ -46,7 +46,7 @@ import time
 import uuid
 from typing import Any, Optional
 
-from common import Figure, interleaved, median_ratio
+from common import Figure, interleaved, median_ratio, reset_peak_rss
 
 from beam_captions.inference.shared_frames import SWITCH
 
@@ -112,16 +112,6 @@ def _rss() -> int:
         return (_status_kb("VmRSS") or 0) * 1024
 
 
-def _reset_peak() -> bool:
-    """Reset this process's VmHWM to its current RSS (Linux >= 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _host(tag: str, bound: int, conn) -> None:
     """The engine process: hosts the shared server, samples its RSS until the parent says the senders are done."""
     import gc
@@ -131,7 +121,7 @@ def _host(tag: str, bound: int, conn) -> None:
     gc.collect()
     time.sleep(0.2)
     baseline = _rss()
-    hwm_reset = _reset_peak()
+    hwm_reset = reset_peak_rss()
     peak = [baseline]
     split = {"RssAnon": 0, "RssShmem": 0}  # sampled peaks, kB: private memory, shared pages read
     stop = threading.Event()

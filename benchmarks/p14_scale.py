@@ -42,6 +42,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 sys.path.insert(0, HERE)
 
+from common import reset_peak_rss  # noqa: E402
+
 GPU_WINDOWS_PER_S = 32000 / 3600  # the published throughput of one GPU
 CLIP_FRAMES, CLIP_FPS = 8, 8  # one second
 
@@ -136,15 +138,6 @@ def _clip_bytes() -> bytes:
     return data
 
 
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-            handle.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _status_mb(field: str) -> float:
     with open("/proc/self/status", encoding="ascii") as handle:
         for line in handle:
@@ -174,7 +167,7 @@ def _phase(emulator: Emulator, build: Callable[[Any], None], clips: int, workers
 
     emulator.requests()  # forget what came before
     before_mb = _rss_mb()
-    reset = _reset_peak()
+    reset = reset_peak_rss()
     started = time.perf_counter()
     pipeline = beam.Pipeline(options=PipelineOptions(
         ["--direct_num_workers", str(workers), *(["--direct_running_mode", "multi_threading"] if workers > 1 else [])]))

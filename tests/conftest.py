@@ -85,3 +85,37 @@ def served(handler, windows, engine=None) -> list:
     server = handler.load_model() if engine is None else WindowServer(handler, engine, max(1, len(windows)))
     return [(outcome, outcome.failures[-1] if outcome.failures else None)
             for outcome in handler.run_inference(list(windows), server)]
+
+
+def caption_windows_kwargs(monkeypatch, config) -> dict:
+    """The keyword arguments ``build_pipeline`` gives ``CaptionWindows`` for ``config`` (nothing runs)."""
+    import apache_beam as beam
+
+    import beam_captions.pipeline as pipeline_module
+    import beam_captions.transforms.caption as caption_transform
+
+    seen: dict = {}
+
+    class Recorded(beam.PTransform):
+        def __init__(self, **kwargs):
+            super().__init__()
+            seen.update(kwargs)
+
+        def expand(self, elements):
+            return elements
+
+    monkeypatch.setattr(caption_transform, "CaptionWindows", Recorded)  # build_pipeline imports it when asked for
+    pipeline_module.build_pipeline(beam.Pipeline(), config)
+    return seen
+
+
+@pytest.fixture
+def other_process():
+    """The pid of a live process that is not this one (a lease holder that is still running)."""
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield process.pid
+    process.kill()
+    process.wait()

@@ -116,8 +116,8 @@ def portable_services(logs: PathLike) -> Iterator[PortableServices]:
 # Killing process groups, and proving nothing of them is left
 
 
-def _processes() -> dict[int, tuple[int, int, str]]:
-    """Every live process: pid -> (parent pid, process group, state letter), from /proc."""
+def proc_stats() -> dict[int, list[str]]:
+    """Every live process: pid -> the fields of ``/proc/PID/stat`` after the command name (state first)."""
     found = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
@@ -127,9 +127,13 @@ def _processes() -> dict[int, tuple[int, int, str]]:
                 stat = handle.read()
         except OSError:  # gone meanwhile
             continue
-        fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and brackets
-        found[int(name)] = (int(fields[1]), int(fields[2]), fields[0])
+        found[int(name)] = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and brackets
     return found
+
+
+def _processes() -> dict[int, tuple[int, int, str]]:
+    """Every live process: pid -> (parent pid, process group, state letter)."""
+    return {pid: (int(fields[1]), int(fields[2]), fields[0]) for pid, fields in proc_stats().items()}
 
 
 def _members(groups: set[int], roots: set[int]) -> set[int]:

@@ -19,7 +19,7 @@ import pytest
 
 from clips import make_clip
 from conftest import VLLM_KWARGS
-from services import log_tail, start
+from services import log_tail, proc_stats, start
 
 ENGINE_WAIT_S = 240  # for the engine's core and worker processes to start
 LEFT_AFTER_S = 30  # the issue's bound: nothing of the run is left this long after its kill
@@ -29,19 +29,8 @@ ProcessId = tuple[int, int]  # pid, start time (clock ticks since boot): a pid r
 
 
 def _table() -> dict[int, tuple[int, str, int]]:
-    """Every live process: pid -> (parent pid, state letter, start time), from /proc."""
-    found = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", encoding="utf-8", errors="replace") as handle:
-                stat = handle.read()
-        except OSError:  # gone meanwhile
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # the command name may hold spaces and brackets
-        found[int(name)] = (int(fields[1]), fields[0], int(fields[19]))
-    return found
+    """Every live process: pid -> (parent pid, state letter, start time)."""
+    return {pid: (int(fields[1]), fields[0], int(fields[19])) for pid, fields in proc_stats().items()}
 
 
 def descendants(root: int) -> set[ProcessId]:

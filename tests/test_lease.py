@@ -26,14 +26,6 @@ def read(out: str) -> dict:
     return json.loads(data) if data is not None else None
 
 
-@pytest.fixture
-def other_process():
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    yield process.pid
-    process.kill()
-    process.wait()
-
-
 def other_run(out: str, pid: int, token: str = "theirs", **fields) -> None:
     """The lease of a live local run of another process on this host."""
     import socket

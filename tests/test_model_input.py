@@ -18,7 +18,7 @@ from beam_captions.inference.pruning import cpu_runner_prunes, pruning_runs_here
 from beam_captions.inference.variants import QWEN25, QWEN3
 from beam_captions.media.decode import decode_windows
 from beam_captions.records import WindowRecord
-from conftest import VLLM_KWARGS, served
+from conftest import VLLM_KWARGS, caption_windows_kwargs, served
 
 FPS = 25.0
 TIMESTAMP = re.compile(r"<(\d+\.\d) seconds>")
@@ -102,10 +102,6 @@ def test_qwen3_reads_the_clips_times_from_its_processor(qwen3_engine):
 
 
 def test_the_pipeline_passes_both_settings_through(tiny_models, tmp_path, monkeypatch):
-    import apache_beam as beam
-
-    from beam_captions import pipeline as pipeline_module
-    from beam_captions.transforms import caption as caption_transform
     from beam_captions.options import parse_args
 
     config = parse_args(["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--generate-captions",
@@ -113,18 +109,7 @@ def test_the_pipeline_passes_both_settings_through(tiny_models, tmp_path, monkey
                          "--captioning-video-pruning-rate", "0.5", "--captioning-window-relative-timestamps",
                          "--runner", "DataflowRunner"])[0]
     assert config.captioning_video_pruning_rate == 0.5 and config.captioning_window_relative_timestamps
-    seen = {}
-
-    class Recorded(beam.PTransform):
-        def __init__(self, **kwargs):
-            super().__init__()
-            seen.update(kwargs)
-
-        def expand(self, elements):
-            return elements
-
-    monkeypatch.setattr(caption_transform, "CaptionWindows", Recorded)  # build_pipeline imports it when asked for
-    pipeline_module.build_pipeline(beam.Pipeline(), config)
+    seen = caption_windows_kwargs(monkeypatch, config)
     assert (seen["video_pruning_rate"], seen["window_relative_timestamps"]) == (0.5, True)
     handler = VideoCaptionHandler("m", model_variant="qwen3", **{k: seen[k] for k in
                                   ("video_pruning_rate", "window_relative_timestamps")})

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import typing
 
-import apache_beam as beam
 import pytest
 
 from beam_captions.inference import engine as engine_module
 from beam_captions.inference.caption_handler import VideoCaptionHandler
 from beam_captions.inference.engine import PERFORMANCE_MODES, EngineSettings, llm_kwargs
 from beam_captions.options import parse_args
-from conftest import VLLM_KWARGS
+from conftest import VLLM_KWARGS, caption_windows_kwargs
 
 
 @pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
@@ -53,25 +52,11 @@ def test_the_modes_are_the_installed_vllm_s_and_each_makes_an_engine_config(capt
 
 
 def test_the_flag_reaches_the_caption_handler(tmp_path, monkeypatch, captioner_dir):
-    from beam_captions import pipeline as pipeline_module
-    from beam_captions.transforms import caption as caption_transform
-
     argv = ["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--generate-captions",
             "--model-dir", captioner_dir, "--runner", "DataflowRunner"]
     assert parse_args(argv)[0].captioning_performance_mode is None
     config = parse_args([*argv, "--captioning-performance-mode", "interactivity"])[0]
-    seen = {}
-
-    class Recorded(beam.PTransform):
-        def __init__(self, **kwargs):
-            super().__init__()
-            seen.update(kwargs)
-
-        def expand(self, elements):
-            return elements
-
-    monkeypatch.setattr(caption_transform, "CaptionWindows", Recorded)  # build_pipeline imports it when asked for
-    pipeline_module.build_pipeline(beam.Pipeline(), config)
+    seen = caption_windows_kwargs(monkeypatch, config)
     assert seen["performance_mode"] == "interactivity"
     handler = VideoCaptionHandler(captioner_dir, performance_mode=seen["performance_mode"])
     assert llm_kwargs(handler.settings)["performance_mode"] == "interactivity"

@@ -11,7 +11,7 @@ from beam_captions.media.windowing import FrameWindow
 from beam_captions.options import parse_args
 from beam_captions.records import WindowRecord
 from beam_captions.transforms.previews import GeneratePreviews, conform_preview, preview_window
-from conftest import VLLM_KWARGS, served
+from conftest import VLLM_KWARGS, caption_windows_kwargs, served
 
 
 def window(frames: int = 4, size: int = 56) -> WindowRecord:
@@ -32,25 +32,9 @@ def test_preprocess_dtype_is_the_frames_dtype_and_the_compute_dtype_has_its_own_
 
 
 def test_the_pipeline_hands_each_dtype_to_its_place(monkeypatch, captioner_dir):
-    import apache_beam as beam
-
-    import beam_captions.pipeline as pipeline_module
-    import beam_captions.transforms.caption as caption_transform
-
-    seen = {}
-
-    class Spy(beam.PTransform):
-        def __init__(self, **kwargs):
-            super().__init__()
-            seen.update(kwargs)
-
-        def expand(self, pcoll):
-            return pcoll
-
-    monkeypatch.setattr(caption_transform, "CaptionWindows", Spy)  # build_pipeline imports it when asked for
     config, _ = parse_args(["--input", "i", "--output", "o", "--generate-captions", "--model-dir", captioner_dir,
                             "--captioning-preprocess-dtype", "float16"])
-    pipeline_module.build_pipeline(beam.Pipeline(), config)
+    seen = caption_windows_kwargs(monkeypatch, config)
     assert seen["dtype"] == "auto" and seen["frames_dtype"] == "float16"  # not a float16 model
 
 

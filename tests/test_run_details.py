@@ -187,17 +187,6 @@ def write_lease(out: str, **fields) -> None:
 
 
 @pytest.fixture
-def other_process():
-    import subprocess
-    import sys
-
-    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    yield process.pid
-    process.kill()
-    process.wait()
-
-
-@pytest.fixture
 def one_clip(tmp_path):
     clips = tmp_path / "clips"
     clips.mkdir()
